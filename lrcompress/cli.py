@@ -1,0 +1,213 @@
+"""The ``lrcompress`` command: a thin typer layer over the library.
+
+Every user error is one line on stderr and exit code 2; nothing here holds logic of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from . import summary
+from .config import CompressionConfig, RankValue
+from .convert import compress, compress_state_dict, merge_state_dict
+from .errors import ConfigError, FormatError, LRCompressError, OutputExistsError
+from .io import read_checkpoint, read_safetensors, specs_from_metadata, write_compressed, write_safetensors
+from .version import __version__
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Shrink trained recurrent networks with low-rank (+ diagonal) factorizations.")
+
+Force = Annotated[bool, typer.Option("--force", "-f", help="Overwrite the output file if it exists.")]
+Json = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of a table.")]
+TrustPickle = Annotated[bool, typer.Option(
+    "--trust-pickle", help="Allow a pickled whole model. Unpickling RUNS CODE from the file: only for files you trust.")]
+Key = Annotated[Optional[str], typer.Option("--key", help="Entry of a checkpoint dict that holds the state dict.")]
+Patterns = Annotated[Optional[list[str]], typer.Option(
+    "--targets", "-t", help="Also factor nn.Linear layers matching this name pattern (repeatable, or comma list).")]
+
+
+@app.command(epilog="Examples:  lrcompress convert model.pt --rank 24 --diag  |  "
+                    "lrcompress convert model.pt --energy 0.9 --json  |  "
+                    "lrcompress convert ckpt.pt --key model --rank 0.25 -o small.safetensors")
+def convert(
+    path: Annotated[Path, typer.Argument(help="Trained model: a state dict (.pt/.pth/.bin/.safetensors).")],
+    rank: Annotated[Optional[str], typer.Option(
+        "--rank", "-r", help="Rank: an int, a fraction of full rank (0.25) or energy=F.")] = None,
+    energy: Annotated[Optional[float], typer.Option(
+        help="Per matrix, the smallest rank keeping this share of the squared singular values.")] = None,
+    diag: Annotated[bool, typer.Option("--diag", help="Low-rank plus diagonal (where blocks are square).")] = False,
+    tied: Annotated[bool, typer.Option("--tied", help="Share one R factor across the gates of a weight.")] = False,
+    include_input: Annotated[bool, typer.Option("--include-input", help="Also factor input matrices.")] = False,
+    include_projection: Annotated[bool, typer.Option(
+        "--include-projection", help="Also factor LSTM proj_size matrices (weight_hr).")] = False,
+    targets: Patterns = None,
+    exclude: Annotated[Optional[list[str]], typer.Option(
+        "--exclude", "-x", help="Never factor modules/weights matching this pattern (repeatable).")] = None,
+    rank_for: Annotated[Optional[list[str]], typer.Option(
+        "--rank-for", help="Per-target rank override PATTERN=RANK, e.g. '*weight_hh_l1=16' (repeatable).")] = None,
+    svd: Annotated[str, typer.Option(help="SVD method: auto, exact or randomized.")] = "auto",
+    diag_iters: Annotated[Optional[int], typer.Option(help="Diagonal-fit iterations (default 50 exact, 3 randomized).")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output file [default: <stem>.lr.safetensors].")] = None,
+    force: Force = False,
+    as_json: Json = False,
+    trust_pickle: TrustPickle = False,
+    key: Key = None,
+) -> None:
+    """Factor the recurrent weights of a trained model and write a compressed safetensors file."""
+    config = CompressionConfig(
+        rank=None if rank is None else _rank_value(rank), energy=energy, diag=diag, tied=tied,
+        include_input=include_input, include_projection=include_projection, targets=_split(targets),
+        exclude=_split(exclude), ranks=_overrides(rank_for), svd=svd, diag_iters=diag_iters)
+    output = output or path.with_name(f"{_stem(path)}.lr.safetensors")
+    _check_output(path, output, force)
+    loaded, meta = read_checkpoint(path, trust_pickle=trust_pickle, key=key)
+    if specs_from_metadata(meta, path):
+        raise FormatError(f"{path} is already compressed by lrcompress")
+    progress = not as_json
+    if isinstance(loaded, dict):
+        tensors, specs, report = compress_state_dict(loaded, config, progress=progress)
+        write_compressed(tensors, specs, output, force=force)
+    else:  # a trusted, pickled whole module
+        from .io import save_model
+
+        report = compress(loaded, config=config, progress=progress)
+        save_model(loaded, output, force=force)
+    if as_json:
+        typer.echo(json.dumps({**report.to_dict(), "output": str(output)}))
+    else:
+        typer.echo(str(report))
+        typer.echo(f"wrote {output}")
+
+
+@app.command(epilog="Examples:  lrcompress inspect model.pt  |  lrcompress inspect model.lr.safetensors --json")
+def inspect(
+    path: Annotated[Path, typer.Argument(help="A dense state dict or a compressed .safetensors file.")],
+    ranks: Annotated[str, typer.Option(help="Ranks at which to show the energy kept (dense files).")] = "8,16,32,64",
+    include_input: Annotated[bool, typer.Option("--include-input", help="Also show input matrices.")] = False,
+    targets: Patterns = None,
+    as_json: Json = False,
+    trust_pickle: TrustPickle = False,
+    key: Key = None,
+) -> None:
+    """Dense file: singular-value energy kept per rank, per matrix. Compressed file: its layers."""
+    loaded, meta = read_checkpoint(path, trust_pickle=trust_pickle, key=key)
+    tensors = loaded if isinstance(loaded, dict) else loaded.state_dict()
+    specs = specs_from_metadata(meta, path)
+    if specs:
+        result = summary.compressed_summary(tensors, specs)
+    else:
+        at = _int_list(ranks, "--ranks")
+        result = summary.spectra(tensors, at, include_input=include_input, targets=_split(targets))
+    typer.echo(json.dumps(result.to_dict()) if as_json else str(result))
+
+
+@app.command(epilog="Example:  lrcompress merge model.lr.safetensors -o dense.safetensors")
+def merge(
+    path: Annotated[Path, typer.Argument(help="A compressed .safetensors file.")],
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output [default: <stem>.dense.safetensors].")] = None,
+    force: Force = False,
+) -> None:
+    """Rebuild dense weights from a compressed file: a plain state dict any PyTorch code loads."""
+    output = output or path.with_name(f"{_stem(path).removesuffix('.lr')}.dense.safetensors")
+    _check_output(path, output, force)
+    tensors, meta = read_safetensors(path)
+    specs = specs_from_metadata(meta, path)
+    if not specs:
+        raise FormatError(f"{path} is not an lrcompress file (no factorization in its metadata)")
+    for spec in specs:
+        for k in spec.factor_keys().values():
+            if k not in tensors:
+                raise FormatError(f"{path}: factor {k} is missing")
+    write_safetensors(merge_state_dict(tensors, specs), output, force=force,
+                      metadata={"merged_from": "lrcompress", "lrcompress_version": __version__})
+    typer.echo(f"wrote {output} ({len(specs)} weights rebuilt dense)")
+
+
+@app.callback(invoke_without_command=True)
+def _root(version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False) -> None:
+    if version:
+        typer.echo(f"lrcompress {__version__}")
+        raise typer.Exit()
+
+
+def main() -> None:
+    """Console entry point: user errors become one line on stderr and exit code 2."""
+    warnings.showwarning = _one_line_warning
+    try:
+        app(standalone_mode=False)
+    except (LRCompressError, FileNotFoundError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(130)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except Exception as exc:
+        # Usage errors (unknown option, bad value) come as click exceptions when standalone_mode
+        # is off; they know how to print themselves and carry exit code 2.
+        if hasattr(exc, "show") and isinstance(getattr(exc, "exit_code", None), int):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    typer.echo(f"warning: {message}", err=True)
+
+
+def _rank_value(text: str) -> RankValue:
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _split(values: Optional[list[str]]) -> tuple[str, ...]:
+    return tuple(p.strip() for v in values or () for p in v.split(",") if p.strip())
+
+
+def _overrides(values: Optional[list[str]]) -> dict[str, RankValue]:
+    out = {}
+    for v in values or ():
+        pattern, sep, rank = v.rpartition("=")
+        if pattern.endswith("energy") and sep:  # "PATTERN=energy=0.9"
+            pattern, _, head = pattern.rpartition("=")
+            rank = f"{head}={rank}"
+        if not sep or not pattern or not rank:
+            raise ConfigError(f"--rank-for needs PATTERN=RANK, got {v!r}")
+        out[pattern] = _rank_value(rank)
+    return out
+
+
+def _int_list(text: str, option: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"{option} must be a comma list of positive ints, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise ConfigError(f"{option} must be a comma list of positive ints, got {text!r}")
+    return values
+
+
+def _stem(path: Path) -> str:
+    return path.name[: -len(path.suffix)] if path.suffix else path.name
+
+
+def _check_output(source: Path, output: Path, force: bool) -> None:
+    if not source.is_file():
+        raise FileNotFoundError(f"no such file: {source}")
+    if output.resolve() == source.resolve():
+        raise LRCompressError(f"output {output} is the input file; the input is never modified")
+    if output.exists() and not force:
+        raise OutputExistsError(f"{output} exists; pass --force to overwrite it")
+    if not output.parent.is_dir():
+        raise LRCompressError(f"cannot write {output}: directory {output.parent} does not exist")

@@ -1,0 +1,216 @@
+"""What to compress and how: rank rules, the compression config and the per-target spec.
+
+``CompressionConfig`` checks itself on construction and round-trips through JSON;
+``TargetSpec`` is what a saved file records for each factored weight, enough to rebuild the
+factorization on a dense skeleton without the config.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from fnmatch import fnmatchcase
+
+from torch import Tensor
+
+from .errors import ConfigError, FormatError
+from .factorize import SVD_METHODS, factored_params, fraction_rank, rank_for_energy
+
+RankValue = int | float | str
+ROLES = ("recurrent", "input", "projection", "linear")
+LAYERS = ("gru", "lstm", "rnn", "linear")
+
+
+@dataclass(frozen=True)
+class RankRule:
+    """A rank: ``absolute`` (int), ``fraction`` of full rank, or ``energy`` kept (both in (0, 1])."""
+
+    kind: str
+    value: float
+
+    @classmethod
+    def parse(cls, value: RankValue, *, where: str = "rank") -> "RankRule":
+        """``24`` -> absolute, ``0.25`` -> fraction, ``"energy=0.9"`` -> energy; strings of either too."""
+        if isinstance(value, bool):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        if isinstance(value, str):
+            text = value.strip().lower()
+            if text.startswith("energy"):
+                number = text[len("energy"):].lstrip("=:").strip()
+                return cls._checked("energy", _number(number, value, where), value, where)
+            value = _number(text, value, where)
+        if isinstance(value, int) or (isinstance(value, float) and value.is_integer() and value > 1):
+            if value < 1:
+                raise ConfigError(f"{where} must be >= 1, got {value!r}")
+            return cls("absolute", int(value))
+        if isinstance(value, float):
+            return cls._checked("fraction", value, value, where)
+        raise ConfigError(f"{where} must be an int, a fraction or 'energy=F', got {value!r}")
+
+    @classmethod
+    def _checked(cls, kind: str, number: float, shown: RankValue, where: str) -> "RankRule":
+        if not (0.0 < number <= 1.0) or math.isnan(number):
+            raise ConfigError(f"{where} {kind} must be in (0, 1], got {shown!r}")
+        return cls(kind, float(number))
+
+    def resolve(self, full_rank: int, spectrum: Tensor | None = None) -> int:
+        """The integer rank for a target of this full rank (energy needs its spectrum)."""
+        if self.kind == "absolute":
+            return int(self.value)
+        if self.kind == "fraction":
+            return fraction_rank(self.value, full_rank)
+        if spectrum is None:
+            raise ValueError("an energy rank needs the target's singular values")
+        return rank_for_energy(spectrum, self.value)
+
+    def __str__(self) -> str:
+        return {"absolute": f"{int(self.value)}", "fraction": f"{self.value:g}"}.get(
+            self.kind, f"energy={self.value:g}")
+
+
+def _number(text: str, shown: RankValue, where: str) -> int | float:
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"{where} must be an int, a fraction or 'energy=F', got {shown!r}") from None
+
+
+def name_matches(pattern: str, name: str) -> bool:
+    """Glob match on a dotted name; a pattern without wildcards also matches as a dotted suffix."""
+    if any(c in pattern for c in "*?["):
+        return fnmatchcase(name, pattern)
+    return name == pattern or name.endswith("." + pattern)
+
+
+@dataclass
+class CompressionConfig:
+    """How to compress a model.
+
+    >>> CompressionConfig(rank=24, diag=True).to_json()  # doctest: +ELLIPSIS
+    '{"rank": 24, ...'
+    """
+
+    rank: RankValue | None = None  # int, fraction of full rank, or "energy=F"
+    energy: float | None = None  # shorthand for rank="energy=F": keep this share of s_i^2
+    diag: bool = False  # add a trainable diagonal where a block is square (paper eq. 5)
+    tied: bool = False  # one R shared by the gates of a weight (the paper's tied variant)
+    include_input: bool = False  # also factor input-to-hidden matrices (paper: recurrent only)
+    include_projection: bool = False  # also factor LSTM proj_size matrices weight_hr
+    targets: tuple[str, ...] = ()  # extra nn.Linear modules, by name pattern (e.g. "*.gate")
+    exclude: tuple[str, ...] = ()  # modules or weights never to factor, by name pattern
+    ranks: dict[str, RankValue] = field(default_factory=dict)  # per-target overrides, first match wins
+    svd: str = "auto"  # "exact", "randomized", or "auto" (randomized for large matrices)
+    diag_iters: int | None = None  # diagonal-fit iterations (None: 50 exact, 3 randomized)
+    seed: int = 0  # randomized-SVD seed, for reproducible fits
+
+    def __post_init__(self) -> None:
+        if (self.rank is None) == (self.energy is None):
+            raise ConfigError("give exactly one of rank and energy")
+        self.rule()  # validates rank / energy
+        for pattern, value in self.ranks.items():
+            RankRule.parse(value, where=f"rank for {pattern!r}")
+        for name in ("targets", "exclude"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                value = (value,)
+            value = tuple(value)
+            if not all(isinstance(p, str) and p.strip() for p in value):
+                raise ConfigError(f"{name} must be non-empty name patterns, got {value!r}")
+            setattr(self, name, value)
+        if self.svd not in SVD_METHODS:
+            raise ConfigError(f"svd must be one of {', '.join(SVD_METHODS)}, got {self.svd!r}")
+        if self.diag_iters is not None and (isinstance(self.diag_iters, bool) or not isinstance(self.diag_iters, int)
+                                            or self.diag_iters < 0):
+            raise ConfigError(f"diag_iters must be a non-negative int, got {self.diag_iters!r}")
+
+    def rule(self) -> RankRule:
+        if self.energy is not None:
+            return RankRule.parse(f"energy={self.energy}", where="energy")
+        return RankRule.parse(self.rank, where="rank")
+
+    def rule_for(self, *names: str) -> RankRule:
+        """The rank rule of a target known by ``names`` (weight name, module name)."""
+        for pattern, value in self.ranks.items():
+            if any(name_matches(pattern, n) for n in names):
+                return RankRule.parse(value, where=f"rank for {pattern!r}")
+        return self.rule()
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["targets"], d["exclude"] = list(self.targets), list(self.exclude)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "CompressionConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown config fields: {', '.join(unknown)}")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> "CompressionConfig":
+        return cls.from_dict(json.loads(text))
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """One factored weight as recorded in a saved file: ``<module>.<weight>`` and its shape."""
+
+    module: str  # dotted module path ("" for the root)
+    weight: str  # parameter name, e.g. "weight_hh_l0"
+    layer: str  # "gru", "lstm", "rnn" or "linear"
+    role: str  # "recurrent", "input", "projection" or "linear"
+    gates: int  # stacked gate blocks: 3 GRU, 4 LSTM, 1 RNN/Linear/projection
+    rows: int  # rows of one block
+    cols: int
+    rank: int
+    diag: bool
+    tied: bool
+
+    @property
+    def name(self) -> str:
+        return f"{self.module}.{self.weight}" if self.module else self.weight
+
+    @property
+    def dense_params(self) -> int:
+        return self.gates * self.rows * self.cols
+
+    @property
+    def factored_params(self) -> int:
+        return factored_params(self.gates, self.rows, self.cols, self.rank, diag=self.diag, tied=self.tied)
+
+    def factor_keys(self) -> dict[str, str]:
+        """State-dict keys of the factors in a saved file: ``<name>.L``, ``.R`` (and ``.D``)."""
+        return {k: f"{self.name}.{k}" for k in self.factor_shapes()}
+
+    def factor_shapes(self) -> dict[str, tuple[int, ...]]:
+        shapes = {"L": (self.gates, self.rows, self.rank),
+                  "R": (self.rank, self.cols) if self.tied else (self.gates, self.rank, self.cols)}
+        if self.diag:
+            shapes["D"] = (self.gates, self.rows)
+        return shapes
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TargetSpec":
+        try:
+            spec = cls(**{f.name: data[f.name] for f in fields(cls)})
+        except (KeyError, TypeError) as exc:
+            raise FormatError(f"bad target record {data!r}: {exc}") from None
+        ints = (spec.gates, spec.rows, spec.cols, spec.rank)
+        if (spec.layer not in LAYERS or spec.role not in ROLES or not all(isinstance(i, int) and i > 0 for i in ints)
+                or not isinstance(spec.diag, bool) or not isinstance(spec.tied, bool)
+                or (spec.diag and spec.rows != spec.cols)):
+            raise FormatError(f"bad target record {data!r}")
+        return spec

@@ -1,0 +1,284 @@
+"""Compress a model in place, and merge it back: validate every target, fit, then apply.
+
+Nothing touches the model until every target is found, checked (finite weights, a possible
+rank) and fitted, so a bad input never leaves a model half converted. Recurrent layers get the
+factored classes of ``lrcompress.nn`` in place (still ``nn.GRU`` etc. for ``isinstance``);
+``merge`` restores plain dense modules.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+from tqdm.auto import tqdm
+
+from .config import CompressionConfig, RankValue, TargetSpec
+from .errors import FormatError, RankError, TargetError, WeightError
+from .factorize import Factors, compose, fit_low_rank, fit_low_rank_plus_diagonal, spectrum
+from .nn.rnn import FactoredRNN, factored_class
+from .parametrizations import factorization, low_rank, max_rank, random_factors
+from .report import Report, TargetReport
+from .targets import RNN_GATES, RNN_WEIGHT, ROLE, Candidate, find_state_dict_targets, find_targets
+
+
+@dataclass
+class Fit:
+    """A decided target and its fitted factors."""
+
+    spec: TargetSpec
+    factors: Factors
+    note: str = ""
+
+
+def compress(model: nn.Module, rank: RankValue | None = None, *, energy: float | None = None, diag: bool = False,
+             tied: bool = False, include_input: bool = False, include_projection: bool = False,
+             targets: tuple[str, ...] | list[str] = (), exclude: tuple[str, ...] | list[str] = (),
+             ranks: dict[str, RankValue] | None = None, svd: str = "auto", diag_iters: int | None = None,
+             seed: int = 0, config: CompressionConfig | None = None, progress: bool = False) -> Report:
+    """Replace the recurrent (and selected Linear) weights of ``model`` by SVD-fitted factors.
+
+    In place; returns a ``Report``. Either pass the options or a ready ``config``.
+
+    >>> model = torch.nn.GRU(8, 32)
+    >>> print(compress(model, rank=4, diag=True).ratio > 1)
+    True
+    """
+    if config is None:
+        config = CompressionConfig(rank=rank, energy=energy, diag=diag, tied=tied, include_input=include_input,
+                                   include_projection=include_projection, targets=tuple(targets),
+                                   exclude=tuple(exclude), ranks=dict(ranks or {}), svd=svd,
+                                   diag_iters=diag_iters, seed=seed)
+    before = count_params(model)
+    modules = dict(model.named_modules())
+    candidates = find_targets(model, config)
+    for c in candidates:
+        _check_adoptable(modules[c.module], c.module)
+    fits = fit_targets(candidates, _current_weights(model, candidates), config, progress=progress)
+    apply(model, [f.spec for f in fits], {f.spec.name: f.factors for f in fits})
+    rows = [TargetReport.of(f.spec, f.factors.rel_error, f.note) for f in fits]
+    return Report(rows, before, count_params(model), config.to_dict())
+
+
+def decide(candidates: list[Candidate], weights: dict[str, Tensor],
+           config: CompressionConfig) -> list[tuple[TargetSpec, str]]:
+    """Check every candidate and fix its rank, diagonal and tying; raises before any fitting."""
+    decided = []
+    for c in candidates:
+        W = weights[c.name]
+        if not torch.isfinite(W).all():
+            raise WeightError(f"{c.name} holds NaN or Inf values; refusing to factor it")
+    for c in candidates:
+        rule = config.rule_for(c.name, c.module)
+        tied = config.tied and c.gates > 1
+        full = max_rank(c.gates, c.rows, c.cols, tied)
+        blocks = _blocks(weights[c.name], c.gates)
+        rank = rule.resolve(full, spectrum(blocks, tied=tied) if rule.kind == "energy" else None)
+        where = f"{c.name} ({c.layer} {c.role}, {c.gates} block(s) of {c.rows}x{c.cols}{', tied' if tied else ''})"
+        if not 1 <= rank <= full:
+            raise RankError(f"rank {rule} is impossible for {where}: must be 1..{full}")
+        diag = config.diag and c.rows == c.cols
+        notes = []
+        if config.diag and not diag:
+            notes.append(f"no diagonal: {c.rows}x{c.cols} blocks are not square")
+        spec = TargetSpec(c.module, c.weight, c.layer, c.role, c.gates, c.rows, c.cols, rank, diag, tied)
+        if spec.factored_params >= spec.dense_params:
+            msg = f"rank {rank} is no smaller than dense ({spec.factored_params:,} >= {spec.dense_params:,} params)"
+            warnings.warn(f"{spec.name}: {msg}", UserWarning, stacklevel=4)
+            notes.append(msg)
+        decided.append((spec, "; ".join(notes)))
+    return decided
+
+
+def fit_targets(candidates: list[Candidate], weights: dict[str, Tensor], config: CompressionConfig, *,
+                progress: bool = False) -> list[Fit]:
+    """Decide every target, then fit its factors (a pure step: nothing is modified)."""
+    decided = decide(candidates, weights, config)
+    fits = []
+    for spec, note in tqdm(decided, desc="factoring", unit="weight", disable=None if progress else True, leave=False):
+        blocks = _blocks(weights[spec.name], spec.gates)
+        if spec.diag:
+            f = fit_low_rank_plus_diagonal(blocks, spec.rank, tied=spec.tied, method=config.svd,
+                                           max_iter=config.diag_iters, seed=config.seed)
+        else:
+            f = fit_low_rank(blocks, spec.rank, tied=spec.tied, method=config.svd, seed=config.seed)
+        fits.append(Fit(spec, f, note))
+    return fits
+
+
+def apply(model: nn.Module, specs: list[TargetSpec], factors: dict[str, Factors]) -> nn.Module:
+    """Register the factorizations ``specs`` on ``model`` with the given factors.
+
+    Checks that every spec fits the model first; if registration still fails midway, the
+    weights done so far are restored, so the model is never left half converted.
+    """
+    modules = dict(model.named_modules())
+    for spec in specs:
+        module = modules.get(spec.module)
+        if module is None:
+            raise FormatError(f"the model has no module {spec.module!r} (for {spec.name})")
+        weight = getattr(module, spec.weight, None)
+        if not isinstance(weight, Tensor):
+            raise FormatError(f"the model has no weight {spec.name}")
+        if tuple(weight.shape) != (spec.gates * spec.rows, spec.cols):
+            raise FormatError(f"{spec.name} has shape {tuple(weight.shape)} in the model but "
+                              f"{(spec.gates * spec.rows, spec.cols)} in the file")
+        if parametrize.is_parametrized(module, spec.weight):
+            raise TargetError(f"{spec.name} is already parametrized (already compressed?)")
+        _check_adoptable(module, spec.module)
+    done: list[tuple[nn.Module, str, Tensor, type]] = []
+    try:
+        for spec in specs:
+            module = modules[spec.module]
+            original, cls = getattr(module, spec.weight), type(module)
+            if isinstance(module, nn.RNNBase) and not isinstance(module, FactoredRNN):
+                module.__class__ = factored_class(type(module))
+            done.append((module, spec.weight, original, cls))
+            low_rank(module, spec.weight, spec.rank, gates=spec.gates, diag=spec.diag, tied=spec.tied,
+                     factors=factors[spec.name])
+    except Exception:
+        for module, name, original, cls in reversed(done):
+            if parametrize.is_parametrized(module, name):
+                parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+                module._parameters[name] = original
+            module.__class__ = cls
+        raise
+    return model
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Replace every factored weight by its dense product, restoring plain modules. In place."""
+    for module in list(model.modules()):
+        if not parametrize.is_parametrized(module):
+            continue
+        for name in list(module.parametrizations):
+            if factorization(module, name) is not None:
+                parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+        if isinstance(module, FactoredRNN) and not parametrize.is_parametrized(module):
+            module.__class__ = module._dense_class
+            module._init_flat_weights()
+    return model
+
+
+def factored_specs(model: nn.Module) -> list[TargetSpec]:
+    """The spec of every weight of ``model`` that carries an lrcompress factorization."""
+    specs = []
+    for mod_name, module in model.named_modules():
+        for weight in list(getattr(module, "parametrizations", {})):
+            p = factorization(module, weight)
+            if p is None:
+                continue
+            L, R = module.parametrizations[weight].original0, module.parametrizations[weight].original1
+            if isinstance(module, nn.RNNBase):
+                layer = RNN_GATES[module.mode][0]
+                role = ROLE[RNN_WEIGHT.match(weight).group("kind")]
+            else:
+                layer, role = "linear", "linear"
+            specs.append(TargetSpec(mod_name, weight, layer, role, p.gates, L.shape[1], R.shape[-1], p.rank,
+                                    p.diag, p.tied))
+    return specs
+
+
+def factored_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """``model.state_dict()`` with factor keys renamed to the file format's ``<name>.L/.R/.D``."""
+    renames = {}
+    for spec in factored_specs(model):
+        prefix = f"{spec.module}.parametrizations.{spec.weight}" if spec.module else f"parametrizations.{spec.weight}"
+        for i, key in enumerate(spec.factor_keys().values()):
+            renames[f"{prefix}.original{i}"] = key
+    return {renames.get(k, k): v for k, v in model.state_dict().items()}
+
+
+def compress_state_dict(tensors: dict[str, Tensor], config: CompressionConfig, *,
+                        progress: bool = False) -> tuple[dict[str, Tensor], list[TargetSpec], Report]:
+    """Compress a bare state dict (no model class): factors replace the selected weights.
+
+    Report totals count every stored value, since a state dict does not tell parameters from
+    buffers.
+    """
+    candidates = find_state_dict_targets(tensors, config)
+    fits = fit_targets(candidates, {c.name: tensors[c.name] for c in candidates}, config, progress=progress)
+    done = {f.spec.name for f in fits}
+    out = {k: v for k, v in tensors.items() if k not in done}
+    for f in fits:
+        for key, t in zip(f.spec.factor_keys().values(), (f.factors.L, f.factors.R, f.factors.D)):
+            out[key] = t.contiguous()
+    rows = [TargetReport.of(f.spec, f.factors.rel_error, f.note) for f in fits]
+    report = Report(rows, _numel(tensors), _numel(out), config.to_dict())
+    return out, [f.spec for f in fits], report
+
+
+def merge_state_dict(tensors: dict[str, Tensor], specs: list[TargetSpec]) -> dict[str, Tensor]:
+    """Rebuild the dense weight of every spec from its factors in a file-format state dict."""
+    out = dict(tensors)
+    for spec in specs:
+        keys = spec.factor_keys()
+        parts = [out.pop(keys[k]) for k in keys]
+        out[spec.name] = compose(*parts).flatten(0, 1).contiguous()
+    return out
+
+
+def factor_from_scratch(module: nn.Module, *, rank: RankValue, diag: bool = False, tied: bool = False,
+                        include_input: bool = False, include_projection: bool = False) -> None:
+    """Factor a freshly built layer with random factors (no SVD): for training from scratch."""
+    config = CompressionConfig(rank=rank, diag=diag, tied=tied, include_input=include_input,
+                               include_projection=include_projection)
+    candidates = find_targets(module, config)
+    specs = [spec for spec, _ in decide(candidates, _current_weights(module, candidates), config)]
+    apply(module, specs, {s.name: _random(s, module) for s in specs})
+
+
+def reset_factors(module: nn.Module) -> None:
+    """Re-draw the random factors of every factored weight of ``module`` (not its children)."""
+    with torch.no_grad():
+        for name in list(getattr(module, "parametrizations", {})):
+            p = factorization(module, name)
+            if p is None:
+                continue
+            params = module.parametrizations[name]
+            L = params.original0
+            rows = L.shape[1]
+            cols = params.original1.shape[-1]
+            f = random_factors(p.gates, rows, cols, p.rank, diag=p.diag, tied=p.tied,
+                               bound=_default_bound(module, rows), dtype=L.dtype, device=L.device)
+            for i, t in enumerate((f.L, f.R, f.D)[: 3 if p.diag else 2]):
+                getattr(params, f"original{i}").copy_(t)
+
+
+def count_params(model: nn.Module) -> int:
+    """Trainable and frozen parameters, each shared tensor counted once."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def _random(spec: TargetSpec, module: nn.Module) -> Factors:
+    weight = getattr(dict(module.named_modules())[spec.module], spec.weight)
+    return random_factors(spec.gates, spec.rows, spec.cols, spec.rank, diag=spec.diag, tied=spec.tied,
+                          bound=_default_bound(module, spec.rows), dtype=weight.dtype, device=weight.device)
+
+
+def _default_bound(module: nn.Module, rows: int) -> float:
+    # nn.GRU/LSTM/RNN draw U(-1/sqrt(hidden), 1/sqrt(hidden)); nn.Linear about U(-1/sqrt(in), ...).
+    return 1.0 / math.sqrt(getattr(module, "hidden_size", rows))
+
+
+def _numel(tensors: dict[str, Tensor]) -> int:
+    return sum(t.numel() for t in tensors.values())
+
+
+def _current_weights(module: nn.Module, candidates: list[Candidate]) -> dict[str, Tensor]:
+    modules = dict(module.named_modules())
+    return {c.name: getattr(modules[c.module], c.weight).detach() for c in candidates}
+
+
+def _blocks(W: Tensor, gates: int) -> Tensor:
+    return W.reshape(gates, W.shape[0] // gates, W.shape[1])
+
+
+def _check_adoptable(module: nn.Module, name: str) -> None:
+    if isinstance(module, nn.RNNBase) and not isinstance(module, FactoredRNN) and parametrize.is_parametrized(module):
+        raise TargetError(f"{name or '<root>'} already carries other parametrizations "
+                          f"({', '.join(module.parametrizations)}); remove them before compressing")

@@ -1,0 +1,30 @@
+"""Errors raised on bad user input. All are ``ValueError`` subclasses, so callers can catch
+either the specific class or ``ValueError``; the CLI turns each into one line and exit code 2."""
+
+
+class LRCompressError(ValueError):
+    """Base class of every user-input error lrcompress raises."""
+
+
+class ConfigError(LRCompressError):
+    """A configuration value is invalid (rank, energy, patterns, ...)."""
+
+
+class RankError(ConfigError):
+    """A rank is impossible for a target: names the target, its shape and the rank."""
+
+
+class TargetError(LRCompressError):
+    """No targets were found, or a pattern matched nothing or the wrong kind of module."""
+
+
+class WeightError(LRCompressError):
+    """A weight to be factored holds NaN or Inf."""
+
+
+class FormatError(LRCompressError):
+    """A file is corrupt, of an unsupported kind, or does not match the model."""
+
+
+class OutputExistsError(LRCompressError):
+    """The output file exists and overwriting was not asked for."""

@@ -1,0 +1,95 @@
+"""Recurrent layers whose weights are factored: subclasses of ``nn.GRU``/``nn.LSTM``/``nn.RNN``.
+
+They take every argument of their parent plus ``rank``, ``diag``, ``tied``, so they drop into
+code that expects ``nn.GRU`` (``isinstance`` checks, PackedSequence, initial states). The
+converter gives converted layers the same classes, in place.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+from torch import nn
+from torch.nn.utils import parametrize
+
+from ..config import RankValue
+
+
+class FactoredRNN:
+    """Mixin: rebuild each factored weight once per forward, then run the dense kernel."""
+
+    _dense_class: type[nn.RNNBase]
+
+    def forward(self, input, hx=None):
+        # RNNBase.forward reads every weight twice (change check, then refresh) and would try to
+        # flatten them in place on CUDA; caching makes one rebuild per call, and pre-seeding the
+        # refs means RNNBase sees no change and never touches the rebuilt tensors.
+        with parametrize.cached():
+            self._flat_weights = [getattr(self, n) if hasattr(self, n) else None for n in self._flat_weights_names]
+            self._flat_weight_refs = [weakref.ref(w) if w is not None else None for w in self._flat_weights]
+            return super().forward(input, hx)
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if parametrize.is_parametrized(self):
+            from ..convert import reset_factors
+
+            reset_factors(self)
+
+
+def _from_scratch(module: nn.RNNBase, rank: RankValue, diag: bool, tied: bool, include_input: bool,
+                  include_projection: bool = False) -> None:
+    from ..convert import factor_from_scratch  # convert imports this module
+
+    factor_from_scratch(module, rank=rank, diag=diag, tied=tied, include_input=include_input,
+                        include_projection=include_projection)
+
+
+class LowRankGRU(FactoredRNN, nn.GRU):
+    """``nn.GRU`` with low-rank (``diag=True``: plus diagonal) recurrent matrices.
+
+    >>> gru = LowRankGRU(51, 128, rank=24, diag=True, batch_first=True)
+    >>> out, h = gru(torch.zeros(2, 10, 51))
+    """
+
+    _dense_class = nn.GRU
+
+    def __init__(self, *args, rank: RankValue, diag: bool = False, tied: bool = False,
+                 include_input: bool = False, **kwargs):
+        nn.GRU.__init__(self, *args, **kwargs)
+        _from_scratch(self, rank, diag, tied, include_input)
+
+
+class LowRankLSTM(FactoredRNN, nn.LSTM):
+    """``nn.LSTM`` with factored recurrent matrices (``proj_size`` supported; no diagonal on the
+    non-square ``4h x p`` blocks, and ``include_projection`` also factors ``weight_hr``)."""
+
+    _dense_class = nn.LSTM
+
+    def __init__(self, *args, rank: RankValue, diag: bool = False, tied: bool = False,
+                 include_input: bool = False, include_projection: bool = False, **kwargs):
+        nn.LSTM.__init__(self, *args, **kwargs)
+        _from_scratch(self, rank, diag, tied, include_input, include_projection)
+
+
+class LowRankRNN(FactoredRNN, nn.RNN):
+    """``nn.RNN`` (tanh or relu) with factored recurrent matrices."""
+
+    _dense_class = nn.RNN
+
+    def __init__(self, *args, rank: RankValue, diag: bool = False, tied: bool = False,
+                 include_input: bool = False, **kwargs):
+        nn.RNN.__init__(self, *args, **kwargs)
+        _from_scratch(self, rank, diag, tied, include_input)
+
+
+_FACTORED = {nn.GRU: LowRankGRU, nn.LSTM: LowRankLSTM, nn.RNN: LowRankRNN}
+
+
+def factored_class(cls: type[nn.RNNBase]) -> type:
+    """The factored counterpart of a recurrent class (a cached subclass for user subclasses)."""
+    if issubclass(cls, FactoredRNN):
+        return cls
+    if cls not in _FACTORED:
+        _FACTORED[cls] = type(f"LowRank{cls.__name__}", (FactoredRNN, cls), {"_dense_class": cls})
+    return _FACTORED[cls]

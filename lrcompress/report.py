@@ -1,0 +1,74 @@
+"""What a conversion did: one row per factored weight plus whole-model totals."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+from .config import TargetSpec
+
+
+@dataclass
+class TargetReport:
+    name: str
+    layer: str
+    role: str
+    shape: tuple[int, int]  # dense weight shape
+    gates: int
+    rank: int
+    diag: bool
+    tied: bool
+    params_before: int
+    params_after: int
+    rel_error: float  # ||W - W_hat||_F / ||W||_F
+    note: str = ""  # e.g. why no diagonal, or that the factors are larger than the dense matrix
+
+    @classmethod
+    def of(cls, spec: TargetSpec, rel_error: float, note: str = "") -> "TargetReport":
+        return cls(spec.name, spec.layer, spec.role, (spec.gates * spec.rows, spec.cols), spec.gates, spec.rank,
+                   spec.diag, spec.tied, spec.dense_params, spec.factored_params, rel_error, note)
+
+
+@dataclass
+class Report:
+    """Per-target rows and totals; ``str()`` is a table, ``to_dict()``/``to_json()`` for scripts."""
+
+    targets: list[TargetReport]
+    params_before: int  # whole model
+    params_after: int
+    config: dict = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float:
+        """Whole-model compression ratio, params before / after."""
+        return self.params_before / self.params_after if self.params_after else float("inf")
+
+    def to_dict(self) -> dict:
+        return {"targets": [asdict(t) for t in self.targets], "params_before": self.params_before,
+                "params_after": self.params_after, "ratio": self.ratio, "config": self.config}
+
+    def to_json(self, **kwargs) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    def __str__(self) -> str:
+        header = ("target", "kind", "shape", "rank", "diag", "params", "factored", "rel.err")
+        rows = [(t.name, f"{t.layer}/{t.role}" + ("/tied" if t.tied else ""), f"{t.shape[0]}x{t.shape[1]}",
+                 str(t.rank), "yes" if t.diag else "no", f"{t.params_before:,}", f"{t.params_after:,}",
+                 f"{t.rel_error:.4g}") for t in self.targets]
+        lines = format_table(header, rows, right={2, 3, 5, 6, 7})
+        notes = [f"  note: {t.name}: {t.note}" for t in self.targets if t.note]
+        total = (f"model parameters: {self.params_before:,} -> {self.params_after:,} "
+                 f"({self.ratio:.2f}x smaller)" if self.params_after <= self.params_before else
+                 f"model parameters: {self.params_before:,} -> {self.params_after:,} (larger)")
+        return "\n".join(lines + notes + [total])
+
+
+def format_table(header: tuple[str, ...], rows: list[tuple[str, ...]], right: set[int] = frozenset()) -> list[str]:
+    """Plain-text table with aligned columns (``right``: indices of right-aligned columns)."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(r):
+        return "  ".join(str(c).rjust(w) if i in right else str(c).ljust(w)
+                         for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+
+    return [line(header), line(tuple("-" * w for w in widths)), *(line(r) for r in rows)]

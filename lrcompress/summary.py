@@ -1,0 +1,88 @@
+"""What ``lrcompress inspect`` shows: spectra of dense weights, or a compressed file's layers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .config import CompressionConfig, TargetSpec
+from .factorize import rank_for_energy
+from .report import format_table
+from .targets import find_state_dict_targets
+
+GATE_NAMES = {("gru", 3): "rzn", ("lstm", 4): "ifgo"}
+ENERGY_LEVELS = (0.5, 0.9, 0.95, 0.99)
+
+
+@dataclass
+class Spectra:
+    """Per matrix (gate block): the rank reaching each energy level, and energy kept per rank."""
+
+    rows: list[dict]
+    ranks: list[int]
+
+    def to_dict(self) -> dict:
+        return {"matrices": self.rows, "ranks": self.ranks, "energy_levels": list(ENERGY_LEVELS)}
+
+    def __str__(self) -> str:
+        header = ("matrix", "gate", "shape", *(f"r@{e:g}" for e in ENERGY_LEVELS), *(f"E@{r}" for r in self.ranks))
+        body = [(r["name"], r["gate"], f"{r['shape'][0]}x{r['shape'][1]}",
+                 *(str(r["rank_for_energy"][f"{e:g}"]) for e in ENERGY_LEVELS),
+                 *(_pct(r["energy_at_rank"].get(str(k))) for k in self.ranks)) for r in self.rows]
+        lines = format_table(header, body, right=set(range(2, len(header))))
+        return "\n".join(lines + ["r@F: smallest rank keeping share F of the squared singular values; "
+                                  "E@k: share kept at rank k"])
+
+
+def spectra(tensors: dict[str, Tensor], ranks: list[int], *, include_input: bool = False,
+            targets: tuple[str, ...] = ()) -> Spectra:
+    """Singular-value energy of every recurrent (and selected) matrix of a dense state dict."""
+    config = CompressionConfig(rank=1, include_input=include_input, include_projection=True, targets=targets)
+    rows = []
+    for c in find_state_dict_targets(tensors, config):
+        blocks = tensors[c.name].detach().double().reshape(c.gates, c.rows, c.cols)
+        s = torch.linalg.svdvals(blocks)
+        names = GATE_NAMES.get((c.layer, c.gates), "-" * c.gates) if c.role != "projection" else "-"
+        for g in range(c.gates):
+            s2 = s[g] ** 2
+            kept = (s2.cumsum(0) / s2.sum().clamp_min(1e-300)).tolist()
+            rows.append({
+                "name": c.name, "gate": names[g], "shape": [c.rows, c.cols],
+                "rank_for_energy": {f"{e:g}": rank_for_energy(s[g:g + 1], e) for e in ENERGY_LEVELS},
+                "energy_at_rank": {str(k): kept[min(k, len(kept)) - 1] for k in ranks},
+            })
+    return Spectra(rows, ranks)
+
+
+@dataclass
+class CompressedSummary:
+    rows: list[dict]
+    stored: int  # values stored in the file
+    dense: int  # values the dense model would store
+
+    def to_dict(self) -> dict:
+        return {"targets": self.rows, "stored_values": self.stored, "dense_values": self.dense,
+                "ratio": self.dense / self.stored if self.stored else None}
+
+    def __str__(self) -> str:
+        header = ("target", "kind", "shape", "rank", "diag", "tied", "dense", "factored", "ratio")
+        body = [(r["name"], f"{r['layer']}/{r['role']}", f"{r['shape'][0]}x{r['shape'][1]}", str(r["rank"]),
+                 "yes" if r["diag"] else "no", "yes" if r["tied"] else "no", f"{r['dense_params']:,}",
+                 f"{r['factored_params']:,}", f"{r['dense_params'] / r['factored_params']:.2f}x") for r in self.rows]
+        total = (f"file: {self.stored:,} stored values for a dense model of {self.dense:,} "
+                 f"({self.dense / self.stored:.2f}x smaller)")
+        return "\n".join(format_table(header, body, right={2, 3, 6, 7, 8}) + [total])
+
+
+def compressed_summary(tensors: dict[str, Tensor], specs: list[TargetSpec]) -> CompressedSummary:
+    stored = sum(t.numel() for t in tensors.values())
+    rows = [{**s.to_dict(), "name": s.name, "shape": [s.gates * s.rows, s.cols], "dense_params": s.dense_params,
+             "factored_params": s.factored_params} for s in specs]
+    dense = stored + sum(s.dense_params - s.factored_params for s in specs)
+    return CompressedSummary(rows, stored, dense)
+
+
+def _pct(x: float | None) -> str:
+    return "" if x is None else f"{100 * x:.1f}%"

@@ -1,0 +1,158 @@
+"""Which weights a config selects: in a live model, or in a bare state dict by key and shape.
+
+Recurrent layers (``nn.GRU``/``nn.LSTM``/``nn.RNN``) and ``lrcompress.nn.Highway`` layers are
+found by type; other ``nn.Linear`` layers by name pattern. In a bare state dict a recurrent
+layer is recognised from its ``<prefix>.weight_hh_l<k>[_reverse]`` keys: the gate count (3 GRU,
+4 LSTM, 1 RNN) follows from the shapes, an LSTM with ``proj_size`` from ``weight_hr_l<k>``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from .config import CompressionConfig, name_matches
+from .errors import FormatError, TargetError
+from .nn.highway import Highway
+
+RNN_GATES = {"GRU": ("gru", 3), "LSTM": ("lstm", 4), "RNN_TANH": ("rnn", 1), "RNN_RELU": ("rnn", 1)}
+GATES_LAYER = {3: "gru", 4: "lstm", 1: "rnn"}
+RNN_WEIGHT = re.compile(r"^weight_(?P<kind>hh|ih|hr)_l(?P<layer>\d+)(?P<rev>_reverse)?$")
+HH_KEY = re.compile(r"^(?:(?P<prefix>.+)\.)?weight_hh_l\d+(_reverse)?$")
+ROLE = {"hh": "recurrent", "ih": "input", "hr": "projection"}
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A weight selected for factoring, before its rank is decided."""
+
+    module: str
+    weight: str
+    layer: str
+    role: str
+    gates: int
+    rows: int
+    cols: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.module}.{self.weight}" if self.module else self.weight
+
+
+def find_targets(model: nn.Module, config: CompressionConfig) -> list[Candidate]:
+    """Candidates in ``model``; raises ``TargetError`` when none, or a pattern matches nothing."""
+    modules = dict(model.named_modules())
+    _check_patterns(config, modules)
+    linear = {name for name, m in modules.items() if isinstance(m, nn.Linear)
+              and any(name_matches(p, name) for p in config.targets)}
+    for name, m in modules.items():
+        if isinstance(m, Highway):
+            linear |= {_join(name, "proposal"), _join(name, "gate")}
+    found: list[Candidate] = []
+    for name, m in modules.items():
+        if isinstance(m, nn.RNNBase):
+            layer, gates = RNN_GATES[m.mode]
+            shapes = {w: tuple(getattr(m, w).shape) for w in m._flat_weights_names if w.startswith("weight")}
+            found += _rnn_candidates(name, layer, gates, shapes, config)
+        elif name in linear:
+            found.append(Candidate(name, "weight", "linear", "linear", 1, *m.weight.shape))
+    found = [c for c in found if not _excluded(c, config)]
+    for c in found:
+        if parametrize.is_parametrized(modules[c.module], c.weight):
+            raise TargetError(f"{c.name} is already parametrized (already compressed?)")
+    if not found:
+        raise TargetError(_none_found(config))
+    return found
+
+
+def find_state_dict_targets(tensors: dict[str, Tensor], config: CompressionConfig) -> list[Candidate]:
+    """Candidates in a bare state dict, recognised by key names and shapes."""
+    prefixes = sorted({m.group("prefix") or "" for k in tensors if (m := HH_KEY.match(k))})
+    found: list[Candidate] = []
+    for prefix in prefixes:
+        shapes = {}
+        for key, t in tensors.items():
+            mod, _, weight = key.rpartition(".")
+            if mod == prefix and RNN_WEIGHT.match(weight):
+                shapes[weight] = tuple(t.shape)
+        layer, gates = _infer_rnn(prefix, shapes)
+        found += _rnn_candidates(prefix, layer, gates, shapes, config)
+    linear_modules = {k.rpartition(".")[0] for k, t in tensors.items() if k.endswith(".weight") and t.dim() == 2}
+    for pattern in config.targets:
+        if not any(name_matches(pattern, m) for m in linear_modules):
+            raise TargetError(f"target pattern {pattern!r} matches no 2-D '<module>.weight' key")
+    for mod in sorted(linear_modules):
+        if any(name_matches(p, mod) for p in config.targets):
+            found.append(Candidate(mod, "weight", "linear", "linear", 1, *tensors[_join(mod, "weight")].shape))
+    for pattern in config.exclude:
+        if not any(name_matches(pattern, c.name) or name_matches(pattern, c.module) for c in found):
+            raise TargetError(f"exclude pattern {pattern!r} matches no target")
+    found = [c for c in found if not _excluded(c, config)]
+    if not found:
+        raise TargetError(_none_found(config))
+    return found
+
+
+def _infer_rnn(prefix: str, shapes: dict[str, tuple[int, ...]]) -> tuple[str, int]:
+    where = prefix or "<root>"
+    hh = shapes.get("weight_hh_l0")
+    if hh is None or len(hh) != 2:
+        raise FormatError(f"{where}: recurrent weights found but no 2-D weight_hh_l0")
+    hr = shapes.get("weight_hr_l0")
+    if hr is not None:  # LSTM with proj_size: weight_hh is (4 h, p), weight_hr (p, h)
+        if len(hr) == 2 and hh == (4 * hr[1], hr[0]):
+            return "lstm", 4
+        raise FormatError(f"{where}: weight_hr_l0 {hr} does not fit weight_hh_l0 {hh} of an LSTM")
+    rows, hidden = hh
+    if rows % hidden or rows // hidden not in GATES_LAYER:
+        raise FormatError(f"{where}: weight_hh_l0 of shape {hh} is not a GRU (3h x h), LSTM (4h x h) or RNN (h x h)")
+    return GATES_LAYER[rows // hidden], rows // hidden
+
+
+def _rnn_candidates(module: str, layer: str, gates: int, shapes: dict[str, tuple[int, ...]],
+                    config: CompressionConfig) -> list[Candidate]:
+    out = []
+    for weight, shape in shapes.items():
+        m = RNN_WEIGHT.match(weight)
+        if m is None:
+            continue
+        role = ROLE[m.group("kind")]
+        if (role == "input" and not config.include_input) or (role == "projection" and not config.include_projection):
+            continue
+        g = 1 if role == "projection" else gates
+        if len(shape) != 2 or shape[0] % g:
+            raise FormatError(f"{_join(module, weight)} of shape {shape} does not split into {g} gate blocks")
+        out.append(Candidate(module, weight, layer, role, g, shape[0] // g, shape[1]))
+    return out
+
+
+def _check_patterns(config: CompressionConfig, modules: dict[str, nn.Module]) -> None:
+    for pattern in config.targets:
+        hits = [n for n in modules if n and name_matches(pattern, n)]
+        if not hits:
+            raise TargetError(f"target pattern {pattern!r} matches no module")
+        for n in hits:
+            if not isinstance(modules[n], (nn.Linear, nn.RNNBase, Highway)):
+                raise TargetError(f"target pattern {pattern!r} matches {n} ({type(modules[n]).__name__}), "
+                                  "which is not an nn.Linear, RNN or Highway layer")
+    weights = {_join(n, w) for n, m in modules.items() for w, _ in m.named_parameters(recurse=False)}
+    weights |= {_join(n, w) for n, m in modules.items() if parametrize.is_parametrized(m) for w in m.parametrizations}
+    for pattern in config.exclude:
+        if not any(n and name_matches(pattern, n) for n in modules) and not any(name_matches(pattern, w) for w in weights):
+            raise TargetError(f"exclude pattern {pattern!r} matches no module or weight")
+
+
+def _excluded(c: Candidate, config: CompressionConfig) -> bool:
+    return any(name_matches(p, c.name) or (c.module and name_matches(p, c.module)) for p in config.exclude)
+
+
+def _none_found(config: CompressionConfig) -> str:
+    extra = f" and no nn.Linear matching {list(config.targets)}" if config.targets else ""
+    return f"no targets found: no nn.GRU/nn.LSTM/nn.RNN or Highway layer{extra} (after exclusions {list(config.exclude)})"
+
+
+def _join(module: str, name: str) -> str:
+    return f"{module}.{name}" if module else name
