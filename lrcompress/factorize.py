@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import partial
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -191,46 +193,69 @@ def fit_low_rank_plus_diagonal(
     if max_iter is None:
         max_iter = 3 if method == "randomized" else 50
     work = W.to(_work_dtype(W, method))
-    W_diag = torch.diagonal(work, dim1=-2, dim2=-1)
-    # ||blocks(W) - diag(D)||^2 = off-diagonal energy + ||diag(W) - D||^2, kept in float64.
-    off_diag2 = frobenius(work) ** 2 - float((W_diag.double() ** 2).sum())
-    norm = math.sqrt(off_diag2 + float((W_diag.double() ** 2).sum())) or 1.0
-
-    def step(D: Tensor | None, init: Tensor | None, power: int):
-        factors, S, basis = _svd_fit(work, D, rank, tied=tied, method=method, seed=seed, niter=power,
-                                     init=init)
-        shifted = W_diag if D is None else W_diag - D
-        gap = shifted - _diagonal_of_product(factors)  # diag of the residual
-        if method == "randomized":
-            # L R projects A = W - diag(D) onto its top subspace: ||A - L R||^2 = ||A||^2 - sum S^2.
-            a2 = off_diag2 + float((shifted.double() ** 2).sum())
-            err2 = max(a2 - float((S.double() ** 2).sum()), 0.0)
-        else:
-            base = work if D is None else work - torch.diag_embed(D)
-            err2 = frobenius(base - factors.compose()) ** 2
-        # Re-fitting the diagonal removes the residual's diagonal energy exactly.
-        fitted = W_diag - _diagonal_of_product(factors)
-        return factors, fitted, math.sqrt(err2) / norm, math.sqrt(max(err2 - float((gap.double() ** 2).sum()), 0.0)) / norm, basis
-
-    best, D, lowrank_err, err, basis = step(None, None, niter)
+    fit = partial(_diagonal_step, _DiagonalProblem.of(work), rank, tied=tied, method=method, seed=seed)
+    first = fit(None, None, niter)
+    best, D, basis = first.factors, first.D, first.basis
     best.D = D
-    errors = [lowrank_err, err]
+    errors = [first.error_low_rank, first.error]
     for _ in range(max_iter):
         if errors[-1] == 0.0:
             break
         # Warm-started randomized steps need no power iteration: the subspace barely moves.
-        factors, D_new, _, err, basis = step(D, basis, 0)
-        if err > errors[-1]:  # only possible with randomized SVD: keep the best iterate
+        step = fit(D, basis, 0)
+        if step.error > errors[-1]:  # only possible with randomized SVD: keep the best iterate
             break
-        factors.D, best, D = D_new, factors, D_new
-        errors.append(err)
-        if errors[-2] - err <= tol * errors[-2]:
+        best, D, basis = step.factors, step.D, step.basis
+        best.D = D
+        errors.append(step.error)
+        if errors[-2] - step.error <= tol * errors[-2]:
             break
     best.errors = errors
     best.method = method
     out = best.to(W.dtype)
     out.rel_error = relative_error(W, out.compose())
     return out
+
+
+class _DiagonalProblem(NamedTuple):
+    W: Tensor  # (G, n, n) in the working dtype
+    W_diag: Tensor  # (G, n)
+    off_diag2: float  # squared Frobenius norm of W off its diagonals, float64
+    norm: float  # ||W||_F
+
+    @classmethod
+    def of(cls, W: Tensor) -> "_DiagonalProblem":
+        W_diag = torch.diagonal(W, dim1=-2, dim2=-1)
+        total2 = frobenius(W) ** 2
+        diag2 = float((W_diag.double() ** 2).sum())
+        return cls(W, W_diag, total2 - diag2, math.sqrt(total2) or 1.0)
+
+
+class _DiagonalStep(NamedTuple):
+    factors: Factors  # low-rank part fitted to W - diag(D_old)
+    D: Tensor  # the diagonal refitted to W - L R
+    error_low_rank: float  # relative ||W - diag(D_old) - L R||
+    error: float  # relative ||W - L R - diag(D)||
+    basis: Tensor | None  # randomized-SVD subspace, to warm-start the next step
+
+
+def _diagonal_step(p: _DiagonalProblem, rank: int, D_old: Tensor | None, init: Tensor | None, niter: int, *,
+                   tied: bool, method: str, seed: int) -> _DiagonalStep:
+    """One alternation: L R = best rank-``rank`` fit of W - diag(D_old), then D = diag(W - L R)."""
+    factors, S, basis = _svd_fit(p.W, D_old, rank, tied=tied, method=method, seed=seed, niter=niter, init=init)
+    shifted = p.W_diag if D_old is None else p.W_diag - D_old
+    gap = shifted - _diagonal_of_product(factors)  # the residual's diagonal
+    if method == "randomized":
+        # L R projects A = W - diag(D_old) onto its top subspace: ||A - L R||^2 = ||A||^2 - sum S^2,
+        # which saves forming A - L R (a full n x n product) at every step.
+        err2 = max(p.off_diag2 + float((shifted.double() ** 2).sum()) - float((S.double() ** 2).sum()), 0.0)
+    else:
+        A = p.W if D_old is None else p.W - torch.diag_embed(D_old)
+        err2 = frobenius(A - factors.compose()) ** 2
+    # Refitting the diagonal removes exactly the residual's diagonal energy.
+    refit2 = max(err2 - float((gap.double() ** 2).sum()), 0.0)
+    D = gap if D_old is None else gap + D_old
+    return _DiagonalStep(factors, D, math.sqrt(err2) / p.norm, math.sqrt(refit2) / p.norm, basis)
 
 
 def _diagonal_of_product(f: Factors) -> Tensor:
