@@ -27,7 +27,17 @@ class FactoredRNN:
         with parametrize.cached():
             self._flat_weights = [getattr(self, n) if hasattr(self, n) else None for n in self._flat_weights_names]
             self._flat_weight_refs = [weakref.ref(w) if w is not None else None for w in self._flat_weights]
-            return super().forward(input, hx)
+            try:
+                return super().forward(input, hx)
+            finally:
+                self._init_flat_weights()
+
+    def _init_flat_weights(self) -> None:
+        # Rebuilt weights are autograd outputs: holding one here between calls would pin its graph
+        # and break deepcopy/pickling, so factored weights are left as None until the next forward.
+        self._flat_weights = [None if parametrize.is_parametrized(self, n) else getattr(self, n, None)
+                              for n in self._flat_weights_names]
+        self._flat_weight_refs = [weakref.ref(w) if w is not None else None for w in self._flat_weights]
 
     def reset_parameters(self) -> None:
         super().reset_parameters()
