@@ -14,7 +14,7 @@ from fnmatch import fnmatchcase
 
 from torch import Tensor
 
-from .errors import ConfigError, FormatError
+from .errors import ConfigError, FormatError, RankError
 from .factorize import SVD_METHODS, factored_params, fraction_rank, rank_for_energy
 
 RankValue = int | float | str
@@ -40,9 +40,9 @@ class RankRule:
                 number = text[len("energy"):].lstrip("=:").strip()
                 return cls._checked("energy", _number(number, value, where), value, where)
             value = _number(text, value, where)
+        if isinstance(value, (int, float)) and value <= 0:
+            raise RankError(f"{where} must be positive, got {value!r}")
         if isinstance(value, int) or (isinstance(value, float) and value.is_integer() and value > 1):
-            if value < 1:
-                raise ConfigError(f"{where} must be >= 1, got {value!r}")
             return cls("absolute", int(value))
         if isinstance(value, float):
             return cls._checked("fraction", value, value, where)

@@ -73,7 +73,7 @@ def decide(candidates: list[Candidate], weights: dict[str, Tensor],
         if not torch.isfinite(W).all():
             raise WeightError(f"{c.name} holds NaN or Inf values; refusing to factor it")
     for c in candidates:
-        rule = config.rule_for(c.name, c.module)
+        rule = config.rule_for(*c.scopes)
         tied = config.tied and c.gates > 1
         full = max_rank(c.gates, c.rows, c.cols, tied)
         blocks = _blocks(weights[c.name], c.gates)
@@ -155,6 +155,7 @@ def merge(model: nn.Module) -> nn.Module:
     for module in list(model.modules()):
         if not parametrize.is_parametrized(module):
             continue
+        _own_class(module)
         for name in list(module.parametrizations):
             if factorization(module, name) is not None:
                 parametrize.remove_parametrizations(module, name, leave_parametrized=True)
@@ -162,6 +163,18 @@ def merge(model: nn.Module) -> nn.Module:
             module.__class__ = module._dense_class
             module._init_flat_weights()
     return model
+
+
+def _own_class(module: nn.Module) -> None:
+    """Give a parametrized ``module`` a private copy of its class before parametrizations are removed.
+
+    ``copy.deepcopy`` of a parametrized module reuses the original's injected class, and
+    ``remove_parametrizations`` deletes the weight's property from that class: merging a copy
+    would otherwise strip the factored weights from the original (and vice versa).
+    """
+    cls = type(module)
+    namespace = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
+    module.__class__ = type(cls.__name__, cls.__bases__, namespace)
 
 
 def factored_specs(model: nn.Module) -> list[TargetSpec]:

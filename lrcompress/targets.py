@@ -41,6 +41,12 @@ class Candidate:
     def name(self) -> str:
         return f"{self.module}.{self.weight}" if self.module else self.weight
 
+    @property
+    def scopes(self) -> list[str]:
+        """Names a pattern selects this weight by: itself, its module, then each enclosing module."""
+        parts = self.module.split(".") if self.module else []
+        return [self.name] + [".".join(parts[:k]) for k in range(len(parts), 0, -1)]
+
 
 def find_targets(model: nn.Module, config: CompressionConfig) -> list[Candidate]:
     """Candidates in ``model``; raises ``TargetError`` when none, or a pattern matches nothing."""
@@ -88,7 +94,7 @@ def find_state_dict_targets(tensors: dict[str, Tensor], config: CompressionConfi
         if any(name_matches(p, mod) for p in config.targets):
             found.append(Candidate(mod, "weight", "linear", "linear", 1, *tensors[_join(mod, "weight")].shape))
     for pattern in config.exclude:
-        if not any(name_matches(pattern, c.name) or name_matches(pattern, c.module) for c in found):
+        if not any(name_matches(pattern, n) for c in found for n in c.scopes):
             raise TargetError(f"exclude pattern {pattern!r} matches no target")
     found = [c for c in found if not _excluded(c, config)]
     if not found:
@@ -146,7 +152,8 @@ def _check_patterns(config: CompressionConfig, modules: dict[str, nn.Module]) ->
 
 
 def _excluded(c: Candidate, config: CompressionConfig) -> bool:
-    return any(name_matches(p, c.name) or (c.module and name_matches(p, c.module)) for p in config.exclude)
+    # Excluding a module excludes everything in it (a Highway's Linears, a wrapper's RNN).
+    return any(name_matches(p, n) for p in config.exclude for n in c.scopes)
 
 
 def _none_found(config: CompressionConfig) -> str:
