@@ -18,7 +18,7 @@ from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
 from .config import CompressionConfig, RankValue, TargetSpec
-from .errors import FormatError, RankError, TargetError, WeightError
+from .errors import ConfigError, FormatError, RankError, TargetError, WeightError
 from .factorize import Factors, compose, fit_low_rank, fit_low_rank_plus_diagonal, spectrum
 from .nn.rnn import FactoredRNN, factored_class
 from .parametrizations import factorization, low_rank, max_rank, random_factors
@@ -240,6 +240,8 @@ def factor_from_scratch(module: nn.Module, *, rank: RankValue, diag: bool = Fals
     """Factor a freshly built layer with random factors (no SVD): for training from scratch."""
     config = CompressionConfig(rank=rank, diag=diag, tied=tied, include_input=include_input,
                                include_projection=include_projection)
+    if config.rule().kind == "energy":
+        raise ConfigError(f"rank {rank!r}: an energy rank needs trained weights; give an int or a fraction")
     candidates = find_targets(module, config)
     specs = [spec for spec, _ in decide(candidates, _current_weights(module, candidates), config)]
     apply(module, specs, {s.name: _random(s, module) for s in specs})

@@ -145,3 +145,11 @@ def test_a_from_scratch_highway_computes_the_highway_formula(activation: str) ->
     expected = g(x @ Wp.T + layer.proposal.bias) * t + x * (1 - t)
     torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-14)
     assert lrc.count_params(Highway(16)) - lrc.count_params(layer) == 2 * (16 * 16 - (2 * 16 * 4 + 16))
+
+
+def test_from_scratch_rejects_energy_rank():
+    from lrcompress.errors import ConfigError
+    from lrcompress.nn import LowRankGRU
+
+    with pytest.raises(ConfigError, match="energy"):
+        LowRankGRU(2, 8, rank="energy=0.9")
