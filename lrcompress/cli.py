@@ -14,6 +14,8 @@ from typing import Annotated, Optional
 import typer
 
 from . import summary
+from .cli_bench import EPILOG as BENCH_EPILOG, bench
+from .cli_train import finetune, report, sweep, train
 from .config import CompressionConfig, RankValue
 from .convert import compress, compress_state_dict, merge_state_dict
 from .errors import ConfigError, FormatError, LRCompressError, OutputExistsError
@@ -53,7 +55,7 @@ def convert(
         "--rank-for", help="Per-target rank override PATTERN=RANK, e.g. '*weight_hh_l1=16' (repeatable).")] = None,
     svd: Annotated[str, typer.Option(help="SVD method: auto, exact or randomized.")] = "auto",
     diag_iters: Annotated[Optional[int], typer.Option(help="Diagonal-fit iterations (default 50 exact, 3 randomized).")] = None,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output file [default: <stem>.lr.safetensors].")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output file (default: <stem>.lr.safetensors).")] = None,
     force: Force = False,
     as_json: Json = False,
     trust_pickle: TrustPickle = False,
@@ -110,7 +112,7 @@ def inspect(
 @app.command(epilog="Example:  lrcompress merge model.lr.safetensors -o dense.safetensors")
 def merge(
     path: Annotated[Path, typer.Argument(help="A compressed .safetensors file.")],
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output [default: <stem>.dense.safetensors].")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output file (default: <stem>.dense.safetensors).")] = None,
     force: Force = False,
 ) -> None:
     """Rebuild dense weights from a compressed file: a plain state dict any PyTorch code loads."""
@@ -129,6 +131,9 @@ def merge(
     typer.echo(f"wrote {output} ({len(specs)} weights rebuilt dense)")
 
 
+app.command(epilog=BENCH_EPILOG)(bench)
+
+
 @app.callback(invoke_without_command=True)
 def _root(version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False) -> None:
     if version:
@@ -140,7 +145,7 @@ def main() -> None:
     """Console entry point: user errors become one line on stderr and exit code 2."""
     warnings.showwarning = _one_line_warning
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # a typer.Exit(n) inside a command comes back as n
     except (LRCompressError, FileNotFoundError) as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
@@ -156,6 +161,8 @@ def main() -> None:
             exc.show()
             sys.exit(exc.exit_code)
         raise
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -207,7 +214,15 @@ def _check_output(source: Path, output: Path, force: bool) -> None:
         raise FileNotFoundError(f"no such file: {source}")
     if output.resolve() == source.resolve():
         raise LRCompressError(f"output {output} is the input file; the input is never modified")
+    if output.is_dir():  # checked first: --force cannot help here
+        raise LRCompressError(f"cannot write {output}: it is a directory")
     if output.exists() and not force:
         raise OutputExistsError(f"{output} exists; pass --force to overwrite it")
     if not output.parent.is_dir():
         raise LRCompressError(f"cannot write {output}: directory {output.parent} does not exist")
+
+
+app.command(epilog="Example:  lrcompress train recipes/addition-gru-small.toml --out runs/add --steps 500")(train)
+app.command(epilog="Example:  lrcompress finetune runs/dense --rank 24 --diag --out runs/lrd24 --steps 2000")(finetune)
+app.command(epilog="Example:  lrcompress sweep runs/dense --ranks 4,8,16,24,48 --both-diag --out runs/sweep")(sweep)
+app.command(epilog="Example:  lrcompress report runs/sweep --csv sweep.csv --plot sweep.png")(report)

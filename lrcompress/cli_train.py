@@ -1,0 +1,184 @@
+"""The training commands of ``lrcompress``: train, finetune, sweep, report.
+
+Thin typer wrappers over ``lrcompress.train.run``; ``cli.py`` registers them. Under
+``torchrun`` the same commands train on every process and only rank 0 prints and writes.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .errors import ConfigError
+
+Sets = Annotated[Optional[list[str]], typer.Option(
+    "--set", "-s", help="Recipe override SECTION.KEY=VALUE, e.g. train.lr=1e-3 (repeatable).")]
+Steps = Annotated[Optional[int], typer.Option("--steps", help="Updates to run (sets train.steps).")]
+BatchSize = Annotated[Optional[int], typer.Option("--batch-size", help="Mini-batch size (sets train.batch_size).")]
+Device = Annotated[Optional[str], typer.Option("--device", help="auto, cpu or cuda (sets train.device).")]
+Json = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of text.")]
+Recipe = Annotated[Optional[Path], typer.Option(
+    "--recipe", help="Recipe building the model, when SOURCE is a weights file rather than a run directory.")]
+Progress = Annotated[Optional[bool], typer.Option(
+    "--progress/--no-progress", help="Progress bar (default: only on a terminal).")]
+
+
+def train(
+    recipe: Annotated[Path, typer.Argument(help="Recipe TOML file (see recipes/).")],
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", "-o", help="Run directory (default: runs/<recipe name>).")] = None,
+    sets: Sets = None,
+    steps: Steps = None,
+    batch_size: BatchSize = None,
+    device: Device = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out where it stopped.")] = False,
+    progress: Progress = None,
+    as_json: Json = False,
+) -> None:
+    """Train the model of a recipe; writes a run directory (recipe, metrics, checkpoints, model)."""
+    from .train.run import train_recipe
+
+    overrides = _overrides(sets, steps=steps, batch_size=batch_size, device=device)
+    summary = train_recipe(recipe, out, overrides=overrides, resume=resume, progress=progress)
+    _report_run(summary, as_json, f"lrcompress train {recipe} --out {summary['run_dir']} --resume")
+
+
+def finetune(
+    source: Annotated[Path, typer.Argument(help="A run directory (or a weights file with --recipe).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory of the fine-tuned model.")],
+    rank: Annotated[Optional[str], typer.Option(
+        "--rank", "-r", help="Rank: an int, a fraction of full rank, or energy=F.")] = None,
+    energy: Annotated[Optional[float], typer.Option(
+        help="Per matrix, the smallest rank keeping this share of energy.")] = None,
+    diag: Annotated[bool, typer.Option("--diag", help="Low-rank plus diagonal.")] = False,
+    tied: Annotated[bool, typer.Option("--tied", help="Share one R factor across the gates of a weight.")] = False,
+    recipe: Recipe = None,
+    sets: Sets = None,
+    steps: Steps = None,
+    batch_size: BatchSize = None,
+    device: Device = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted fine-tuning in --out.")] = False,
+    progress: Progress = None,
+    as_json: Json = False,
+) -> None:
+    """Convert a trained model, evaluate it, fine-tune it with its recipe, evaluate again."""
+    from .train.run import finetune as run_finetune
+
+    overrides = _overrides(sets, steps=steps, batch_size=batch_size, device=device)
+    summary = run_finetune(source, out, rank=_rank(rank), energy=energy, diag=diag, tied=tied, recipe=recipe,
+                           overrides=overrides, resume=resume, progress=progress)
+    _report_run(summary, as_json, f"lrcompress finetune {source} --out {out} ... --resume")
+
+
+def sweep(
+    source: Annotated[Path, typer.Argument(help="A run directory (or a weights file with --recipe).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Sweep directory: one run directory per point.")],
+    ranks: Annotated[str, typer.Option("--ranks", help="Comma list of ranks, e.g. 4,8,16,24,48.")],
+    diag: Annotated[bool, typer.Option("--diag", help="Low-rank plus diagonal.")] = False,
+    both_diag: Annotated[bool, typer.Option("--both-diag", help="Every rank with and without the diagonal.")] = False,
+    tied: Annotated[bool, typer.Option("--tied", help="Share one R factor across the gates of a weight.")] = False,
+    recipe: Recipe = None,
+    sets: Sets = None,
+    steps: Steps = None,
+    batch_size: BatchSize = None,
+    device: Device = None,
+    progress: Progress = None,
+) -> None:
+    """Fine-tune at each rank; resumable (finished points are skipped). Then: lrcompress report OUT."""
+    from .train.run import sweep as run_sweep
+
+    overrides = _overrides(sets, steps=steps, batch_size=batch_size, device=device)
+    points = run_sweep(source, out, ranks=_ranks(ranks), diag=diag, both_diag=both_diag, tied=tied, recipe=recipe,
+                       overrides=overrides, progress=progress, echo=_echo)
+    if points and points[-1].get("stopped") == "interrupted":
+        _echo(f"interrupted; run the same command again to continue the sweep in {out}")
+        sys.exit(130)  # typer.Exit codes are lost by cli.main (standalone_mode=False)
+    _echo(f"{len(points)} points in {out}; table: lrcompress report {out}")
+
+
+def report(
+    path: Annotated[Path, typer.Argument(help="A sweep directory or a run directory.")],
+    as_json: Json = False,
+    csv: Annotated[Optional[Path], typer.Option("--csv", help="Also write the table as CSV here.")] = None,
+    plot: Annotated[Optional[Path], typer.Option(
+        "--plot", help="Also draw parameters vs. metric (PNG; needs matplotlib).")] = None,
+) -> None:
+    """Parameters, compression ratio, metric before/after fine-tuning and wall time, per run."""
+    from .train import run
+
+    rows = run.collect(path)
+    if csv is not None:
+        run.write_csv(rows, csv)
+    if plot is not None:
+        run.plot(rows, plot)
+    typer.echo(json.dumps(rows) if as_json else run.format_report(rows))
+    if not as_json:
+        for written in (p for p in (csv, plot) if p is not None):
+            typer.echo(f"wrote {written}")
+
+
+def _overrides(sets: Optional[list[str]], **flags) -> list[str]:
+    out = list(sets or ())
+    for key, value in flags.items():
+        if value is not None:
+            out.append(f"train.{key}={json.dumps(value)}")
+    return out
+
+
+def _rank(text: Optional[str]):
+    """``"24"`` -> 24, ``"0.25"`` -> 0.25, ``"energy=0.9"`` stays text (checked by the converter)."""
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except (TypeError, ValueError):
+            pass
+    return text
+
+
+def _ranks(text: str) -> list[int]:
+    try:
+        ranks = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--ranks must be a comma list of positive ints, got {text!r}") from None
+    if not ranks or min(ranks) < 1:
+        raise ConfigError(f"--ranks must be a comma list of positive ints, got {text!r}")
+    return ranks
+
+
+def _report_run(summary: dict, as_json: bool, resume_command: str) -> None:
+    if summary["stopped"] == "interrupted":
+        _echo(f"interrupted at update {summary['steps']}; continue with: {resume_command}")
+        sys.exit(130)  # typer.Exit codes are lost by cli.main (standalone_mode=False)
+    if as_json:
+        _echo(json.dumps(summary))
+        return
+    metric = summary["metric"]
+    parts = [f"{summary['run_dir']}: {summary['steps']} updates ({summary['stopped']}), {summary['wall_time']:.0f}s"]
+    if summary.get("converted"):
+        split = "test" if summary.get("test") else "val"
+        parts.append(f"{split} {metric}: dense {_fmt(summary['dense'][split].get(metric))}, converted "
+                     f"{_fmt(summary['converted'][split].get(metric))}, fine-tuned "
+                     f"{_fmt(summary[split].get(metric))}; params {summary['params_dense']:,} -> "
+                     f"{summary['params']:,} ({summary['ratio']:.2f}x smaller)")
+    else:
+        for split in ("val", "test"):
+            if summary.get(split):
+                parts.append(f"{split} {metric} {_fmt(summary[split].get(metric))}")
+        parts.append(f"params {summary['params']:,}")
+    if summary.get("nan_events"):
+        parts.append(f"{summary['nan_events']} non-finite gradient(s) recovered")
+    _echo("; ".join(parts))
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.4g}"
+
+
+def _echo(text: str) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:
+        typer.echo(text)

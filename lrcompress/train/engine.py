@@ -1,0 +1,584 @@
+"""The training loop: ``fit(model, train_loader, loss_fn, recipe=...)``.
+
+One loop serves the recipes (``lrcompress train``/``finetune``) and user code: data is any
+iterable of ``(x, y)`` pairs or ``Batch`` objects (a ``DataLoader``), or a function of the
+epoch returning one. Per update: forward (optionally under autocast), backward, the paper's
+stabilisers (non-finite check with one host sync, clipping, recovery, max-norm), optimiser
+step and learning-rate schedule. Every ``eval_every`` updates: validation, best/last
+checkpoints, plateau halving, early stopping. Ctrl-C or SIGTERM stops at the next update
+boundary and leaves a checkpoint that ``resume=True`` continues bit-exactly (on CPU).
+
+    >>> result = fit(model, loader, torch.nn.functional.cross_entropy,
+    ...              recipe={"steps": 1000, "lr": 1e-3}, val_loader=val_loader)   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ..errors import ConfigError, OutputExistsError
+from .checkpoint import load_checkpoint, rng_state, save_checkpoint, save_weights, seed_everything, set_rng_state
+from .distributed import Distributed, unwrap
+from .models import set_dropout
+from .objective import Data, Objective, StatefulForward, as_batch, forward, run_evaluation
+from .optim import Schedule, build_optimizer
+from .recipe import check_train
+from .stabilisers import Stabiliser, has_weight_norm, weight_norm
+from .tasks_base import Batch
+
+
+@dataclass
+class TrainConfig:
+    """How to train: the ``[train]`` section of a recipe, checked by ``recipe.check_train``
+    (defaults: the paper's RMSProp set-up, equal to ``recipe.RECIPE_DEFAULTS``). ``steps`` or
+    ``epochs`` must be set.
+
+    >>> TrainConfig(steps=1000, optimizer="adam").lr
+    0.001
+    """
+
+    optimizer: str = "rmsprop"  # rmsprop (the paper's), adam, adafactor
+    lr: float = 1e-3  # adafactor: 0 selects its relative step size
+    batch_size: int = 20
+    steps: int = 0  # updates to run (0: run `epochs` epochs)
+    epochs: int = 0  # passes over the training data (0: no limit, `steps` decides)
+    eval_every: int = 500  # updates between evaluations and checkpoints (0: once per epoch)
+    clip: str = "element"  # none, element (clamp at +-clip_value), norm (global gradient norm)
+    clip_value: float = 1.0
+    nan_policy: str = "skip"  # on a NaN/Inf gradient norm: skip, decay (0.1 * param step), restore, none
+    weight_norm: bool = False  # weight-normalise the factor matrices (appendix A.2)
+    max_row_norm: float = 0.0  # clip factor-matrix row norms after each update (paper: 10; 0 = off)
+    recurrent_dropout: float = 0.0  # > 0: variational dropout of the state (recipe models, models.set_dropout)
+    dropout: float = 0.0  # > 0: replaces the rate of every nn.Dropout of the model
+    lr_schedule: str = "constant"  # constant, plateau (multiply by plateau_factor), onecycle
+    plateau_patience: int = 3  # evaluations without improvement before the lr is lowered
+    plateau_factor: float = 0.5
+    early_stopping_patience: int = 0  # evaluations without improvement before stopping (0 = off)
+    amp: str = "none"  # none, bf16, fp16 (autocast on CUDA; fp16 adds a GradScaler)
+    seed: int = 0
+    device: str = "auto"  # auto, cpu, cuda
+    rmsprop_alpha: float = 0.9
+    rmsprop_eps: float = 1e-8
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        for key, value in check_train(asdict(self)).items():  # the recipe's checks: one rule book
+            object.__setattr__(self, key, value)
+
+    @classmethod
+    def defaults(cls) -> dict:
+        return {f.name: f.default for f in fields(cls)}
+
+    @classmethod
+    def from_dict(cls, values: dict | None) -> "TrainConfig":
+        """From a ``[train]`` table; unknown keys and bad values raise ``ConfigError``."""
+        return cls(**check_train(dict(values or {})))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class FitResult:
+    """What ``fit`` did. ``best``/``val``/``test`` hold metric dicts (``val``/``test`` with the
+    returned weights: the best ones when validation data was given)."""
+
+    steps: int  # updates done
+    epochs: int  # passes over the training data begun (the last may be partial)
+    stopped: str  # "steps", "epochs", "early_stopping" or "interrupted"
+    metric: str
+    higher_is_better: bool
+    best_step: int | None = None
+    best: dict[str, float] = field(default_factory=dict)
+    val: dict[str, float] = field(default_factory=dict)
+    test: dict[str, float] = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)
+    nan_events: int = 0
+    amp_overflows: int = 0
+    wall_time: float = 0.0
+    run_dir: Path | None = None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["run_dir"] = None if self.run_dir is None else str(self.run_dir)
+        d.pop("history")
+        return d
+
+
+def fit(model: nn.Module, train_loader: Data, loss_fn: Callable | None = None, *,
+        recipe: TrainConfig | dict | None = None, val_loader: Data | None = None, test_loader: Data | None = None,
+        metric_fn: Callable | None = None, metric: str | None = None, higher_is_better: bool | None = None,
+        task=None, run_dir: str | Path | None = None, resume: bool = False,
+        optimizer: torch.optim.Optimizer | None = None, steps_per_epoch: int | None = None,
+        on_step: Callable[["Loop"], None] | None = None, progress: bool | None = None, restore_best: bool = True,
+        shard: bool = True, summary: dict | None = None) -> FitResult:
+    """Train ``model`` and return a ``FitResult``.
+
+    - ``train_loader``: an iterable of ``(x, y)`` or ``Batch`` (re-iterated each epoch), or a
+      function ``epoch -> iterable``. ``val_loader``/``test_loader``: an iterable or a function
+      of no argument.
+    - ``loss_fn(model(x), y) -> scalar``; ``metric_fn(model(x), y) -> float | dict`` (batch
+      means), ``metric`` names the one that picks the best checkpoint (default: the first
+      ``metric_fn`` value, else the validation loss). A ``task`` (``lrcompress.train.tasks``)
+      supplies loss and metrics instead.
+    - ``recipe``: a ``TrainConfig`` or a ``[train]`` dict (unset keys take the paper's defaults;
+      without ``steps`` and ``epochs``, one epoch).
+    - ``run_dir``: where ``metrics.jsonl``, ``last.safetensors``, ``best.safetensors`` and
+      ``summary.json`` go; ``resume=True`` continues from ``last.safetensors``.
+    - ``on_step(loop)``: called after every update (``loop.step``, ``loop.model``, ``loop.stop()``).
+    - Under ``torchrun`` each rank trains on its slice of every batch (``shard=False`` when
+      your loader already shards).
+    """
+    if not isinstance(recipe, TrainConfig):
+        recipe = dict(recipe or {})
+        if "steps" not in recipe and "epochs" not in recipe:
+            recipe["epochs"] = 1  # neither given: one pass over the data
+    config = recipe if isinstance(recipe, TrainConfig) else TrainConfig.from_dict(recipe)
+    objective = Objective(loss_fn, metric_fn, task=task, metric=metric, higher_is_better=higher_is_better)
+    loop = Loop(model, config, objective, train_loader, val_loader, test_loader, run_dir=run_dir, optimizer=optimizer,
+                steps_per_epoch=steps_per_epoch, on_step=on_step, progress=progress, shard=shard)
+    try:
+        return loop.run(resume=resume, restore_best=restore_best, summary=summary or {})
+    finally:
+        loop.dist.close()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: Data, loss_fn: Callable | None = None, *, metric_fn: Callable | None = None,
+             task=None, device: torch.device | str | None = None) -> dict[str, float]:
+    """Metrics of ``model`` over ``data`` (means over examples), without training.
+
+    >>> evaluate(model, val_loader, torch.nn.functional.cross_entropy)   # doctest: +SKIP
+    {'loss': 0.41}
+    """
+    objective = Objective(loss_fn, metric_fn, task=task)
+    device = torch.device(device) if device is not None else _model_device(model)
+    model = StatefulForward(model) if objective.stateful else model
+    return run_evaluation(model, data, objective, device, Distributed(), nullcontext)
+
+
+class Loop:
+    """The state of one ``fit`` call; ``on_step`` callbacks receive it."""
+
+    def __init__(self, model: nn.Module, config: TrainConfig, objective: Objective, train_loader: Data,
+                 val_loader: Data | None, test_loader: Data | None, *, run_dir, optimizer, steps_per_epoch,
+                 on_step, progress, shard):
+        self.config, self.objective = config, objective
+        self.train_loader, self.val_loader, self.test_loader = train_loader, val_loader, test_loader
+        self.dist = Distributed.setup(config.device)
+        self.device = self.dist.device(config.device)
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.on_step, self.shard = on_step, shard
+        self.show = progress if progress is not None else None  # None: tqdm decides (TTY only)
+        self.model = model.to(self.device)
+        if config.dropout or config.recurrent_dropout:  # the recipe's rates replace the model's
+            set_dropout(model, dropout=config.dropout or None, recurrent_dropout=config.recurrent_dropout or None)
+        if config.weight_norm and not has_weight_norm(model):
+            if not weight_norm(model):
+                warnings.warn("train.weight_norm is set but the model has no factored weights; ignored",
+                              UserWarning, stacklevel=3)
+        self.optimizer = optimizer or build_optimizer(
+            [p for p in model.parameters() if p.requires_grad], config.optimizer, lr=config.lr,
+            weight_decay=config.weight_decay, rmsprop_alpha=config.rmsprop_alpha, rmsprop_eps=config.rmsprop_eps)
+        self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
+        self.stabiliser = Stabiliser(model, self.optimizer, clip=config.clip, clip_value=config.clip_value,
+                                     nan_policy=config.nan_policy, max_row_norm=config.max_row_norm)
+        # a stateful model runs forward_stateful; DDP must wrap the module whose forward is called
+        self.forward_model = StatefulForward(model) if objective.stateful else model
+        self.train_model = self.dist.wrap(self.forward_model, self.device)
+        self.autocast, self.scaler = self._amp()
+        self.epoch_length = steps_per_epoch if steps_per_epoch is not None else _length(train_loader)
+        self.total_steps = self._total_steps()
+        # best checkpoint, plateau and early stopping follow a score where higher is better
+        self.schedule = Schedule(config.lr_schedule, total_steps=self.total_steps, patience=config.plateau_patience,
+                                 factor=config.plateau_factor, higher_is_better=True)
+        # progress through the data and the run
+        self.step = self.epoch = self.batch_in_epoch = 0
+        self.best_score: float | None = None
+        self.best_step: int | None = None
+        self.best_metrics: dict[str, float] = {}
+        self.best_state: dict[str, Tensor] | None = None
+        self.bad_evals = 0
+        self.amp_overflows = 0
+        self.wall_before = 0.0  # wall time of earlier sessions of a resumed run
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.loss_count = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.history: list[dict] = []
+        self.carry = None  # recurrent state carried across windows of a stateful task
+        self.rng_epoch: dict | None = None
+        self._stop_reason: str | None = None
+        self._signalled = False
+
+    # -- public for callbacks -------------------------------------------------------------
+    def stop(self, reason: str = "interrupted") -> None:
+        """Stop after the current update (``interrupted`` leaves a resumable checkpoint)."""
+        self._stop_reason = reason
+
+    @property
+    def nan_events(self) -> int:
+        return self.stabiliser.nan_events
+
+    # -- the run ----------------------------------------------------------------------------
+    def run(self, *, resume: bool, restore_best: bool, summary: dict) -> FitResult:
+        self._prepare_dir(resume)
+        start = time.perf_counter()
+        resumed = resume and self.run_dir is not None and (self.run_dir / "last.safetensors").is_file()
+        if resumed:
+            self._load(self.run_dir / "last.safetensors")
+        else:
+            # the same on every rank, so shuffling loaders yield the same batches everywhere
+            seed_everything(self.config.seed)
+        self.stabiliser.remember()
+        bar = tqdm(total=self.total_steps or None, initial=self.step, desc="train", unit="update",
+                   disable=(not self.dist.main) or (None if self.show is None else not self.show), leave=False,
+                   dynamic_ncols=True)
+        previous = self._install_signal_handlers()
+        try:
+            stopped = self._train(bar, resumed, start)
+        finally:
+            bar.close()
+            self._restore_signal_handlers(previous)
+        wall = self.wall_before + time.perf_counter() - start
+        epochs = self.epoch + (1 if self.batch_in_epoch else 0)
+        result = FitResult(self.step, epochs, stopped, self.objective.metric or "loss",
+                           self.objective.higher_is_better, self.best_step, self.best_metrics,
+                           nan_events=self.nan_events, amp_overflows=self.amp_overflows, wall_time=wall,
+                           history=self.history, run_dir=self.run_dir)
+        if stopped == "interrupted":
+            return result
+        if restore_best and self.best_state is not None:
+            unwrap(self.model).load_state_dict(self.best_state)
+        if self.val_loader is not None:
+            result.val = self._evaluate(self.val_loader)
+        if self.test_loader is not None:
+            result.test = self._evaluate(self.test_loader)
+        result.wall_time = self.wall_before + time.perf_counter() - start
+        if self.run_dir is not None and self.dist.main:
+            write_json(self.run_dir / "summary.json", {**result.to_dict(), **summary})
+        return result
+
+    def _train(self, bar, resumed: bool, start: float) -> str:
+        replay = resumed and self.batch_in_epoch > 0  # resuming mid-epoch
+        while not self._limit_reached():
+            ended = True
+            for batch in self._epoch_batches(replay):
+                self._update(batch)
+                stop = self._after_update(bar, start)
+                if stop:
+                    return stop
+                if self._limit_reached():
+                    ended = False
+                    break
+            replay = False
+            if ended:
+                stop = self._end_epoch(bar, start)
+                if stop:
+                    return stop
+        if self.history and self.history[-1]["step"] == self.step:
+            self._checkpoint(start)
+        else:
+            self._evaluate_and_save(bar, start)
+        return "steps" if self.config.steps and self.step >= self.config.steps else "epochs"
+
+    def _after_update(self, bar, start: float) -> str | None:
+        """Count the update, evaluate when due, and say whether to stop (and why)."""
+        self.step += 1
+        self.batch_in_epoch += 1
+        bar.update(1)
+        if self.on_step is not None:
+            self.on_step(self)
+        if self.config.eval_every and self.step % self.config.eval_every == 0:
+            self._evaluate_and_save(bar, start)
+        if self.dist.any(self._signalled or self._stop_reason == "interrupted", self.device):
+            self._checkpoint(start)
+            return "interrupted"
+        return self._stop_reason
+
+    def _end_epoch(self, bar, start: float) -> str | None:
+        if self.batch_in_epoch == 0:
+            raise ConfigError(f"the training data yielded no batch in epoch {self.epoch} (a one-shot iterator? "
+                              "pass a list, a DataLoader or a function epoch -> iterable)")
+        self.epoch += 1
+        self.batch_in_epoch = 0
+        self.carry = None
+        if not self.config.eval_every:
+            self._evaluate_and_save(bar, start)
+        return self._stop_reason
+
+    def _limit_reached(self) -> bool:
+        cfg = self.config
+        return bool((cfg.steps and self.step >= cfg.steps) or (cfg.epochs and self.epoch >= cfg.epochs))
+
+    def _epoch_batches(self, replay: bool) -> Iterator[Batch]:
+        """This epoch's batches; on resume mid-epoch, replay the epoch's start and skip what was done."""
+        now = rng_state() if replay else None
+        if replay:
+            set_rng_state(self.rng_epoch)
+        else:
+            self.rng_epoch = rng_state()
+        source = self.train_loader
+        sampler = getattr(source, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(self.epoch)
+        it = iter(source(self.epoch) if callable(source) and not hasattr(source, "__iter__") else source)
+        if replay:
+            for _ in range(self.batch_in_epoch):
+                next(it, None)
+            set_rng_state(now)
+        return (as_batch(item) for item in it)
+
+    # -- one update -------------------------------------------------------------------------
+    def _update(self, batch: Batch) -> None:
+        self.schedule.apply(self.optimizer, self.base_lrs, self.step)
+        batch = (self.dist.shard(batch) if self.shard else batch).to(self.device, non_blocking=True)
+        self.train_model.train()
+        with self.autocast():
+            output, self.carry = forward(self.train_model, batch, self.carry, self.objective.stateful)
+            loss = self.objective.loss(output, batch, self.model)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+            if self.stabiliser.check():
+                self.stabiliser.clip_()
+                self.scaler.step(self.optimizer)
+                self.stabiliser.after_step()
+            else:  # fp16 overflow: the scaler skips the step and lowers its scale
+                self.amp_overflows += 1
+            self.scaler.update()
+        else:
+            loss.backward()
+            if self.stabiliser.before_step():
+                self.optimizer.step()
+                self.stabiliser.after_step()
+        self.optimizer.zero_grad(set_to_none=True)
+        value = loss.detach().double()
+        finite = torch.isfinite(value)
+        self.loss_sum += torch.where(finite, value, torch.zeros_like(value))
+        self.loss_count += finite.double()
+
+    # -- evaluation and checkpoints ---------------------------------------------------------
+    def _evaluate(self, data: Data) -> dict[str, float]:
+        return run_evaluation(self.forward_model, data, self.objective, self.device, self.dist, self.autocast,
+                         shard=self.shard)
+
+    def _evaluate_and_save(self, bar, start: float) -> None:
+        train_loss = float(self.loss_sum / self.loss_count) if self.loss_count > 0 else float("nan")
+        self.loss_sum.zero_()
+        self.loss_count.zero_()
+        record = {"step": self.step, "epoch": self.epoch, "lr": self.optimizer.param_groups[0]["lr"],
+                  "train_loss": train_loss, "nan_events": self.nan_events}
+        if self.scaler is not None:
+            record["amp_overflows"] = self.amp_overflows
+        score = -train_loss  # without validation data, the training loss decides
+        if self.val_loader is not None:
+            val = self._evaluate(self.val_loader)
+            record["val"] = val
+            value = val[self.objective.headline(val)]
+            score = value if self.objective.higher_is_better else -value
+        elif self.objective.metric is None:
+            self.objective.metric = "loss"
+        record["wall_time"] = self.wall_before + time.perf_counter() - start
+        if math.isfinite(score) and (self.best_score is None or score > self.best_score):
+            self.best_score, self.best_step, self.bad_evals = score, self.step, 0
+            self.best_metrics = dict(record.get("val", {"loss": train_loss}))
+            if self.val_loader is not None:
+                self.best_state = {k: v.detach().clone() for k, v in unwrap(self.model).state_dict().items()}
+                if self.run_dir is not None and self.dist.main:
+                    save_weights(self.run_dir / "best.safetensors", unwrap(self.model),
+                                 {"step": self.step, "metrics": self.best_metrics})
+        else:
+            self.bad_evals += 1
+        if math.isfinite(score):
+            self.stabiliser.remember()
+        if self.schedule.observe(score) and self.dist.main:
+            bar.write(f"step {self.step}: no improvement for {self.config.plateau_patience} evaluations; "
+                      f"learning rate x{self.config.plateau_factor}")
+        self.history.append(record)
+        if self.run_dir is not None and self.dist.main:
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+        bar.set_postfix_str(_postfix(record, self.objective.metric))
+        if self.show is not False and self.dist.main:  # one line per evaluation, also in logs
+            bar.write(_log_line(record))
+            sys.stdout.flush()  # visible at once in logs too
+        patience = self.config.early_stopping_patience
+        if patience and self.bad_evals >= patience:
+            self._stop_reason = "early_stopping"
+        self._checkpoint(start)
+
+    def _checkpoint(self, start: float) -> None:
+        if self.run_dir is None or not self.dist.main:
+            return
+        trainer = {
+            "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+            "best_score": self.best_score, "best_step": self.best_step, "best_metrics": self.best_metrics,
+            "bad_evals": self.bad_evals, "nan_events": self.nan_events, "amp_overflows": self.amp_overflows,
+            "wall_time": self.wall_before + time.perf_counter() - start, "schedule": self.schedule.state_dict(),
+            "loss_sum": float(self.loss_sum), "loss_count": float(self.loss_count), "metric": self.objective.metric,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "config": self.config.to_dict()}
+        carry = list(_flatten(self.carry)) if self.carry is not None else []
+        save_checkpoint(self.run_dir / "last.safetensors", unwrap(self.model), self.optimizer, trainer=trainer,
+                        rng=rng_state(), rng_epoch=self.rng_epoch if self.batch_in_epoch else None, carry=carry)
+
+    def _load(self, path: Path) -> None:
+        ckpt = load_checkpoint(path)
+        ckpt.restore(unwrap(self.model), self.optimizer)
+        t = ckpt.trainer
+        changed = {k for k, v in t.get("config", {}).items()
+                   if getattr(self.config, k, v) != v and k not in ("steps", "epochs", "eval_every", "device",
+                                                                      "early_stopping_patience")}
+        if changed:
+            warnings.warn(f"resuming with changed settings: {', '.join(sorted(changed))}", UserWarning, stacklevel=4)
+        self.step, self.epoch, self.batch_in_epoch = t["step"], t["epoch"], t["batch_in_epoch"]
+        self.best_score, self.best_step, self.best_metrics = t["best_score"], t["best_step"], t["best_metrics"]
+        self.bad_evals, self.amp_overflows, self.wall_before = t["bad_evals"], t["amp_overflows"], t["wall_time"]
+        self.stabiliser.nan_events = t["nan_events"]
+        self.schedule.load_state_dict(t["schedule"])
+        self.loss_sum.fill_(t["loss_sum"])
+        self.loss_count.fill_(t["loss_count"])
+        self.objective.metric = self.objective.metric or t.get("metric")
+        if self.scaler is not None and t.get("scaler"):
+            self.scaler.load_state_dict(t["scaler"])
+        if ckpt.carry:
+            carry = [c.to(self.device) for c in ckpt.carry]
+            self.carry = carry[0] if len(carry) == 1 else tuple(carry)
+        self.rng_epoch = ckpt.rng_epoch
+        set_rng_state(ckpt.rng)
+        best = self.run_dir / "best.safetensors"
+        if best.is_file() and self.val_loader is not None:
+            self.best_state = load_checkpoint(best).model
+        self.history = [r for r in _read_jsonl(self.run_dir / "metrics.jsonl") if r.get("step", 0) <= self.step]
+        if self.dist.main:  # drop records written after the checkpoint (a kill between the two)
+            _write_jsonl(self.run_dir / "metrics.jsonl", self.history)
+
+    def _prepare_dir(self, resume: bool) -> None:
+        if self.run_dir is None:
+            return
+        if not resume and (self.run_dir / "last.safetensors").exists():
+            raise OutputExistsError(f"{self.run_dir} already holds a run; resume it (--resume, resume=True) "
+                                    "or choose another directory")
+        if self.dist.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if not (self.run_dir / "last.safetensors").exists():  # a fresh start: no stale records
+                for name in ("metrics.jsonl", "best.safetensors", "summary.json"):
+                    (self.run_dir / name).unlink(missing_ok=True)
+        self.dist.barrier()
+
+    # -- set-up helpers ---------------------------------------------------------------------
+    def _amp(self):
+        mode = self.config.amp
+        if mode == "none":
+            return nullcontext, None
+        if self.device.type != "cuda":
+            warnings.warn(f"train.amp={mode!r} needs a CUDA device; training in float32 on {self.device}",
+                          UserWarning, stacklevel=4)
+            return nullcontext, None
+        dtype = torch.bfloat16 if mode == "bf16" else torch.float16
+
+        def autocast():
+            return torch.autocast("cuda", dtype=dtype)
+
+        return autocast, (torch.amp.GradScaler("cuda") if mode == "fp16" else None)
+
+    def _total_steps(self) -> int:
+        cfg = self.config
+        by_epochs = cfg.epochs * self.epoch_length if cfg.epochs and self.epoch_length else 0
+        if cfg.steps and by_epochs:
+            return min(cfg.steps, by_epochs)
+        return cfg.steps or by_epochs
+
+    def _install_signal_handlers(self):
+        if threading.current_thread() is not threading.main_thread():
+            return None
+
+        def handler(signum, frame):
+            if self._signalled:  # a second Ctrl-C: stop right now
+                raise KeyboardInterrupt
+            self._signalled = True
+            if self.dist.main:
+                tqdm.write("stopping after this update (Ctrl-C again to abort without a checkpoint)")
+
+        return {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    @staticmethod
+    def _restore_signal_handlers(previous) -> None:
+        for s, h in (previous or {}).items():
+            signal.signal(s, h)
+
+
+def _length(data) -> int:
+    try:
+        return len(data)
+    except TypeError:
+        return 0
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _flatten(state):
+    if isinstance(state, Tensor):
+        yield state
+    elif isinstance(state, (tuple, list)):
+        for s in state:
+            yield from _flatten(s)
+
+
+def _postfix(record: dict, metric: str | None) -> str:
+    parts = [f"loss={record['train_loss']:.4g}"]
+    if "val" in record and metric in record["val"]:
+        parts.append(f"val_{metric}={record['val'][metric]:.4g}")
+    if record["nan_events"]:
+        parts.append(f"nan={record['nan_events']}")
+    return " ".join(parts)
+
+
+def _log_line(record: dict) -> str:
+    parts = [f"step {record['step']}", f"train loss {record['train_loss']:.4g}"]
+    parts += [f"val {k} {v:.4g}" for k, v in record.get("val", {}).items()]
+    parts.append(f"lr {record['lr']:.3g}")
+    if record["nan_events"]:
+        parts.append(f"non-finite gradients {record['nan_events']}")
+    return ", ".join(parts)
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write ``data`` as JSON atomically (temporary file + rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by a kill
+            break
+    return out
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    tmp.replace(path)

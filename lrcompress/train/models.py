@@ -1,0 +1,426 @@
+"""Models of the paper's experiments, built from a recipe's ``[model]`` section.
+
+``SequenceModel``: optional one-hot/embedding of token inputs, a recurrent stack in
+``model.rnn`` (``nn.GRU``/``nn.LSTM``/``nn.RNN``, or the factored ``lrcompress.nn`` layers
+when ``rank`` is set, so dense models can later be given to ``lrcompress.compress``), and a
+dense head on the final state (``output = "last"``) or on every step (``"sequence"``).
+``HighwayClassifier``: the feed-forward highway network of appendix A.1.
+
+``gru_form = "paper"`` selects ``PaperGRU``, the GRU of the paper's eq. 6 (reset gate applied
+to the state *before* the recurrent product), run by a per-step loop; the default
+``"cudnn"`` is PyTorch's ``nn.GRU`` (eq. 7, reset after the product), much faster.
+
+    >>> from lrcompress.train.tasks import build_task
+    >>> task = build_task({"name": "addition", "length": 20})
+    >>> model = build_model({"cell": "gru", "hidden_size": 32, "rank": 4, "diag": True}, task)
+    >>> model(torch.zeros(2, 20, 2)).shape
+    torch.Size([2, 1])
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.rnn import PackedSequence
+
+from ..convert import factor_from_scratch
+from ..errors import ConfigError
+from ..nn import Highway, LowRankGRU, LowRankLSTM, LowRankRNN
+from ..nn.highway import ACTIVATIONS
+from ..nn.rnn import _FACTORED, FactoredRNN
+from .fields import check_fields, check_range
+from .tasks_base import Task
+
+MODEL_DEFAULTS: dict = {
+    "cell": "gru",  # gru, lstm, rnn (tanh) or highway (feed-forward, appendix A.1)
+    "hidden_size": 128,  # state size n (highway: features per layer)
+    "num_layers": 1,  # stacked recurrent layers
+    "rank": 0,  # 0: dense recurrent matrices; d > 0: low-rank L R (paper eq. 4)
+    "diag": False,  # low-rank plus diagonal L R + D (eq. 5)
+    "tied": False,  # one R shared by the gates of a layer
+    "include_input": False,  # also factor the input matrices (the paper factors recurrent ones only)
+    "gru_form": "cudnn",  # "cudnn": nn.GRU, eq. 7; "paper": eq. 6, per-step loop
+    "update_gate_bias": None,  # total bias of the GRU update (LSTM forget) gate; None: PyTorch's init
+    "embedding": 0,  # token inputs: 0 or "none" = one-hot, d > 0 = a learned d-dim embedding
+    "input_dropout": 0.0,  # dropout on the model's inputs
+    "dropout": 0.0,  # between layers (and inside highway layers)
+    "output_dropout": None,  # before the head; None: same as dropout
+    "output_l2": 0.0,  # L2 coefficient on the head's weight matrix, added by penalty()
+    "highway_layers": 5,
+    "activation": "relu",  # highway proposal activation
+    "transform_bias": -1.0,  # highway transform-gate bias (gate starts mostly closed)
+    "batch_norm": False,  # highway: batch norm after the input matrix and each layer matrix
+}
+MODEL_TYPES: dict = {"update_gate_bias": (float, type(None)), "embedding": (int, str),
+                     "output_dropout": (float, type(None))}
+MODEL_CHOICES: dict = {"cell": ("gru", "lstm", "rnn", "highway"), "gru_form": ("cudnn", "paper"),
+                       "activation": tuple(ACTIVATIONS)}
+GATE_BLOCK = {"GRU": (1, 3), "LSTM": (1, 4)}  # (index, count) of the update / forget gate block
+
+
+def check_model(spec: dict) -> dict:
+    """The ``[model]`` section with defaults filled in; raises ``ConfigError`` on bad values."""
+    out = check_fields("model", spec, MODEL_DEFAULTS, types=MODEL_TYPES, choices=MODEL_CHOICES)
+    if isinstance(out["embedding"], str):
+        if out["embedding"] != "none":
+            raise ConfigError(f"model.embedding must be 'none' or a size, got {out['embedding']!r}")
+        out["embedding"] = 0
+    for key in ("hidden_size", "num_layers", "highway_layers"):
+        check_range("model", out, key, 1)
+    for key in ("rank", "embedding", "output_l2"):
+        check_range("model", out, key, 0)
+    for key in ("input_dropout", "dropout", "output_dropout"):
+        check_range("model", out, key, 0.0, 1.0, high_open=True)
+    check_range("model", out, "update_gate_bias", None, None)
+    check_range("model", out, "transform_bias", None, None)
+    if not out["rank"] and (out["diag"] or out["tied"] or out["include_input"]):
+        raise ConfigError("model.diag, model.tied and model.include_input need model.rank > 0")
+    if out["gru_form"] == "paper" and out["cell"] != "gru":
+        raise ConfigError(f"model.gru_form = 'paper' is for cell = 'gru', not {out['cell']!r}")
+    if out["update_gate_bias"] is not None and out["cell"] not in ("gru", "lstm"):
+        raise ConfigError(f"model.update_gate_bias is for gru and lstm cells, not {out['cell']!r}")
+    if out["cell"] == "highway" and (out["tied"] or out["num_layers"] != 1 or out["embedding"]):
+        raise ConfigError("a highway model has no tied/num_layers/embedding settings (use highway_layers)")
+    if out["batch_norm"] and out["cell"] != "highway":
+        raise ConfigError("model.batch_norm is for cell = 'highway'")
+    return out
+
+
+def build_model(spec: dict, task: Task) -> nn.Module:
+    """The model of a recipe's ``[model]`` section for ``task`` (input/output sizes, output kind)."""
+    spec = check_model(spec)
+    sequential = getattr(task, "sequential", True)
+    if spec["cell"] == "highway":
+        if sequential or task.output != "last":
+            raise ConfigError(f"cell = 'highway' needs flat inputs (e.g. task.layout = 'flat'), not {task!r}")
+        return HighwayClassifier(task.input_size, spec["hidden_size"], task.output_size,
+                                 layers=spec["highway_layers"], rank=spec["rank"] or None, diag=spec["diag"],
+                                 activation=spec["activation"], transform_bias=spec["transform_bias"],
+                                 batch_norm=spec["batch_norm"], input_dropout=spec["input_dropout"],
+                                 dropout=spec["dropout"], output_dropout=_output_dropout(spec),
+                                 output_l2=spec["output_l2"])
+    if not sequential:
+        raise ConfigError(f"a recurrent cell needs sequence inputs, not {task!r}")
+    tokens = getattr(task, "tokens", False)
+    if spec["embedding"] and not tokens:
+        raise ConfigError(f"model.embedding needs a task with token inputs, not {task!r}")
+    embedding = nn.Embedding(task.input_size, spec["embedding"]) if spec["embedding"] else None
+    rnn = build_rnn(spec, spec["embedding"] or task.input_size)
+    return SequenceModel(rnn, task.output_size, task.output, vocab_size=task.input_size if tokens else None,
+                         embedding=embedding, input_dropout=spec["input_dropout"],
+                         output_dropout=_output_dropout(spec), output_l2=spec["output_l2"])
+
+
+def _output_dropout(spec: dict) -> float:
+    return spec["dropout"] if spec["output_dropout"] is None else spec["output_dropout"]
+
+
+def build_rnn(spec: dict, input_size: int) -> nn.RNNBase:
+    """The recurrent stack of a checked model spec (batch first), gate bias initialised."""
+    kwargs = dict(num_layers=spec["num_layers"], batch_first=True,
+                  dropout=spec["dropout"] if spec["num_layers"] > 1 else 0.0)
+    cell, rank = spec["cell"], spec["rank"]
+    if cell == "gru" and spec["gru_form"] == "paper":
+        dense, factored = PaperGRU, LowRankPaperGRU
+    else:
+        dense, factored = {"gru": (nn.GRU, LowRankGRU), "lstm": (nn.LSTM, LowRankLSTM),
+                           "rnn": (nn.RNN, LowRankRNN)}[cell]
+    if rank:
+        rnn = factored(input_size, spec["hidden_size"], rank=rank, diag=spec["diag"], tied=spec["tied"],
+                       include_input=spec["include_input"], **kwargs)
+    else:
+        rnn = dense(input_size, spec["hidden_size"], **kwargs)
+    if spec["update_gate_bias"] is not None:
+        set_update_gate_bias(rnn, spec["update_gate_bias"])
+    return rnn
+
+
+def set_update_gate_bias(rnn: nn.RNNBase, value: float) -> None:
+    """Make the total bias of the GRU update gate z (LSTM forget gate f) equal ``value``.
+
+    In PyTorch's gate order (GRU r, z, n; LSTM i, f, g, o) that gate is the second block of
+    ``bias_ih`` and ``bias_hh``; the first gets ``value``, the second 0. A high value keeps the
+    state passing through at the start of training (paper: 4 memory/addition, 5 MNIST).
+    """
+    if rnn.mode not in GATE_BLOCK:
+        raise ConfigError(f"update_gate_bias needs a GRU or LSTM, not {rnn.mode}")
+    if not rnn.bias:
+        raise ConfigError("update_gate_bias needs a recurrent layer with biases (bias=True)")
+    index, count = GATE_BLOCK[rnn.mode]
+    with torch.no_grad():
+        for name in rnn._flat_weights_names:
+            if name.startswith("bias_"):
+                bias = getattr(rnn, name)
+                size = bias.shape[0] // count
+                bias[index * size:(index + 1) * size] = value if name.startswith("bias_ih") else 0.0
+
+
+class PaperGRU(nn.GRU):
+    """``nn.GRU`` whose candidate follows the paper's eq. 6: ``n = tanh(W_in x + b_in +
+    W_hn (r * h) + b_hn)`` (PyTorch, eq. 7: ``r * (W_hn h + b_hn)``). Same parameters and gate
+    order (r, z, n) as ``nn.GRU``; ``h' = (1 - z) * n + z * h``. A per-step Python loop: slow on
+    long sequences, meant for training from scratch in the paper's exact form.
+
+    >>> gru = PaperGRU(3, 8, batch_first=True)
+    >>> out, h = gru(torch.zeros(2, 5, 3))
+    """
+
+    gru_form = "paper"  # marks the eq. 6 form for code that runs GRUs its own way
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.bidirectional:
+            raise ConfigError("PaperGRU does not support bidirectional=True")
+
+    def forward(self, input: Tensor, hx: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        if isinstance(input, PackedSequence):
+            raise ConfigError("PaperGRU does not take a PackedSequence; pass padded batches")
+        self._update_flat_weights()
+        batched = input.dim() == 3
+        x = input if batched else input.unsqueeze(0 if self.batch_first else 1)
+        if not self.batch_first:
+            x = x.transpose(0, 1)
+        if hx is None:
+            hx = x.new_zeros(self.num_layers, x.shape[0], self.hidden_size)
+        elif not batched:
+            hx = hx.unsqueeze(1)
+        # _flat_weights holds the dense parameters, or tensors set for one call (factored or
+        # masked weights); None entries are factored weights to rebuild.
+        weights = [w if w is not None else getattr(self, n) for w, n in zip(self._flat_weights,
+                                                                            self._flat_weights_names)]
+        per_layer = 4 if self.bias else 2
+        finals = []
+        for k in range(self.num_layers):
+            w_ih, w_hh, *biases = weights[k * per_layer:(k + 1) * per_layer]
+            x, h = paper_gru_layer(x, hx[k], w_ih, w_hh, *(biases or (None, None)))
+            finals.append(h)
+            if self.dropout and self.training and k < self.num_layers - 1:
+                x = F.dropout(x, self.dropout, training=True)
+        out, h_n = (x if self.batch_first else x.transpose(0, 1)), torch.stack(finals)
+        if not batched:
+            out, h_n = out.squeeze(0 if self.batch_first else 1), h_n.squeeze(1)
+        return out, h_n
+
+
+def paper_gru_layer(x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
+                    b_hh: Tensor | None) -> tuple[Tensor, Tensor]:
+    """One eq. 6 GRU layer over (B, T, in) inputs from state h (B, n): (outputs, final state)."""
+    n = h.shape[-1]
+    gi = F.linear(x, w_ih, b_ih)  # input contributions of every step at once
+    w_rz, w_n = w_hh[:2 * n], w_hh[2 * n:]
+    b_rz, b_n = (None, None) if b_hh is None else (b_hh[:2 * n], b_hh[2 * n:])
+    outputs = []
+    for t in range(x.shape[1]):
+        r, z = torch.sigmoid(gi[:, t, :2 * n] + F.linear(h, w_rz, b_rz)).chunk(2, dim=-1)
+        candidate = torch.tanh(gi[:, t, 2 * n:] + F.linear(r * h, w_n, b_n))
+        h = candidate + z * (h - candidate)
+        outputs.append(h)
+    return torch.stack(outputs, dim=1), h
+
+
+class LowRankPaperGRU(FactoredRNN, PaperGRU):
+    """``PaperGRU`` with factored recurrent matrices (``LowRankGRU``'s options).
+
+    >>> gru = LowRankPaperGRU(1, 64, rank=8, diag=True, batch_first=True)
+    """
+
+    _dense_class = PaperGRU
+
+    def __init__(self, *args, rank, diag: bool = False, tied: bool = False, include_input: bool = False,
+                 **kwargs):
+        PaperGRU.__init__(self, *args, **kwargs)
+        factor_from_scratch(self, rank=rank, diag=diag, tied=tied, include_input=include_input)
+
+    def forward(self, input: Tensor, hx: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        # FactoredRNN.forward may hand the call to an accelerated eq. 7 kernel; eq. 6 must not
+        # go there, so rebuild the factored weights once and run the eq. 6 loop directly.
+        with parametrize.cached():
+            self._flat_weights = [getattr(self, n) if hasattr(self, n) else None for n in self._flat_weights_names]
+            try:
+                return PaperGRU.forward(self, input, hx)
+            finally:
+                self._init_flat_weights()
+
+
+# Converting a trained PaperGRU (lrcompress.compress) gives this class, not a generic subclass.
+_FACTORED[PaperGRU] = LowRankPaperGRU
+
+
+def dropped_columns(weight: Tensor, p: float) -> Tensor:
+    """``weight`` with whole columns zeroed with probability p (kept ones scaled by 1/(1-p))."""
+    keep = torch.empty(weight.shape[1], device=weight.device, dtype=weight.dtype).bernoulli_(1.0 - p)
+    return weight * (keep / (1.0 - p))
+
+
+def run_with_recurrent_dropout(rnn: nn.RNNBase, x: Tensor, state, p: float):
+    """Run ``rnn`` with its recurrent matrices column-dropped (rate ``p``, one mask per call).
+
+    Dropping column j of ``W_hh`` drops state unit j from every recurrent product, with one mask
+    for all steps: Gal's variational recurrent dropout, with the mask shared by the mini-batch,
+    so the fused cuDNN kernel still runs.
+    """
+    names = rnn._flat_weights_names
+    dense_class = rnn._dense_class if isinstance(rnn, FactoredRNN) else type(rnn)
+    saved = rnn._flat_weights, rnn._flat_weight_refs
+    with parametrize.cached():
+        weights = [getattr(rnn, n) if hasattr(rnn, n) else None for n in names]
+        rnn._flat_weights = [dropped_columns(w, p) if n.startswith("weight_hh") else w
+                             for n, w in zip(names, weights)]
+        rnn._flat_weight_refs = [None] * len(names)  # "unchanged": the forward keeps our tensors
+        try:
+            return dense_class.forward(rnn, x, state)
+        finally:
+            rnn._flat_weights, rnn._flat_weight_refs = saved
+
+
+class SequenceModel(nn.Module):
+    """Inputs -> recurrent stack ``rnn`` -> dense ``head`` (final state, or every step).
+
+    Token inputs ((B, T) ids) are one-hot encoded, or embedded when ``embedding`` is given.
+    ``recurrent_dropout`` (set by a trainer) applies ``run_with_recurrent_dropout`` in training.
+    ``forward_stateful`` also takes and returns the recurrent state, for windows of a stream.
+
+    >>> model = SequenceModel(nn.GRU(2, 16, batch_first=True), 1, "last")
+    >>> model(torch.zeros(3, 7, 2)).shape
+    torch.Size([3, 1])
+    """
+
+    def __init__(self, rnn: nn.RNNBase, output_size: int, output: str, *, vocab_size: int | None = None,
+                 embedding: nn.Embedding | None = None, input_dropout: float = 0.0, output_dropout: float = 0.0,
+                 output_l2: float = 0.0, recurrent_dropout: float = 0.0):
+        super().__init__()
+        if output not in ("last", "sequence"):
+            raise ConfigError(f"output must be 'last' or 'sequence', got {output!r}")
+        if not rnn.batch_first:
+            raise ConfigError("SequenceModel needs a batch_first recurrent layer")
+        self.output, self.vocab_size, self.output_l2 = output, vocab_size, output_l2
+        self.recurrent_dropout = recurrent_dropout
+        self.embedding = embedding
+        self.rnn = rnn
+        self.input_dropout = nn.Dropout(input_dropout)
+        self.output_dropout = nn.Dropout(output_dropout)
+        features = rnn.proj_size or rnn.hidden_size
+        self.head = nn.Linear(features * (2 if rnn.bidirectional else 1), output_size)
+
+    def forward(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
+        return self.forward_stateful(x, None, lengths)[0]
+
+    def forward_stateful(self, x: Tensor, state=None, lengths: Tensor | None = None):
+        """(logits, final state); ``state`` is the previous window's (detach it between windows)."""
+        inputs = self.input_dropout(self.embed(x))
+        if self.training and self.recurrent_dropout > 0:
+            out, state = run_with_recurrent_dropout(self.rnn, inputs, state, self.recurrent_dropout)
+        else:
+            out, state = self.rnn(inputs, state)
+        if self.output == "last":
+            if lengths is None:
+                out = out[:, -1]
+            else:
+                out = out[torch.arange(out.shape[0], device=out.device), lengths.to(out.device) - 1]
+        return self.head(self.output_dropout(out)), state
+
+    def embed(self, x: Tensor) -> Tensor:
+        if x.dtype in (torch.int64, torch.int32):
+            if self.embedding is not None:
+                return self.embedding(x)
+            if self.vocab_size is None:
+                raise ConfigError("token inputs need a vocabulary size (a language-modelling task)")
+            return F.one_hot(x.long(), self.vocab_size).to(self.head.weight.dtype)
+        return x
+
+    def penalty(self) -> Tensor:
+        """``output_l2 * ||head.weight||^2``, to add to the task loss (0 when unset)."""
+        if not self.output_l2:
+            return self.head.weight.new_zeros(())
+        return self.output_l2 * self.head.weight.pow(2).sum()
+
+
+class HighwayBlock(Highway):
+    """A ``Highway`` layer with dropout on the input of its two matrices (the carried state is
+    not dropped) and optional batch normalisation after each matrix (appendix A.1; the
+    transform bias then sits in the gate's batch-norm shift)."""
+
+    def __init__(self, features: int, activation: str = "relu", transform_bias: float = -1.0, *,
+                 rank: int | None = None, diag: bool = False, batch_norm: bool = False, dropout: float = 0.0):
+        super().__init__(features, activation, 0.0 if batch_norm else transform_bias, rank=rank, diag=diag)
+        self.dropout = nn.Dropout(dropout)
+        self.proposal_norm = nn.BatchNorm1d(features) if batch_norm else nn.Identity()
+        self.gate_norm = nn.BatchNorm1d(features) if batch_norm else nn.Identity()
+        if batch_norm:
+            nn.init.constant_(self.gate_norm.bias, transform_bias)
+        with torch.no_grad():
+            self.proposal.bias.zero_()  # the paper starts every bias at 0 but the transform gate's
+            if batch_norm:
+                self.gate.bias.zero_()
+
+    def forward(self, x: Tensor) -> Tensor:
+        u = self.dropout(x)
+        t = torch.sigmoid(self.gate_norm(self.gate(u)))
+        return ACTIVATIONS[self.activation](self.proposal_norm(self.proposal(u))) * t + x * (1 - t)
+
+
+class HighwayClassifier(nn.Module):
+    """Feed-forward highway network (appendix A.1): dense input matrix (+ batch norm) and ReLU,
+    ``layers`` highway layers (low-rank when ``rank``), dense output matrix.
+
+    >>> net = HighwayClassifier(784, 64, 10, layers=2, rank=8)
+    >>> net(torch.zeros(5, 784)).shape
+    torch.Size([5, 10])
+    """
+
+    output: ClassVar[str] = "last"
+
+    def __init__(self, input_size: int, hidden_size: int, output_size: int, *, layers: int = 5,
+                 rank: int | None = None, diag: bool = False, activation: str = "relu",
+                 transform_bias: float = -1.0, batch_norm: bool = False, input_dropout: float = 0.0,
+                 dropout: float = 0.0, output_dropout: float = 0.0, output_l2: float = 0.0):
+        super().__init__()
+        self.output_l2 = output_l2
+        self.input_dropout = nn.Dropout(input_dropout)
+        self.input = nn.Linear(input_size, hidden_size, bias=not batch_norm)
+        self.input_norm = nn.BatchNorm1d(hidden_size) if batch_norm else nn.Identity()
+        self.layers = nn.ModuleList(
+            HighwayBlock(hidden_size, activation, transform_bias, rank=rank, diag=diag, batch_norm=batch_norm,
+                         dropout=dropout) for _ in range(layers))
+        self.output_dropout = nn.Dropout(output_dropout)
+        self.head = nn.Linear(hidden_size, output_size)
+
+    def forward(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
+        h = torch.relu(self.input_norm(self.input(self.input_dropout(x))))
+        for layer in self.layers:
+            h = layer(h)
+        return self.head(self.output_dropout(h))
+
+    penalty = SequenceModel.penalty
+
+
+def set_dropout(model: nn.Module, *, dropout: float | None = None, recurrent_dropout: float | None = None) -> None:
+    """Set a built model's dropout rates from a recipe's ``[train]`` section (None: unchanged).
+
+    ``dropout`` replaces every ``nn.Dropout`` rate and a stacked RNN's between-layer rate;
+    ``recurrent_dropout`` is read by ``SequenceModel`` in training mode.
+    """
+    if dropout is not None:
+        for module in model.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = dropout
+            elif isinstance(module, nn.RNNBase) and module.num_layers > 1:
+                module.dropout = dropout
+    if recurrent_dropout is not None:
+        if not isinstance(model, SequenceModel) and recurrent_dropout > 0:
+            raise ConfigError(f"recurrent_dropout needs a recurrent model, not {type(model).__name__}")
+        if isinstance(model, SequenceModel):
+            model.recurrent_dropout = recurrent_dropout
+
+
+def detach_state(state):
+    """A recurrent state (tensor, or LSTM (h, c) tuple) cut from its graph, for the next window."""
+    if state is None:
+        return None
+    if isinstance(state, tuple):
+        return tuple(s.detach() for s in state)
+    return state.detach()

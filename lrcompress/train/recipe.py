@@ -1,0 +1,202 @@
+"""Recipes: one TOML file per experiment, with sections ``[meta]``, ``[task]``, ``[model]``
+and ``[train]``. ``load_recipe`` reads one, applies command-line style overrides
+(``"train.lr=1e-3"``), checks every key and value, and fills in the defaults, so the result
+is complete; ``dump_recipe`` writes it back as TOML.
+
+    >>> recipe = load_recipe("recipes/addition-gru-small.toml", ["train.lr=3e-3"])  # doctest: +SKIP
+    >>> recipe["train"]["lr"], recipe["model"]["hidden_size"]                      # doctest: +SKIP
+    (0.003, 32)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+from ..errors import ConfigError
+from .fields import check_fields, check_range
+from .models import check_model
+from .tasks import check_task
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+SECTIONS = ("meta", "task", "model", "train")
+
+# The [train] keys. Their behaviour is the engine's (lrcompress.train.engine.TrainConfig, which
+# must keep these names and defaults; a test checks that they agree).
+RECIPE_DEFAULTS: dict = {
+    "optimizer": "rmsprop",  # rmsprop (the paper's), adam or adafactor
+    "lr": 1e-3,  # adafactor: 0 selects its relative step size
+    "batch_size": 20,
+    "steps": 0,  # updates to run (0: no limit, epochs decides)
+    "epochs": 0,  # passes over the training set (0: no limit, steps decides); a recipe sets one
+    "eval_every": 500,  # updates between evaluations and checkpoints (0: once per epoch)
+    "clip": "element",  # gradient clipping: none, element (each component) or norm (global norm)
+    "clip_value": 1.0,
+    "nan_policy": "skip",  # on a NaN/Inf gradient: skip the update, decay (step on 0.1 * params),
+    #                        restore the last good state, or none (apply it)
+    "weight_norm": False,  # weight normalisation of the factor matrices (appendix A.2)
+    "max_row_norm": 0.0,  # clip matrix row norms to this after each update (paper: 10; 0: off)
+    "recurrent_dropout": 0.0,  # variational dropout of the recurrent state (Gal), see models.set_dropout
+    "dropout": 0.0,  # if > 0, replaces the model's dropout rates
+    "lr_schedule": "constant",  # constant, plateau (multiply by plateau_factor) or onecycle (peak lr)
+    "plateau_patience": 3,  # evaluations without improvement before a plateau decay
+    "plateau_factor": 0.5,
+    "early_stopping_patience": 0,  # evaluations without improvement before stopping (0: never)
+    "amp": "none",  # mixed precision on CUDA: none, bf16 or fp16
+    "seed": 0,  # initialisation and data order
+    "device": "auto",  # auto, cpu or cuda
+    "rmsprop_alpha": 0.9,  # RMSProp decay of the squared-gradient average (paper: 0.9)
+    "rmsprop_eps": 1e-8,
+    "weight_decay": 0.0,
+}
+TRAIN_CHOICES: dict = {"optimizer": ("rmsprop", "adam", "adafactor"), "clip": ("none", "element", "norm"),
+                       "nan_policy": ("skip", "decay", "restore", "none"),
+                       "lr_schedule": ("constant", "plateau", "onecycle"), "amp": ("none", "bf16", "fp16"),
+                       "device": ("auto", "cpu", "cuda")}
+
+META_DEFAULTS: dict = {
+    "name": "",  # the recipe's name (its file stem)
+    "description": "",
+    "source": "",  # where in the paper the experiment comes from
+    "paper_result": "",  # the result the paper reports
+    "paper_params": "",  # the parameter count the paper reports
+    "params": 0,  # parameters of the model this recipe builds (0: not recorded)
+    "recurrent_params": 0,  # of which in the recurrent (state-to-state) matrices
+    "deviations": "",  # deliberate differences from the paper's setup, and why
+    "notes": "",
+}
+BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> dict:
+    """Read a TOML recipe, apply ``overrides`` ("section.key=value"), check and complete it.
+
+    Override values are TOML literals (``3``, ``1e-3``, ``true``, ``"adam"``, ``[1, 2]``); a
+    value that is not one is taken as a plain string (``train.optimizer=adam``).
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"recipe {path} not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read recipe {path}: {exc}") from None
+    try:
+        recipe = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"recipe {path} is not valid TOML: {exc}") from None
+    recipe = apply_overrides(recipe, overrides)
+    recipe.setdefault("meta", {}).setdefault("name", path.stem)
+    return check_recipe(recipe)
+
+
+def apply_overrides(recipe: dict, overrides: list[str] | tuple[str, ...]) -> dict:
+    """A copy of ``recipe`` with each "section.key=value" override set (values not checked)."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in recipe.items()}
+    for item in overrides:
+        target, sep, text = item.partition("=")
+        section, dot, key = target.strip().partition(".")
+        if not sep or not dot or not key or "." in key:
+            raise ConfigError(f"override {item!r} must look like section.key=value, e.g. train.lr=1e-3")
+        if section not in SECTIONS:
+            raise ConfigError(f"unknown section {section!r} in override {item!r} (sections: {', '.join(SECTIONS)})")
+        out.setdefault(section, {})[key.strip()] = parse_value(text.strip())
+    return out
+
+
+def parse_value(text: str):
+    """A TOML literal (int, float, bool, string, list), or the text itself as a string."""
+    try:
+        return tomllib.loads(f"value = {text}")["value"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def check_recipe(recipe: dict) -> dict:
+    """A recipe dict with every section checked and completed; raises ``ConfigError``."""
+    if not isinstance(recipe, dict):
+        raise ConfigError(f"a recipe must be a table of sections, got {recipe!r}")
+    unknown = sorted(set(recipe) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"unknown recipe section [{unknown[0]}] (sections: {', '.join(SECTIONS)})")
+    if not isinstance(recipe.get("task"), dict) or "name" not in recipe["task"]:
+        raise ConfigError("a recipe needs a [task] section with a name")
+    return {"meta": check_meta(recipe.get("meta", {})), "task": check_task(recipe["task"]),
+            "model": check_model(recipe.get("model", {})), "train": check_train(recipe.get("train", {}))}
+
+
+def check_meta(meta: dict) -> dict:
+    out = check_fields("meta", meta, META_DEFAULTS)
+    check_range("meta", out, "params", 0)
+    check_range("meta", out, "recurrent_params", 0)
+    return out
+
+
+def check_train(train: dict) -> dict:
+    """The ``[train]`` section with defaults (``RECIPE_DEFAULTS``) filled in, every value checked."""
+    out = check_fields("train", train, RECIPE_DEFAULTS, choices=TRAIN_CHOICES)
+    check_range("train", out, "lr", 0.0, low_open=out["optimizer"] != "adafactor")
+    check_range("train", out, "batch_size", 1)
+    for key in ("steps", "epochs", "eval_every", "early_stopping_patience", "seed"):
+        check_range("train", out, key, 0)
+    if not out["steps"] and not out["epochs"]:
+        raise ConfigError("train.steps and train.epochs are both 0: set at least one limit")
+    check_range("train", out, "clip_value", 0.0, low_open=True)
+    for key in ("max_row_norm", "rmsprop_eps", "weight_decay"):
+        check_range("train", out, key, 0.0)
+    for key in ("recurrent_dropout", "dropout", "rmsprop_alpha"):
+        check_range("train", out, key, 0.0, 1.0, high_open=True)
+    check_range("train", out, "plateau_patience", 1)
+    check_range("train", out, "plateau_factor", 0.0, 1.0, low_open=True, high_open=True)
+    return out
+
+
+def dump_recipe(recipe: dict) -> str:
+    """TOML text of a recipe (sections in the usual order; ``None`` values are left out).
+
+    >>> print(dump_recipe({"task": {"name": "copy", "lag": 5}}))
+    [task]
+    name = "copy"
+    lag = 5
+    <BLANKLINE>
+    """
+    order = [s for s in SECTIONS if s in recipe] + [s for s in recipe if s not in SECTIONS]
+    blocks = []
+    for section in order:
+        values = recipe[section]
+        if not isinstance(values, dict):
+            raise ConfigError(f"recipe section {section!r} must be a table, got {values!r}")
+        lines = [f"[{_key(section)}]"]
+        lines += [f"{_key(k)} = {_literal(v, f'{section}.{k}')}" for k, v in values.items() if v is not None]
+        blocks.append("\n".join(lines) + "\n")
+    return "\n".join(blocks)
+
+
+def _key(key: str) -> str:
+    return key if BARE_KEY.match(key) else json.dumps(key)
+
+
+def _literal(value, where: str) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, str):
+        # JSON string escapes (\" \\ \n \uXXXX ...) are all valid in TOML basic strings.
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_literal(v, where) for v in value) + "]"
+    raise ConfigError(f"{where}: cannot write {type(value).__name__} value {value!r} as TOML")

@@ -1,0 +1,336 @@
+"""Runs: train a recipe, fine-tune a converted model, sweep ranks, and report the results.
+
+A run directory holds ``recipe.toml`` (the resolved recipe), ``metrics.jsonl`` (one line per
+evaluation), ``last.safetensors`` (everything needed to resume), ``best.safetensors`` (best
+validation weights), ``model.safetensors`` (the final model, in the ``lrcompress.save_model``
+format: ``load_model(skeleton, path)`` reads it) and ``summary.json``. A fine-tuning run adds
+``finetune.json``: the source, the conversion and the metrics before fine-tuning.
+
+    >>> train_recipe("recipes/addition-gru-small.toml", "runs/add", overrides=["train.steps=200"])  # doctest: +SKIP
+    >>> finetune("runs/add", "runs/add-r4", rank=4, diag=True)                                  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..convert import compress, count_params
+from ..errors import ConfigError, LRCompressError, OutputExistsError
+from ..io import load_model, save_model
+from ..report import format_table
+from .engine import FitResult, TrainConfig, evaluate, fit, write_json
+from .models import build_model
+from .recipe import apply_overrides, check_recipe, dump_recipe, load_recipe
+from .stabilisers import remove_weight_norm
+from .tasks import build_task
+
+MODEL_FILE, RECIPE_FILE, SUMMARY_FILE = "model.safetensors", "recipe.toml", "summary.json"
+FINETUNE_FILE = "finetune.json"
+
+
+def train_recipe(recipe: str | os.PathLike | dict, out: str | os.PathLike | None = None, *,
+                 overrides: list[str] | tuple[str, ...] = (), resume: bool = False,
+                 progress: bool | None = None) -> dict:
+    """Train the model of a recipe (a path or a recipe dict) into run directory ``out``.
+
+    With ``resume`` and an existing run in ``out``, the run's own ``recipe.toml`` is used
+    (``overrides`` still apply, e.g. more steps). Returns the summary (also in summary.json).
+    """
+    recipe = _recipe(recipe, overrides)
+    out = Path(out) if out is not None else Path("runs") / (recipe["meta"]["name"] or "run")
+    _check_out(out, resume)
+    if resume and (out / RECIPE_FILE).is_file():
+        recipe = load_recipe(out / RECIPE_FILE, overrides)
+    task, model = build(recipe)
+    _write_text(out / RECIPE_FILE, dump_recipe(recipe))
+    extra = {"kind": "train", "recipe": recipe["meta"]["name"], "params": count_params(model)}
+    result = _fit(model, task, recipe, out, resume=resume, progress=progress, summary=extra)
+    return _finish(model, result, out, extra)
+
+
+def finetune(source: str | os.PathLike, out: str | os.PathLike, *, rank=None, energy: float | None = None,
+             diag: bool = False, tied: bool = False, recipe: str | os.PathLike | None = None,
+             overrides: list[str] | tuple[str, ...] = (), resume: bool = False,
+             progress: bool | None = None) -> dict:
+    """Convert a trained model at ``rank`` (or ``energy``), evaluate it, fine-tune it, evaluate again.
+
+    ``source`` is a run directory (its ``recipe.toml`` and ``model.safetensors``), or a state
+    dict file with ``recipe`` naming the recipe that builds its model. The fine-tuning follows
+    the recipe's ``[train]`` section with ``overrides`` (e.g. ``train.steps=2000``). The summary
+    holds the metrics of the dense model, of the converted one before fine-tuning, and after.
+    """
+    source, out = Path(source), Path(out)
+    _check_out(out, resume)
+    weights, base = _source(source, recipe)
+    recipe = load_recipe(out / RECIPE_FILE, overrides) if resume and (out / RECIPE_FILE).is_file() else \
+        _recipe(base, overrides)
+    if recipe["model"]["rank"]:
+        raise ConfigError(f"{source} holds a model trained low-rank (model.rank = {recipe['model']['rank']}); "
+                          "finetune converts dense models")
+    task, model = build(recipe)
+    load_model(model, weights)
+    state = _read_json(out / FINETUNE_FILE) if resume and (out / "last.safetensors").is_file() else None
+    eval_data = _eval_data(task, recipe)
+    if state is None:
+        state = {"source": str(source), "weights": str(weights), "rank": rank, "energy": energy, "diag": diag,
+                 "tied": tied, "dense": _metrics(model, task, eval_data)}
+    conversion = compress(model, None if energy is not None else rank, energy=energy, diag=diag, tied=tied)
+    if "converted" not in state:
+        state["converted"] = _metrics(model, task, eval_data)
+        state["conversion"] = conversion.to_dict()
+    _write_text(out / RECIPE_FILE, dump_recipe(recipe))
+    _save_json(out / FINETUNE_FILE, state)
+    extra = {"kind": "finetune", "recipe": recipe["meta"]["name"], "source": str(source), "rank": rank,
+             "energy": energy, "diag": diag, "tied": tied, "params_dense": conversion.params_before,
+             "params": conversion.params_after, "ratio": conversion.ratio, "dense": state["dense"],
+             "converted": state["converted"]}
+    result = _fit(model, task, recipe, out, resume=resume, progress=progress, summary=extra)
+    return _finish(model, result, out, extra)
+
+
+def sweep(source: str | os.PathLike, out: str | os.PathLike, *, ranks: list[int], diag: bool = False,
+          both_diag: bool = False, tied: bool = False, recipe: str | os.PathLike | None = None,
+          overrides: list[str] | tuple[str, ...] = (), progress: bool | None = None, echo=print) -> list[dict]:
+    """``finetune`` at every rank (with and without diagonal when ``both_diag``), one run
+    directory per point under ``out``. Resumable: finished points are skipped, an interrupted
+    one continues. ``echo`` gets one line per point. Returns the points' summaries."""
+    if not ranks or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in ranks):
+        raise ConfigError(f"ranks must be positive ints, got {ranks!r}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _save_json(out / "sweep.json", {"source": str(source), "ranks": list(ranks), "diag": diag,
+                                     "both_diag": both_diag, "tied": tied, "overrides": list(overrides)})
+    points = []
+    for rank, d in [(r, d) for r in ranks for d in ((False, True) if both_diag else (diag,))]:
+        where = out / point_name(rank, d, tied)
+        summary = _read_json(where / SUMMARY_FILE)
+        if summary is not None and summary.get("stopped") != "interrupted":
+            echo(f"{where.name}: done earlier, skipped; " + point_line(summary))
+        else:
+            summary = finetune(source, where, rank=rank, diag=d, tied=tied, recipe=recipe, overrides=overrides,
+                               resume=True, progress=progress)
+            echo(f"{where.name}: " + point_line(summary))
+        points.append(summary)
+        if summary.get("stopped") == "interrupted":
+            break
+    return points
+
+
+def point_name(rank: int, diag: bool, tied: bool = False) -> str:
+    return f"rank{rank}" + ("-diag" if diag else "") + ("-tied" if tied else "")
+
+
+def point_line(summary: dict) -> str:
+    metric, split = summary["metric"], "test" if summary.get("test") else "val"
+    before = summary.get("converted", {}).get(split, {}).get(metric)
+    after = summary.get(split, {}).get(metric)
+    return (f"params {summary['params']:,} ({summary.get('ratio', 1.0):.2f}x smaller), {split} {metric} "
+            f"{_fmt(before)} -> {_fmt(after)}, {summary['wall_time']:.0f}s")
+
+
+# -- building and running ------------------------------------------------------------------
+
+def build(recipe: dict) -> tuple:
+    """The task and freshly initialised model of a checked recipe (seeded by ``train.seed``)."""
+    task = build_task(recipe["task"])
+    torch.manual_seed(recipe["train"]["seed"])
+    return task, build_model(recipe["model"], task)
+
+
+def _fit(model: nn.Module, task, recipe: dict, out: Path, *, resume: bool, progress, summary: dict) -> FitResult:
+    config = TrainConfig.from_dict(recipe["train"])
+    seed, size = config.seed, config.batch_size
+    return fit(model, lambda epoch: task.batches("train", size, seed=seed, epoch=epoch), task=task, recipe=config,
+               val_loader=_split(task, "valid", _eval_size(task, size)),
+               test_loader=_split(task, "test", _eval_size(task, size)), run_dir=out, resume=resume,
+               steps_per_epoch=task.steps_per_epoch(size), progress=progress, summary=summary)
+
+
+def _finish(model: nn.Module, result: FitResult, out: Path, extra: dict) -> dict:
+    summary = {**result.to_dict(), **extra}
+    if result.stopped != "interrupted" and _is_main():
+        remove_weight_norm(model)  # plain factors: the saved model loads with lrcompress.load_model
+        save_model(model, out / MODEL_FILE)
+    return summary
+
+
+def _eval_data(task, recipe: dict) -> dict:
+    size = _eval_size(task, recipe["train"]["batch_size"])
+    return {"val": _split(task, "valid", size), "test": _split(task, "test", size)}
+
+
+def _metrics(model: nn.Module, task, data: dict) -> dict:
+    return {name: evaluate(model, batches, task=task) for name, batches in data.items()}
+
+
+def _split(task, split: str, size: int):
+    return lambda: task.batches(split, size, seed=0, shuffle=False)
+
+
+def _eval_size(task, batch_size: int) -> int:
+    # Stream tasks (language modelling) cut a split into batch_size streams: keep that layout.
+    return batch_size if task.stateful else max(batch_size, 256)
+
+
+def _recipe(recipe, overrides) -> dict:
+    if isinstance(recipe, dict):
+        return check_recipe(apply_overrides(recipe, overrides))
+    return load_recipe(recipe, overrides)
+
+
+def _source(source: Path, recipe) -> tuple[Path, object]:
+    if source.is_dir():
+        for name in (RECIPE_FILE, MODEL_FILE):
+            if not (source / name).is_file():
+                raise LRCompressError(f"{source} is not a finished run: it has no {name}")
+        return source / MODEL_FILE, recipe if recipe is not None else source / RECIPE_FILE
+    if not source.exists():
+        raise FileNotFoundError(f"no such run directory or file: {source}")
+    if recipe is None:
+        raise ConfigError(f"{source} is a weights file: pass the recipe that builds its model (--recipe)")
+    return source, recipe
+
+
+def _check_out(out: Path, resume: bool) -> None:
+    if not resume and (out / "last.safetensors").exists():
+        raise OutputExistsError(f"{out} already holds a run; continue it with --resume (resume=True) "
+                                "or choose another directory")
+    if out.exists() and not out.is_dir():
+        raise LRCompressError(f"{out} exists and is not a directory")
+
+
+def _is_main() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _write_text(path: Path, text: str) -> None:
+    if not _is_main():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _save_json(path: Path, data: dict) -> None:
+    if _is_main():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, data)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.4g}"
+
+
+# -- reports -------------------------------------------------------------------------------
+
+REPORT_COLUMNS = ("run", "rank", "diag", "tied", "params", "ratio", "metric", "split", "dense", "before", "after",
+                  "wall_time")
+
+
+def collect(path: str | os.PathLike) -> list[dict]:
+    """One row per run: a sweep directory's points, or a single run directory."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"no such run or sweep directory: {path}")
+    runs = [path] if (path / SUMMARY_FILE).is_file() else sorted(
+        (p for p in path.iterdir() if (p / SUMMARY_FILE).is_file()), key=_order)
+    if not runs:
+        raise LRCompressError(f"{path} holds no finished run (no summary.json in it or its subdirectories)")
+    return [row(p.name, _read_json(p / SUMMARY_FILE)) for p in runs]
+
+
+def row(name: str, s: dict) -> dict:
+    split = "test" if s.get("test") else "val"
+    metric = s["metric"]
+    return {"run": name, "rank": s.get("rank"), "diag": s.get("diag"), "tied": s.get("tied"),
+            "params": s.get("params"), "ratio": s.get("ratio"), "metric": metric, "split": split,
+            "dense": s.get("dense", {}).get(split, {}).get(metric),
+            "before": s.get("converted", {}).get(split, {}).get(metric),
+            "after": s.get(split, {}).get(metric), "wall_time": s.get("wall_time")}
+
+
+def _order(p: Path):
+    s = _read_json(p / SUMMARY_FILE) or {}
+    return (s.get("rank") is not None, s.get("rank") or 0, bool(s.get("diag")), p.name)
+
+
+def format_report(rows: list[dict]) -> str:
+    """A plain-text table of ``collect``'s rows."""
+    header = ("run", "rank", "diag", "params", "ratio", "metric", "dense", "before", "after", "time")
+    body = [(r["run"], "-" if r["rank"] is None else str(r["rank"]), "yes" if r["diag"] else "no",
+             f"{r['params']:,}" if r["params"] else "-", f"{r['ratio']:.2f}x" if r["ratio"] else "-",
+             f"{r['split']} {r['metric']}", _fmt(r["dense"]), _fmt(r["before"]), _fmt(r["after"]),
+             f"{r['wall_time']:.0f}s" if r["wall_time"] is not None else "-") for r in rows]
+    note = "before: converted, not yet fine-tuned; after: fine-tuned (best validation weights)"
+    return "\n".join(format_table(header, body, right={1, 3, 4, 6, 7, 8, 9}) + [note])
+
+
+def write_csv(rows: list[dict], path: str | os.PathLike) -> Path:
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=REPORT_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    path = Path(path)
+    _write_text(path, buffer.getvalue())
+    return path
+
+
+def plot(rows: list[dict], path: str | os.PathLike) -> Path:
+    """Parameters against the metric, before and after fine-tuning (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise LRCompressError("plotting needs matplotlib: pip install 'lrcompress[plot]'") from None
+    points = [r for r in rows if r["params"] and r["after"] is not None]
+    if not points:
+        raise LRCompressError("nothing to plot: no run has a parameter count and a metric")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for diag, marker in ((False, "o"), (True, "s")):
+        group = sorted((r for r in points if bool(r["diag"]) == diag), key=lambda r: r["params"])
+        if not group:
+            continue
+        label = "low-rank + diagonal" if diag else "low-rank"
+        line, = ax.plot([r["params"] for r in group], [r["after"] for r in group], marker=marker,
+                        label=f"{label}, fine-tuned")
+        before = [(r["params"], r["before"]) for r in group if r["before"] is not None]
+        if before:
+            ax.plot(*zip(*before), marker=marker, linestyle=":", alpha=0.5, color=line.get_color(),
+                    label=f"{label}, converted")
+        for r in group:
+            ax.annotate(str(r["rank"]), (r["params"], r["after"]), textcoords="offset points", xytext=(3, 3),
+                        fontsize=7)
+    dense = [r["dense"] for r in points if r["dense"] is not None]
+    if dense:
+        ax.axhline(dense[0], color="grey", linestyle="--", label="dense")
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters")
+    ax.set_ylabel(f"{points[0]['split']} {points[0]['metric']}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+__all__ = ["build", "collect", "finetune", "format_report", "plot", "point_name", "row", "sweep", "train_recipe",
+           "write_csv"]

@@ -1,0 +1,252 @@
+"""The paper's training stabilisers, as plain functions and one hook object for any loop.
+
+- gradient clipping, element-wise (``clamp(g, -c, c)``) or by global norm (``g c / max(|g|, c)``);
+- non-finite detection *before* the update, from the global gradient norm (one ``.item()``),
+  with a recovery policy: ``skip`` the update, ``decay`` (the authors' code: every gradient
+  becomes ``0.1 * parameter``, a weight-decay step), or ``restore`` the last good state;
+- weight normalisation (Salimans & Kingma) of the factor matrices and of the input matrices
+  of factored recurrent layers: trainable row scales, except fixed ones on the ``R``
+  projections (appendix A.2);
+- the row max-norm constraint on the same matrices (10 in the paper), after each update.
+
+In your own loop::
+
+    stab = Stabiliser(model, optimizer, clip="norm", clip_value=1.0, nan_policy="skip", max_row_norm=10)
+    loss.backward()
+    if stab.before_step():
+        optimizer.step()
+    stab.after_step()
+    optimizer.zero_grad()
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from ..errors import ConfigError
+from ..nn.rnn import FactoredRNN
+from ..parametrizations import LowRank
+
+CLIP_MODES = ("none", "element", "norm")
+NAN_POLICIES = ("skip", "decay", "restore", "none")
+DECAY_FACTOR = 0.1  # the authors' pseudo-gradient: 0.1 * parameter
+
+
+def grad_norm(params: Iterable[Tensor]) -> Tensor:
+    """Global L2 norm of the gradients, as a tensor (no host sync); NaN/Inf propagate."""
+    return _norm_of([p.grad for p in params if p.grad is not None])
+
+
+def _norm_of(grads: list[Tensor]) -> Tensor:
+    if not grads:
+        return torch.zeros(())
+    norms = [torch.linalg.vector_norm(g.detach(), dtype=torch.float32) for g in grads]
+    return torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
+
+
+def clip_gradients_(params: Iterable[Tensor], mode: str, value: float = 1.0, norm: Tensor | None = None) -> None:
+    """Clip gradients in place: ``element`` clamps each entry to ``[-value, value]``; ``norm``
+    rescales all by ``value / max(norm, value)`` (pass ``norm`` if already computed)."""
+    if mode not in CLIP_MODES:
+        raise ConfigError(f"clip must be one of {', '.join(CLIP_MODES)}, got {mode!r}")
+    grads = [p.grad for p in params if p.grad is not None]
+    if mode == "none" or not grads:
+        return
+    if not value > 0:
+        raise ConfigError(f"clip_value must be positive, got {value!r}")
+    if mode == "element":
+        for g in grads:
+            g.clamp_(-value, value)
+        return
+    if norm is None:
+        norm = _norm_of(grads)
+    scale = (value / norm.clamp(min=value)).to(grads[0].dtype)
+    for g in grads:
+        g.mul_(scale.to(g.device))
+
+
+def decay_gradients_(params: Iterable[Tensor], factor: float = DECAY_FACTOR) -> None:
+    """Replace every gradient by ``factor * parameter``: the authors' recovery from a bad step."""
+    with torch.no_grad():
+        for p in params:
+            if p.grad is not None:
+                p.grad.copy_(p.detach() * factor)
+
+
+class Stabiliser:
+    """Clipping, non-finite recovery and the max-norm constraint around ``optimizer.step()``.
+
+    ``before_step()`` returns whether to step; ``after_step()`` applies the row max-norm;
+    ``remember()`` records the state ``restore`` goes back to (call it after a good evaluation).
+    ``nan_events`` counts non-finite gradient norms seen.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *, clip: str = "none",
+                 clip_value: float = 1.0, nan_policy: str = "skip", max_row_norm: float = 0.0):
+        if clip not in CLIP_MODES:
+            raise ConfigError(f"clip must be one of {', '.join(CLIP_MODES)}, got {clip!r}")
+        if nan_policy not in NAN_POLICIES:
+            raise ConfigError(f"nan_policy must be one of {', '.join(NAN_POLICIES)}, got {nan_policy!r}")
+        if clip != "none" and not clip_value > 0:
+            raise ConfigError(f"clip_value must be positive, got {clip_value!r}")
+        if max_row_norm < 0:
+            raise ConfigError(f"max_row_norm must be >= 0 (0 = off), got {max_row_norm!r}")
+        if nan_policy == "restore" and optimizer is None:
+            raise ConfigError("nan_policy 'restore' needs the optimizer (its state is restored too)")
+        self.model, self.optimizer = model, optimizer
+        self.clip, self.clip_value, self.nan_policy, self.max_row_norm = clip, clip_value, nan_policy, max_row_norm
+        self.nan_events = 0
+        self.last_norm: Tensor | None = None
+        self._good: dict | None = None
+
+    def params(self) -> list[Tensor]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def check(self) -> bool:
+        """Whether the gradients are finite (computes the global norm; one host sync)."""
+        self.last_norm = grad_norm(self.params())
+        return math.isfinite(self.last_norm.item())
+
+    def before_step(self) -> bool:
+        """Check, recover or clip the gradients; ``False`` means: do not call ``optimizer.step()``."""
+        if self.nan_policy != "none":
+            if not self.check():
+                self.nan_events += 1
+                return self.recover(self.params())
+        else:
+            self.last_norm = None
+        self.clip_()
+        return True
+
+    def clip_(self) -> None:
+        """Clip the gradients (by global norm: reusing the norm ``check`` computed)."""
+        clip_gradients_(self.params(), self.clip, self.clip_value, self.last_norm)
+
+    def recover(self, params: list[Tensor]) -> bool:
+        if self.nan_policy == "decay":
+            decay_gradients_(params)  # not clipped, as in the authors' code
+            return True
+        if self.nan_policy == "restore" and self._good is not None:
+            self.model.load_state_dict(self._good["model"])
+            self.optimizer.load_state_dict(copy.deepcopy(self._good["optimizer"]))
+        for p in params:
+            p.grad = None
+        return False
+
+    def after_step(self) -> None:
+        if self.max_row_norm:
+            max_row_norm_(self.model, self.max_row_norm)
+
+    def remember(self) -> None:
+        """Record the current model and optimiser state as the one ``restore`` returns to."""
+        if self.nan_policy != "restore":
+            return
+        model = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self._good = {"model": model, "optimizer": copy.deepcopy(self.optimizer.state_dict())}
+
+
+class WeightNorm(nn.Module):
+    """Parametrization ``w = g * v / |v|`` row by row (last dimension), Salimans & Kingma.
+
+    With ``scale`` given the row scales are a fixed buffer (the paper's projections);
+    otherwise ``g`` is trainable. Registration keeps ``w`` unchanged (``g = |w|``, ``v = w``).
+    """
+
+    def __init__(self, scale: Tensor | None = None):
+        super().__init__()
+        self.fixed = scale is not None
+        if self.fixed:
+            self.register_buffer("scale", scale.detach().clone())
+
+    def forward(self, *tensors: Tensor) -> Tensor:
+        g, v = (self.scale, tensors[0]) if self.fixed else tensors
+        return g.unsqueeze(-1) * v / row_norms(v).unsqueeze(-1)
+
+    def right_inverse(self, w: Tensor):
+        return w if self.fixed else (row_norms(w), w)
+
+
+def row_norms(t: Tensor) -> Tensor:
+    return torch.linalg.vector_norm(t, dim=-1).clamp_min(torch.finfo(t.dtype).tiny)
+
+
+def factor_lists(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``(name, ParametrizationList)`` of every lrcompress-factored weight of ``model``."""
+    for mod_name, module in model.named_modules():
+        for weight, plist in getattr(module, "parametrizations", {}).items():
+            if isinstance(plist[0], LowRank):
+                yield (f"{mod_name}.{weight}" if mod_name else weight), plist
+
+
+def constrained_matrices(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, bool]]:
+    """The matrices appendix A.2 normalises and max-norms: ``(name, owner, attribute,
+    trainable_scale)`` for each factor ``L`` (trainable scale), each factor ``R`` (a projection:
+    fixed scale) and, in factored recurrent layers, each dense input matrix (trainable scale).
+    Diagonals, biases and the output layer are left alone."""
+    for name, plist in factor_lists(model):
+        yield f"{name}.L", plist, "original0", True
+        yield f"{name}.R", plist, "original1", False
+    for mod_name, module in model.named_modules():
+        if isinstance(module, FactoredRNN):
+            for weight in module._flat_weights_names:
+                factored = parametrize.is_parametrized(module, weight) and isinstance(
+                    module.parametrizations[weight][0], LowRank)
+                if weight.startswith("weight_ih") and not factored:
+                    yield (f"{mod_name}.{weight}" if mod_name else weight), module, weight, True
+
+
+def weight_norm(model: nn.Module) -> list[str]:
+    """Weight-normalise the matrices of ``constrained_matrices`` (appendix A.2): ``w = g v/|v|``
+    per row, ``g`` trainable except on the ``R`` projections. The model's function is
+    unchanged. Returns the matrices' names; ``remove_weight_norm`` folds them back (needed
+    before ``lrcompress.save_model``).
+
+    >>> weight_norm(LowRankGRU(4, 8, rank=2))  # doctest: +SKIP
+    ['weight_hh_l0.L', 'weight_hh_l0.R', 'weight_ih_l0']
+    """
+    names = []
+    for name, owner, attr, trainable in list(constrained_matrices(model)):
+        if _normalised(owner, attr):
+            continue
+        scale = None if trainable else row_norms(getattr(owner, attr).detach())
+        parametrize.register_parametrization(owner, attr, WeightNorm(scale))
+        names.append(name)
+    return names
+
+
+def remove_weight_norm(model: nn.Module) -> nn.Module:
+    """Fold weight normalisation back into plain tensors (values unchanged). In place."""
+    for _, owner, attr, _ in list(constrained_matrices(model)):
+        if _normalised(owner, attr):
+            parametrize.remove_parametrizations(owner, attr, leave_parametrized=True)
+    return model
+
+
+def has_weight_norm(model: nn.Module) -> bool:
+    return any(_normalised(owner, attr) for _, owner, attr, _ in constrained_matrices(model))
+
+
+def _normalised(owner: nn.Module, attr: str) -> bool:
+    return parametrize.is_parametrized(owner, attr) and isinstance(owner.parametrizations[attr][0], WeightNorm)
+
+
+@torch.no_grad()
+def max_row_norm_(model: nn.Module, max_norm: float = 10.0) -> None:
+    """Clip the row norms of the matrices of ``constrained_matrices`` at ``max_norm``, in place.
+
+    For a weight-normalised matrix the row norm is its scale, which is clamped instead.
+    """
+    for _, owner, attr, _ in constrained_matrices(model):
+        if _normalised(owner, attr):
+            wn = owner.parametrizations[attr]
+            scale = wn[0].scale if wn[0].fixed else wn.original0
+            scale.clamp_(-max_norm, max_norm)
+        else:
+            t = getattr(owner, attr)
+            t.mul_((max_norm / row_norms(t)).clamp_(max=1.0).unsqueeze(-1))
