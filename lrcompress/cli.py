@@ -226,3 +226,15 @@ app.command(epilog="Example:  lrcompress train recipes/addition-gru-small.toml -
 app.command(epilog="Example:  lrcompress finetune runs/dense --rank 24 --diag --out runs/lrd24 --steps 2000")(finetune)
 app.command(epilog="Example:  lrcompress sweep runs/dense --ranks 4,8,16,24,48 --both-diag --out runs/sweep")(sweep)
 app.command(epilog="Example:  lrcompress report runs/sweep --csv sweep.csv --plot sweep.png")(report)
+
+
+@app.command(epilog="Example:  lrcompress demo --out runs/demo")
+def demo(
+    out: Annotated[Path, typer.Option("--out", help="Run directory (replaced if it exists).")] = Path("runs/demo"),
+    steps: Annotated[int, typer.Option(help="Training updates of the dense model.")] = 2000,
+    finetune_steps: Annotated[int, typer.Option(help="Fine-tuning updates per compressed model.")] = 400,
+) -> None:
+    """Train a small GRU on an embedded task, compress it at several ranks, fine-tune, report."""
+    from .demo import run_demo
+
+    run_demo(out, steps=steps, finetune_steps=finetune_steps, echo=typer.echo)
