@@ -7,6 +7,7 @@
 from .version import __version__
 from .config import CompressionConfig, RankRule, TargetSpec
 from .convert import apply, compress, count_params, merge
+from .execution import accelerate
 from .errors import (ConfigError, FormatError, LRCompressError, OutputExistsError, RankError, TargetError,
                      WeightError)
 from .factorize import fit_low_rank, fit_low_rank_plus_diagonal
@@ -17,6 +18,6 @@ from .report import Report
 __all__ = [
     "CompressionConfig", "ConfigError", "FormatError", "LRCompressError", "LowRank", "LowRankPlusDiagonal",
     "OutputExistsError", "RankError", "RankRule", "Report", "TargetError", "TargetSpec", "WeightError",
-    "__version__", "apply", "compress", "count_params", "fit_low_rank", "fit_low_rank_plus_diagonal",
+    "__version__", "accelerate", "apply", "compress", "count_params", "fit_low_rank", "fit_low_rank_plus_diagonal",
     "load_model", "low_rank", "merge", "save_model",
 ]

@@ -21,6 +21,12 @@ class FactoredRNN:
     _dense_class: type[nn.RNNBase]
 
     def forward(self, input, hx=None):
+        # lrcompress.accelerate() attaches a factored execution; it answers None to use this path.
+        accelerated = self.__dict__.get("_lrc_acceleration")
+        if accelerated is not None:
+            result = accelerated.run(self, input, hx)
+            if result is not None:
+                return result
         # RNNBase.forward reads every weight twice (change check, then refresh) and would try to
         # flatten them in place on CUDA; caching makes one rebuild per call, and pre-seeding the
         # refs means RNNBase sees no change and never touches the rebuilt tensors.

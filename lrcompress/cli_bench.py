@@ -1,0 +1,80 @@
+"""``lrcompress bench``: dense module vs dense rebuild vs factored loop, side by side."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import torch
+import typer
+
+from .errors import ConfigError, FormatError, LRCompressError
+from .io import read_safetensors, specs_from_metadata
+
+EPILOG = ("Examples:  lrcompress bench model.lr.safetensors --batch 1 --seq 200 --device cuda  |  "
+          "lrcompress bench --synthetic gru:4096:64:diag --input 51 --seq 50")
+
+
+def bench(
+    path: Annotated[Optional[Path], typer.Argument(help="A compressed .safetensors file (or use --synthetic).")] = None,
+    synthetic: Annotated[Optional[str], typer.Option(
+        "--synthetic", help="Benchmark a random layer KIND:HIDDEN:RANK[:diag][:tied] instead of a file, "
+                            "e.g. gru:4096:64:diag.")] = None,
+    input_size: Annotated[int, typer.Option("--input", help="Input features of a --synthetic layer.")] = 51,
+    batch: Annotated[int, typer.Option("--batch", "-b", help="Sequences per call.")] = 1,
+    seq: Annotated[int, typer.Option("--seq", "-T", help="Time steps per call.")] = 200,
+    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
+    rounds: Annotated[int, typer.Option(help="Timed calls of each path (median reported).")] = 5,
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads while timing (default: PyTorch's setting).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of a table.")] = False,
+) -> None:
+    """Time each factored recurrent layer: dense nn module, rebuilt weights, factored loop."""
+    from .execution.timing import recurrent_layers, synthetic_layer, time_layer
+
+    if (path is None) == (synthetic is None):
+        raise ConfigError("give either a compressed file or --synthetic KIND:HIDDEN:RANK")
+    for name, value in (("--batch", batch), ("--seq", seq), ("--rounds", rounds), ("--threads", threads or 1)):
+        if value < 1:
+            raise ConfigError(f"{name} must be a positive integer, got {value}")
+    target = _device(device)
+    if synthetic is not None:
+        layers = {"synthetic": synthetic_layer(synthetic, input_size)}
+    else:
+        tensors, meta = read_safetensors(path)
+        specs = specs_from_metadata(meta, path)
+        if not specs:
+            raise FormatError(f"{path} is not an lrcompress file (no factorization in its metadata)")
+        layers = recurrent_layers(tensors, specs)
+    results = [time_layer(m, batch=batch, steps=seq, device=target, rounds=rounds, name=n or "<root>",
+                          threads=threads) for n, m in layers.items()]
+    if as_json:
+        typer.echo(json.dumps({"device": _device_name(target), "threads": threads or torch.get_num_threads(),
+                               "layers": [r.to_dict() for r in results]}))
+        return
+    typer.echo(f"device {_device_name(target)}, batch {batch}, {seq} steps, median of {rounds} rounds, "
+               f"{threads or torch.get_num_threads()} CPU threads")
+    header = ("layer", "shape", "dense ms", "rebuilt ms", "factored ms", "dense/fact", "rebuilt/fact", "auto")
+    rows = [(r.name, r.shape, f"{r.dense_ms:.2f}", f"{r.rebuilt_ms:.2f}", f"{r.factored_ms:.2f}",
+             f"{r.speedup:.1f}x", f"{r.rebuilt_ms / r.factored_ms:.1f}x", r.auto) for r in results]
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        typer.echo("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+
+
+def _device(text: str) -> torch.device:
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise ConfigError(f"--device must be cpu, cuda or cuda:N, got {text!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LRCompressError(f"--device {text}: CUDA is not available on this machine")
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device must be cpu, cuda or cuda:N, got {text!r}")
+    return device
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return "cpu"

@@ -1,0 +1,300 @@
+"""``accelerate``: attach the factored execution to every factored recurrent layer of a model.
+
+An accelerated layer decides at each call whether to run the factored loop or the dense
+rebuild (the converter's default: rebuild W, then cuDNN/oneDNN): ``mode="auto"`` asks the cost
+model for this batch, length and device, ``"factored"`` and ``"dense"`` force one. Layers in
+training mode keep the dense rebuild (training speed is that of cuDNN) unless
+``training=True``. Any input the factored loop does not handle goes to the dense path, which
+then computes (or rejects) it exactly as before.
+
+    >>> model = lrc.load_model(MyModel(), "small.safetensors").eval()  # doctest: +SKIP
+    >>> lrc.accelerate(model)                                          # doctest: +SKIP
+    >>> out, h = model.rnn(x)                                          # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
+
+from ..errors import ConfigError, TargetError
+from ..nn.rnn import FactoredRNN
+from ..parametrizations import factorization
+from . import cuda, loops
+from .cost import PROFILES, Estimate, Profile, WeightShape, estimate
+from .ops import Cell, Op, prepare, version
+from .runner import forward, layers
+
+MODES = ("auto", "factored", "dense")
+# Multiply-adds per step below which threads="auto" runs the CPU loop on one thread.
+SMALL_STEP = 2_000_000
+ATTRIBUTE = "_lrc_acceleration"
+
+
+def accelerate(model: nn.Module, mode: str = "auto", *, training: bool = False, cuda_graphs: bool = True,
+               threads: int | str | None = "auto", profile: Profile | None = None) -> nn.Module:
+    """Give every factored GRU/LSTM/RNN of ``model`` the factored execution path. In place.
+
+    ``mode``: ``"auto"`` (the cost model picks per layer and per call), ``"factored"`` or
+    ``"dense"`` (the plain rebuild-then-cuDNN path, as if never accelerated). ``training=True``
+    also uses the chosen path in training mode (default: dense there). ``cuda_graphs`` replays
+    the factored loop as CUDA graphs on GPU. ``threads``: intra-op threads of the factored loop on
+    CPU. An int sets them, None keeps PyTorch's setting, ``"auto"`` uses 1 when a step is small
+    (below ``SMALL_STEP`` multiply-adds, e.g. batch 1 at n=4096, d=64), where a thread hand-off
+    per op costs more than the op and on a busy machine far more. PyTorch's setting is restored
+    after each call (it is process-wide: other Python threads see it meanwhile). ``profile`` replaces the device speeds of the cost
+    model (see ``measure_profile``). Returns ``model``.
+
+    >>> gru = accelerate(LowRankGRU(51, 1024, rank=64).eval())
+    >>> out, h = gru(torch.zeros(50, 1, 51))
+    """
+    if mode not in MODES:
+        raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if threads not in (None, "auto") and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ConfigError(f"threads must be a positive int, 'auto' or None, got {threads!r}")
+    layers_found = [m for m in model.modules() if isinstance(m, FactoredRNN)]
+    if not layers_found:
+        raise TargetError(f"{type(model).__name__} has no factored recurrent layer to accelerate "
+                          "(compress it or load a compressed file first)")
+    for module in layers_found:
+        if mode == "dense":
+            module.__dict__.pop(ATTRIBUTE, None)
+            continue
+        setattr(module, ATTRIBUTE, Acceleration(mode, training=training, cuda_graphs=cuda_graphs, threads=threads,
+                                                  profile=profile))
+        release_dense_copies(module)
+    return model
+
+
+def acceleration(module: nn.Module) -> "Acceleration | None":
+    """The acceleration attached to a layer by ``accelerate``, or None."""
+    return module.__dict__.get(ATTRIBUTE)
+
+
+@dataclass
+class LayerPlan:
+    """What ``auto`` picks for one layer at a given batch, length and device."""
+
+    name: str
+    shapes: list[WeightShape]
+    estimate: Estimate
+
+    @property
+    def choice(self) -> str:
+        return self.estimate.choice
+
+
+def plan(model: nn.Module, *, batch: int, steps: int, device: str = "cpu", graphs: bool = True,
+         profile: Profile | None = None) -> list[LayerPlan]:
+    """The cost model's estimate and choice for every factored recurrent layer of ``model``."""
+    out = []
+    for name, module in model.named_modules():
+        if isinstance(module, FactoredRNN):
+            with torch.no_grad():
+                cells = prepare_all(module)
+            out.append(LayerPlan(name, weight_shapes(cells),
+                                 estimate_module(module, cells, batch, steps, device, graphs, profile)))
+    return out
+
+
+class Acceleration:
+    """A layer's execution choice, its prepared weights (per weight version) and CUDA graphs."""
+
+    def __init__(self, mode: str = "auto", *, training: bool = False, cuda_graphs: bool = True,
+                 threads: int | str | None = "auto", profile: Profile | None = None):
+        self.mode, self.training, self.cuda_graphs, self.profile = mode, training, cuda_graphs, profile
+        self.threads = threads
+        self._cells: list[Cell] | None = None
+        self._macs = 0  # step_macs of _cells
+        self._version: tuple | None = None
+        self._choices: dict[tuple, str] = {}
+        self._graphs = cuda.Graphs()
+
+    def __repr__(self) -> str:
+        return f"Acceleration(mode={self.mode!r}, training={self.training}, cuda_graphs={self.cuda_graphs})"
+
+    def settings(self) -> dict:
+        return {"training": self.training, "cuda_graphs": self.cuda_graphs, "threads": self.threads,
+                "profile": self.profile}
+
+    def __getstate__(self) -> dict:  # caches hold CUDA graphs, which neither copy nor pickle
+        return {"mode": self.mode, **self.settings()}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state)
+
+    def __deepcopy__(self, memo) -> "Acceleration":
+        return Acceleration(self.mode, **self.settings())
+
+    def run(self, module: nn.RNNBase, input, hx):
+        """The factored ``module(input, hx)``, or None when the dense path should run instead."""
+        if self.mode == "dense" or (module.training and not self.training) or not supported(module, input, hx):
+            return None
+        packed = isinstance(input, PackedSequence)
+        x = input.data if packed else input
+        grad = torch.is_grad_enabled() and (_requires_grad(input, hx) or any(
+            p.requires_grad for p in module.parameters()))
+        cells = prepare_all(module) if grad else self.cells(module)
+        use_graph = self.cuda_graphs and not grad and not packed and not module.training and cuda.usable(x)
+        if self.mode == "auto":
+            batch, steps = _batch_steps(module, input)
+            key = (batch, steps, x.device.type, use_graph, x.dtype)
+            if key not in self._choices:
+                if len(self._choices) > 1024:  # streaming with ever new chunk lengths: stay bounded
+                    self._choices.clear()
+                self._choices[key] = estimate_module(module, cells, batch, steps, x.device.type, use_graph,
+                                                     self.profile, x.element_size()).choice
+            if self._choices[key] == "dense":
+                return None
+        release_dense_copies(module)
+        recur = self._graph_recurrence(module, cells) if use_graph else None
+        if x.is_cuda or recur is not None:  # graph capture needs the plain loop (no TorchScript fusers)
+            return forward(module, input, hx, cells, loops.PLAIN, recur)
+        previous, threads = torch.get_num_threads(), self.threads
+        if threads == "auto":
+            macs = self._macs if cells is self._cells else step_macs(cells)
+            threads = 1 if _batch_steps(module, input)[0] * macs < SMALL_STEP else None
+        if threads and threads != previous:
+            torch.set_num_threads(threads)
+        try:
+            return forward(module, input, hx, cells, loops.scripted())
+        finally:
+            if torch.get_num_threads() != previous:
+                torch.set_num_threads(previous)
+
+    def cells(self, module: nn.RNNBase) -> list[Cell]:
+        """Prepared weights, rebuilt only when a weight changed since the last call."""
+        key = version(module)
+        if key != self._version:
+            with torch.no_grad():
+                self._cells = prepare_all(module)
+            self._macs = step_macs(self._cells)
+            self._version = key
+            self._graphs.clear()  # they read the previous cells
+        return self._cells
+
+    def _graph_recurrence(self, module: nn.RNNBase, cells: list[Cell]):
+        def recur(x: Tensor, sizes: list[int], h0: Tensor, c0: Tensor | None):
+            def run(*t):
+                return layers(module, cells, loops.PLAIN, t[0], sizes, t[1], t[2] if len(t) > 2 else None)
+
+            inputs = (x, h0) if c0 is None else (x, h0, c0)
+            key = tuple((tuple(t.shape), t.dtype, t.device) for t in inputs) + (len(sizes),)
+            return self._graphs.run(key, run, inputs, keep=cells)
+
+        return recur
+
+
+def prepare_all(module: nn.RNNBase) -> list[Cell]:
+    directions = 2 if module.bidirectional else 1
+    return [prepare(module, layer, d) for layer in range(module.num_layers) for d in range(directions)]
+
+
+def step_macs(cells: list[Cell]) -> int:
+    """Multiply-adds of one step of the factored loop, per sequence, over all layers and directions."""
+    return sum(w.factored_macs() for w in weight_shapes(cells) if w.recurrent)
+
+
+def weight_shapes(cells: list[Cell]) -> list[WeightShape]:
+    """The cost model's view of every weight of the prepared cells."""
+    shapes = []
+    for cell in cells:
+        for op, recurrent in ((cell.ih, False), (cell.hh, True), (cell.hr, True)):
+            if op is not None:
+                shapes.append(_shape(op, recurrent))
+    return shapes
+
+
+def _shape(op: Op, recurrent: bool) -> WeightShape:
+    g = op.gates
+    if not op.factored:
+        cols, total = op.dense.shape
+        return WeightShape(g, total // g, cols, recurrent=recurrent)
+    tied = op.left.dim() == 2
+    rank = op.left.shape[0] if tied else op.left.shape[1]
+    rows = op.left.shape[1] // g if tied else op.left.shape[2]
+    return WeightShape(g, rows, op.right.shape[0], rank, tied, op.diag is not None, recurrent)
+
+
+def estimate_module(module: nn.RNNBase, cells: list[Cell], batch: int, steps: int, device: str, graphs: bool,
+                    profile: Profile | None = None, itemsize: int = 4) -> Estimate:
+    name = "cpu" if device == "cpu" else ("cuda" if graphs else "cuda-eager")
+    return estimate(weight_shapes(cells), batch=batch, steps=steps, itemsize=itemsize, directions=len(cells),
+                    profile=profile or PROFILES.get(name, PROFILES["cpu"]))
+
+
+def release_dense_copies(module: nn.RNNBase) -> None:
+    """Drop the dense rebuilds ``nn.RNNBase`` keeps in ``_flat_weights``: the factored path never
+    reads them and the dense path rebuilds them per call. At n=4096 they hold 200 MB per layer."""
+    names = module._flat_weights_names
+    if any(w is not None and factorization(module, n) is not None for w, n in zip(module._flat_weights, names)):
+        module._flat_weights = [None if factorization(module, n) is not None else w
+                                for w, n in zip(module._flat_weights, names)]
+
+
+def supported(module: nn.RNNBase, input, hx) -> bool:
+    """Whether the factored loop handles this call; anything else runs (or fails) on the dense path."""
+    if torch.jit.is_scripting() or torch.jit.is_tracing() or _compiling():
+        return False
+    if getattr(module, "gru_form", "cudnn") != "cudnn":  # the loops implement nn.GRU's eq. 7 only
+        return False
+    packed = isinstance(input, PackedSequence)
+    x = input.data if packed else input
+    if not isinstance(x, Tensor) or x.dim() not in ((2,) if packed else (2, 3)):
+        return False
+    weight = next(module.parameters())
+    if x.dtype != weight.dtype or x.device != weight.device or x.numel() == 0 or x.shape[-1] != module.input_size:
+        return False
+    if _autocast(x.device.type):
+        return False
+    return hx is None or _state_matches(module, input, hx, weight)
+
+
+def _state_matches(module: nn.RNNBase, input, hx, weight: Tensor) -> bool:
+    batch, _ = _batch_steps(module, input)
+    stacks = module.num_layers * (2 if module.bidirectional else 1)
+    out_size = module.proj_size if getattr(module, "proj_size", 0) > 0 else module.hidden_size
+    batched = isinstance(input, PackedSequence) or input.dim() == 3
+    expected = [(stacks, batch, out_size)]
+    if module.mode == "LSTM":
+        if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+            return False
+        expected.append((stacks, batch, module.hidden_size))
+        states = list(hx)
+    else:
+        states = [hx]
+    for t, shape in zip(states, expected):
+        if not isinstance(t, Tensor) or t.dtype != weight.dtype or t.device != weight.device:
+            return False
+        if tuple(t.shape) != (shape if batched else (shape[0], shape[2])):
+            return False
+    return True
+
+
+def _batch_steps(module: nn.RNNBase, input) -> tuple[int, int]:
+    if isinstance(input, PackedSequence):
+        return int(input.batch_sizes[0]), len(input.batch_sizes)
+    if input.dim() == 2:
+        return 1, input.shape[0]
+    return (input.shape[0], input.shape[1]) if module.batch_first else (input.shape[1], input.shape[0])
+
+
+def _requires_grad(input, hx) -> bool:
+    x = input.data if isinstance(input, PackedSequence) else input
+    states = hx if isinstance(hx, (tuple, list)) else (hx,)
+    return x.requires_grad or any(isinstance(t, Tensor) and t.requires_grad for t in states)
+
+
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
+
+
+def _autocast(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # PyTorch < 2.4 takes no device type
+        return torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()

@@ -1,0 +1,152 @@
+"""The recurrence, one step at a time, on precomputed input projections.
+
+Sequences are in *rows* layout: the rows of step ``t`` are ``start[t] : start[t] + sizes[t]`` of a
+``(rows, features)`` tensor (time-major padded batches have ``sizes = [B] * T``; a PackedSequence
+has decreasing sizes). Gate pre-activations are ``(G, rows, m)`` views. Each step multiplies the
+hidden state by the recurrent ``Op`` (``h R^T``, then ``L``, plus the diagonal) and applies the
+gates; only the rows still active move, so the final state of every sequence is its own last
+step, in either direction. The functions are TorchScript-compatible: ``scripted()`` compiles them
+once (less interpreter overhead per step) and falls back to plain Python if that fails.
+
+    >>> out, h = gru_layer(gi, h0, [1] * 5, False, None, right, left, None, bias)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from typing import Callable, List, NamedTuple, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+
+def gates(x: Tensor, count: int, dense: Optional[Tensor], right: Optional[Tensor], left: Optional[Tensor],
+          diag: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+    """``blocks(x W^T + b)`` as a (G, rows, m) view, from ``W^T`` or from the factors."""
+    rows = x.shape[0]
+    if dense is not None:
+        out = torch.mm(x, dense) if bias is None else torch.addmm(bias, x, dense)
+        return out.view(rows, count, -1).transpose(0, 1)
+    assert right is not None and left is not None
+    xr = torch.mm(x, right)
+    if left.dim() == 2:  # tied: one (rows, d) product feeds every gate
+        out = torch.mm(xr, left) if bias is None else torch.addmm(bias, xr, left)
+        out = out.view(rows, count, -1).transpose(0, 1)
+    else:
+        xr3 = xr.view(rows, count, -1).transpose(0, 1)
+        out = torch.bmm(xr3, left) if bias is None else torch.baddbmm(bias, xr3, left)
+    if diag is not None:
+        out = torch.addcmul(out, diag, x)
+    return out
+
+
+def starts_of(sizes: List[int]) -> List[int]:
+    starts: List[int] = []
+    total = 0
+    for s in sizes:
+        starts.append(total)
+        total += s
+    return starts
+
+
+def carry(new: Tensor, old: Tensor) -> Tensor:
+    """The state after a step in which only the first ``len(new)`` rows moved."""
+    return new if new.shape[0] == old.shape[0] else torch.cat([new, old[new.shape[0]:]], 0)
+
+
+def collect(pieces: List[Tensor], reverse: bool) -> Tensor:
+    """Per-step outputs (in processing order) as rows in time order: one copy at the end, cheaper
+    than a copy per step, and it keeps the autograd graph."""
+    if reverse:
+        pieces = [pieces[len(pieces) - 1 - i] for i in range(len(pieces))]
+    return torch.cat(pieces, 0)
+
+
+def gru_layer(gi: Tensor, h: Tensor, sizes: List[int], reverse: bool,
+              dense: Optional[Tensor], right: Optional[Tensor], left: Optional[Tensor],
+              diag: Optional[Tensor], bias: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """nn.GRU over one layer and direction: r and z gate, ``n = tanh(gi_n + r * (W_hn h + b_hn))``."""
+    starts = starts_of(sizes)
+    steps = len(sizes)
+    pieces: List[Tensor] = []
+    for k in range(steps):
+        t = steps - 1 - k if reverse else k
+        s, b = starts[t], sizes[t]
+        hb = h if b == h.shape[0] else h[:b]
+        g = gi.narrow(1, s, b)
+        g_r, g_z, g_n = g.unbind(0)
+        h_r, h_z, h_n = gates(hb, 3, dense, right, left, diag, bias).unbind(0)
+        r = torch.sigmoid(g_r + h_r)
+        z = torch.sigmoid(g_z + h_z)
+        new = torch.lerp(torch.tanh(torch.addcmul(g_n, r, h_n)), hb, z)
+        pieces.append(new)
+        h = carry(new, h)
+    return collect(pieces, reverse), h
+
+
+def lstm_layer(gi: Tensor, h: Tensor, c: Tensor, sizes: List[int], reverse: bool,
+               dense: Optional[Tensor], right: Optional[Tensor], left: Optional[Tensor],
+               diag: Optional[Tensor], bias: Optional[Tensor],
+               p_dense: Optional[Tensor], p_right: Optional[Tensor], p_left: Optional[Tensor],
+               projected: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """nn.LSTM over one layer and direction, gates i, f, g, o; ``h = W_hr (o * tanh(c))`` if projected."""
+    starts = starts_of(sizes)
+    steps = len(sizes)
+    pieces: List[Tensor] = []
+    for k in range(steps):
+        t = steps - 1 - k if reverse else k
+        s, b = starts[t], sizes[t]
+        pre = gi.narrow(1, s, b) + gates(h if b == h.shape[0] else h[:b], 4, dense, right, left, diag, bias)
+        i, f, _, o = torch.sigmoid(pre).unbind(0)  # the g slot is wasted: cheaper than 3 calls
+        cell = torch.addcmul(f * (c if b == c.shape[0] else c[:b]), i, torch.tanh(pre[2]))
+        new = o * torch.tanh(cell)
+        if projected:
+            new = gates(new, 1, p_dense, p_right, p_left, None, None)[0]
+        pieces.append(new)
+        h = carry(new, h)
+        c = carry(cell, c)
+    return collect(pieces, reverse), h, c
+
+
+def rnn_layer(gi: Tensor, h: Tensor, sizes: List[int], reverse: bool, relu: bool,
+              dense: Optional[Tensor], right: Optional[Tensor], left: Optional[Tensor],
+              diag: Optional[Tensor], bias: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """nn.RNN over one layer and direction: ``h = act(gi + W_hh h + b_hh)``, tanh or relu."""
+    starts = starts_of(sizes)
+    steps = len(sizes)
+    pieces: List[Tensor] = []
+    for k in range(steps):
+        t = steps - 1 - k if reverse else k
+        s, b = starts[t], sizes[t]
+        pre = gi[0].narrow(0, s, b) + gates(h if b == h.shape[0] else h[:b], 1, dense, right, left, diag, bias)[0]
+        new = torch.relu(pre) if relu else torch.tanh(pre)
+        pieces.append(new)
+        h = carry(new, h)
+    return collect(pieces, reverse), h
+
+
+
+class Loops(NamedTuple):
+    gru: Callable
+    lstm: Callable
+    rnn: Callable
+
+
+PLAIN = Loops(gru_layer, lstm_layer, rnn_layer)
+
+
+@functools.lru_cache(maxsize=None)
+def scripted() -> Loops:
+    """The loops compiled by TorchScript (once per process); plain Python when that fails or is
+    switched off with ``LRCOMPRESS_JIT=0``. TorchScript runs each step's ~10 small ops with about
+    half the per-op overhead of the Python interpreter, which matters for n ~ 1000 at batch 1."""
+    if os.environ.get("LRCOMPRESS_JIT", "1") == "0":
+        return PLAIN
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TorchScript's deprecation notice says nothing to act on
+            return Loops(*(torch.jit.script(f) for f in PLAIN))
+    except Exception:  # TorchScript missing, or unable to compile on this PyTorch: run them in Python
+        return PLAIN
