@@ -16,7 +16,7 @@ import typer
 from . import summary
 from .cli_bench import EPILOG as BENCH_EPILOG, bench
 from .cli_train import finetune, report, sweep, train
-from .config import CompressionConfig, RankValue
+from .config import CompressionConfig, RankValue, int_list
 from .convert import compress, compress_state_dict, merge_state_dict
 from .errors import ConfigError, FormatError, LRCompressError, OutputExistsError
 from .io import read_checkpoint, read_safetensors, specs_from_metadata, write_compressed, write_safetensors
@@ -104,7 +104,7 @@ def inspect(
     if specs:
         result = summary.compressed_summary(tensors, specs)
     else:
-        at = _int_list(ranks, "--ranks")
+        at = int_list(ranks, "--ranks")
         result = summary.spectra(tensors, at, include_input=include_input, targets=_split(targets))
     typer.echo(json.dumps(result.to_dict()) if as_json else str(result))
 
@@ -193,16 +193,6 @@ def _overrides(values: Optional[list[str]]) -> dict[str, RankValue]:
             raise ConfigError(f"--rank-for needs PATTERN=RANK, got {v!r}")
         out[pattern] = _rank_value(rank)
     return out
-
-
-def _int_list(text: str, option: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ConfigError(f"{option} must be a comma list of positive ints, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise ConfigError(f"{option} must be a comma list of positive ints, got {text!r}")
-    return values
 
 
 def _stem(path: Path) -> str:

@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .errors import ConfigError
+from .config import int_list
 
 Sets = Annotated[Optional[list[str]], typer.Option(
     "--set", "-s", help="Recipe override SECTION.KEY=VALUE, e.g. train.lr=1e-3 (repeatable).")]
@@ -93,7 +93,7 @@ def sweep(
     from .train.run import sweep as run_sweep
 
     overrides = _overrides(sets, steps=steps, batch_size=batch_size, device=device)
-    points = run_sweep(source, out, ranks=_ranks(ranks), diag=diag, both_diag=both_diag, tied=tied, recipe=recipe,
+    points = run_sweep(source, out, ranks=int_list(ranks, "--ranks"), diag=diag, both_diag=both_diag, tied=tied, recipe=recipe,
                        overrides=overrides, progress=progress, echo=_echo)
     if points and points[-1].get("stopped") == "interrupted":
         _echo(f"interrupted; run the same command again to continue the sweep in {out}")
@@ -138,16 +138,6 @@ def _rank(text: Optional[str]):
         except (TypeError, ValueError):
             pass
     return text
-
-
-def _ranks(text: str) -> list[int]:
-    try:
-        ranks = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ConfigError(f"--ranks must be a comma list of positive ints, got {text!r}") from None
-    if not ranks or min(ranks) < 1:
-        raise ConfigError(f"--ranks must be a comma list of positive ints, got {text!r}")
-    return ranks
 
 
 def _report_run(summary: dict, as_json: bool, resume_command: str) -> None:

@@ -80,6 +80,17 @@ def _number(text: str, shown: RankValue, where: str) -> int | float:
         raise ConfigError(f"{where} must be an int, a fraction or 'energy=F', got {shown!r}") from None
 
 
+def int_list(text: str, option: str) -> list[int]:
+    """``"4,8,16"`` -> ``[4, 8, 16]``; anything but a comma list of positive ints is a ConfigError."""
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise ConfigError(f"{option} must be a comma list of positive ints, got {text!r}")
+    return values
+
+
 def name_matches(pattern: str, name: str) -> bool:
     """Glob match on a dotted name; a pattern without wildcards also matches as a dotted suffix."""
     if any(c in pattern for c in "*?["):

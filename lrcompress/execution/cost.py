@@ -174,11 +174,16 @@ def _median_time(f, seconds: float, device: torch.device) -> float:
     times = []
     deadline = time.perf_counter() + seconds
     while len(times) < 5 or time.perf_counter() < deadline:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        f()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
+        times.append(wall_seconds(f, device))
     return sorted(times)[len(times) // 2]
+
+
+def wall_seconds(f, device: torch.device) -> float:
+    """Wall time of one call of ``f``, synchronising CUDA around it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    f()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start

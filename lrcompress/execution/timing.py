@@ -17,7 +17,6 @@ import copy
 import dataclasses
 import re
 import statistics
-import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -29,6 +28,7 @@ from ..errors import ConfigError, FormatError, TargetError
 from ..factorize import Factors
 from ..nn.rnn import LowRankGRU, LowRankLSTM, LowRankRNN
 from ..targets import RNN_WEIGHT
+from .cost import wall_seconds
 from .dispatch import accelerate, plan
 
 RNN_KEY = re.compile(r"^(weight|bias)_(ih|hh|hr)_l\d+(_reverse)?$")
@@ -83,7 +83,7 @@ def time_layer(module: nn.RNNBase, *, batch: int, steps: int, device: str | torc
             times: dict[str, list[float]] = {k: [] for k in runs}
             for _ in range(rounds):
                 for k, f in runs.items():
-                    times[k].append(_seconds(lambda: f(x), device))
+                    times[k].append(wall_seconds(lambda: f(x), device))
     finally:
         torch.set_num_threads(previous)
     choice = plan(base, batch=batch, steps=steps, device=device.type)[0].choice
@@ -106,14 +106,6 @@ def describe(module: nn.RNNBase) -> str:
     return " ".join(parts)
 
 
-def _seconds(f, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    f()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
 
 
 def synthetic_layer(text: str, input_size: int) -> nn.RNNBase:
