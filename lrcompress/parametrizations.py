@@ -99,7 +99,8 @@ def low_rank(module: nn.Module, name: str = "weight", rank: int = 1, *, gates: i
         raise ValueError(f"a diagonal needs square blocks, got {rows}x{cols}")
     cls = LowRankPlusDiagonal if diag else LowRank
     param = cls(gates, rank, tied=tied, svd=svd, diag_iters=diag_iters, factors=factors)
-    parametrize.register_parametrization(module, name, param)
+    # Given factors were shape-checked by the caller; skipping the check saves a full rebuild.
+    parametrize.register_parametrization(module, name, param, unsafe=factors is not None)
     return module
 
 
