@@ -12,7 +12,7 @@ import json
 import os
 import pickle
 import tempfile
-import zipfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -128,16 +128,21 @@ def read_checkpoint(path: str | os.PathLike, *, trust_pickle: bool = False,
     if path.suffix == ".safetensors":
         tensors, meta = read_safetensors(path)
         return _select(tensors, key, path), meta
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
-    except pickle.UnpicklingError as exc:
-        if not trust_pickle and "Unsupported global" in str(exc):
-            name = str(exc).split("GLOBAL", 1)[-1].split()[0] if "GLOBAL" in str(exc) else "objects"
-            raise FormatError(f"{path} holds pickled {name} (a whole model?), not just tensors; if you trust it, "
-                              "pass --trust-pickle (unpickling runs code from the file)") from None
-        raise FormatError(f"{path} is not a readable PyTorch file (corrupt or another format)") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, AttributeError, ImportError) as exc:
-        raise FormatError(f"{path} is not a readable PyTorch file ({_first_line(exc)})") from None
+    # A corrupt file can make torch warn before it fails: hold warnings back until the load works.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+        except pickle.UnpicklingError as exc:
+            if not trust_pickle and "Unsupported global" in str(exc):
+                name = str(exc).split("GLOBAL", 1)[-1].split()[0] if "GLOBAL" in str(exc) else "objects"
+                raise FormatError(f"{path} holds pickled {name} (a whole model?), not just tensors; if you trust "
+                                  "it, pass --trust-pickle (unpickling runs code from the file)") from None
+            raise FormatError(f"{path} is not a readable PyTorch file (corrupt or another format)") from None
+        except Exception as exc:  # garbage bytes surface as IndexError, KeyError, EOFError, ... from the unpickler
+            raise FormatError(f"{path} is not a readable PyTorch file ({_first_line(exc)})") from None
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     if isinstance(obj, nn.Module):
         return obj, {}
     if not isinstance(obj, dict):
