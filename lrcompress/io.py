@@ -68,14 +68,36 @@ def load_model(model: nn.Module, path: str | os.PathLike, *, strict: bool = True
                 raise FormatError(f"{path}: {key} has shape {tuple(tensors[key].shape)}, expected {shape}")
             parts.append(tensors.pop(key))
         factors[spec.name] = Factors(*parts)
-    _check_rest(model, tensors, {s.name for s in specs}, strict, path)
-    apply(model, specs, factors)
+    # A skeleton built factored (e.g. LowRankGRU) already carries some factorizations: they
+    # must be the recorded ones, and then only their values are loaded.
+    existing = {s.name: s for s in factored_specs(model)}
+    for spec in specs:
+        if spec.name in existing and existing[spec.name] != spec:
+            raise FormatError(f"{path}: {spec.name} is factored as {_describe(existing[spec.name])} in the model "
+                              f"but as {_describe(spec)} in the file")
+    factor_keys = {k for s in existing.values() for k in s.factor_keys().values()}
+    _check_rest(model, tensors, {s.name for s in specs} | factor_keys, strict, path)
+    apply(model, [s for s in specs if s.name not in existing], factors)
     model.load_state_dict(tensors, strict=False)
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for spec in (s for s in specs if s.name in existing):
+            originals = modules[spec.module].parametrizations[spec.weight]
+            for i, t in enumerate(_parts(factors[spec.name])):
+                getattr(originals, f"original{i}").copy_(t)
     return model
 
 
+def _parts(f: Factors) -> tuple[Tensor, ...]:
+    return (f.L, f.R) if f.D is None else (f.L, f.R, f.D)
+
+
+def _describe(spec: TargetSpec) -> str:
+    return f"rank {spec.rank}{' + diagonal' if spec.diag else ''}{' tied' if spec.tied else ''}"
+
+
 def _check_rest(model: nn.Module, tensors: dict[str, Tensor], factored: set[str], strict: bool, path) -> None:
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in factored}
+    expected = {k: tuple(v.shape) for k, v in factored_state_dict(model).items() if k not in factored}
     for key, t in tensors.items():
         if key in expected and tuple(t.shape) != expected[key]:
             raise FormatError(f"{path}: {key} has shape {tuple(t.shape)}, the model has {expected[key]}")

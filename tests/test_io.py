@@ -161,3 +161,23 @@ def test_saving_a_merged_copy_writes_a_dense_file(tmp_path: Path) -> None:
     skeleton = lrc.load_model(Tagger(), path)
     x = torch.randn(STEPS, BATCH, INPUT)
     torch.testing.assert_close(skeleton(x), model(x), rtol=1e-6, atol=1e-7)
+
+
+def test_load_into_skeleton_built_factored(tmp_path):
+    from lrcompress.nn import LowRankGRU
+
+    torch.manual_seed(1)
+    saved = nn.Sequential(LowRankGRU(3, 16, rank=4, diag=True), nn.Linear(16, 2))
+    path = tmp_path / "scratch.safetensors"
+    lrc.save_model(saved, path)
+    x = torch.randn(5, 2, 3)
+    for skeleton in (nn.Sequential(LowRankGRU(3, 16, rank=4, diag=True), nn.Linear(16, 2)),
+                     nn.Sequential(nn.GRU(3, 16), nn.Linear(16, 2))):
+        lrc.load_model(skeleton, path)
+        assert torch.equal(skeleton[0](x)[0], saved[0](x)[0])
+        assert torch.equal(skeleton[1].weight, saved[1].weight)
+    wrong = nn.Sequential(LowRankGRU(3, 16, rank=5, diag=True), nn.Linear(16, 2))
+    before = {k: v.clone() for k, v in wrong.state_dict().items()}
+    with pytest.raises(lrc.FormatError, match="rank 5"):
+        lrc.load_model(wrong, path)
+    assert all(torch.equal(v, before[k]) for k, v in wrong.state_dict().items())
