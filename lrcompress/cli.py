@@ -118,6 +118,8 @@ def merge(
     """Rebuild dense weights from a compressed file: a plain state dict any PyTorch code loads."""
     output = output or path.with_name(f"{_stem(path).removesuffix('.lr')}.dense.safetensors")
     _check_output(path, output, force)
+    if path.suffix != ".safetensors":
+        raise FormatError(f"{path}: merge takes a compressed .safetensors file (from lrcompress convert)")
     tensors, meta = read_safetensors(path)
     specs = specs_from_metadata(meta, path)
     if not specs:

@@ -498,3 +498,12 @@ def test_help_shows_examples(run, command, fragments):
     text = " ".join(result.out.split())  # undo line wrapping
     for fragment in fragments:
         assert fragment in text
+
+
+def test_merge_refuses_a_non_safetensors_input(run, tmp_path):
+    path = tmp_path / "model.pt"
+    torch.save(nn.GRU(3, 4).state_dict(), path)
+    result = run("merge", path)
+    assert result.code == 2 and result.err.startswith("error:")
+    assert "merge takes a compressed .safetensors" in result.err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
