@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-import platform
 import time
 
 import torch
@@ -33,6 +32,8 @@ from torch import Tensor, nn
 
 import lrcompress as lrc
 from lrcompress.factorize import fit_low_rank
+
+from _common import machine, timed  # this folder: see _common.py
 
 INPUTS = 51
 GATES = 3
@@ -84,10 +85,8 @@ def timed_convert(model: nn.GRU, rank: int, svd: str, repeats: int, *,
     wall = cpu = math.inf
     for _ in range(repeats):
         m = copy.deepcopy(model)  # compress works in place: a fresh copy per run, outside the timer
-        start, start_cpu = time.perf_counter(), time.process_time()
-        report = lrc.compress(m, rank=rank, diag=True, svd=svd)
-        wall = min(wall, time.perf_counter() - start)
-        cpu = min(cpu, time.process_time() - start_cpu)
+        run_wall, run_cpu, report = timed(lambda: lrc.compress(m, rank=rank, diag=True, svd=svd))
+        wall, cpu = min(wall, run_wall), min(cpu, run_cpu)
     return wall, cpu, m, report
 
 
@@ -146,16 +145,6 @@ def show(r: dict, rank: int) -> None:
     line(f"exact rank-{rank} optimum without diagonal (Eckart-Young)", f"{r['opt_W']:.5f}",
          f"low rank / optimum {q_lr:.4f}, target <= 1.02: {verdict(q_lr <= 1.02)}")
     line("error removed by the diagonal, vs the best low rank", f"{100 * (1 - r['err_lrd'] / r['opt_W']):.1f} %")
-
-
-def machine() -> str:
-    cpu = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
 
 
 def main() -> None:

@@ -19,13 +19,14 @@ import argparse
 import copy
 import math
 import statistics
-import time
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 import lrcompress as lrc
+
+from _common import machine, timed  # this folder: see _common.py
 
 
 @dataclass(frozen=True)
@@ -63,9 +64,8 @@ class Timer:
             end.record()
             torch.cuda.synchronize()
             return start.elapsed_time(end), math.nan
-        start, start_cpu = time.perf_counter(), time.process_time()
-        fn()
-        return 1e3 * (time.perf_counter() - start), 1e3 * (time.process_time() - start_cpu)
+        wall, cpu, _ = timed(fn)
+        return 1e3 * wall, 1e3 * cpu
 
 
 def step_fn(model: nn.Module, x: torch.Tensor, target: torch.Tensor):
@@ -97,18 +97,6 @@ def bench(case: Case, device: torch.device, warmup: int, repeats: int) -> dict:
     median = {name: [statistics.median(t[k] for t in times[name]) for k in (0, 1)] for name in steps}
     pairs = [a[0] / b[0] for a, b in zip(times["lrd"], times["dense"])]
     return {"dense": median["dense"], "lrd": median["lrd"], "pair_ratio": statistics.median(pairs)}
-
-
-def machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}"
-    cpu = "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
 
 
 def main() -> None:

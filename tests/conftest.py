@@ -31,6 +31,18 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a whole module, whatever an earlier test left, restored afterwards.
+
+    >>> pytestmark = pytest.mark.usefixtures("one_thread")  # at the top of a test module
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_rnn(kind: str, input_size: int = INPUT, hidden_size: int = HIDDEN, *,
              dtype: torch.dtype = torch.float32, **kwargs) -> nn.RNNBase:
     """A freshly initialised ``nn.GRU``/``nn.LSTM``/``nn.RNN`` (``kind``), in ``dtype``."""

@@ -24,13 +24,8 @@ from lrcompress.train.stabilisers import WeightNorm, constrained_matrices, row_n
 from lrcompress.train.tasks import Task, build_task
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: one thread avoids oversubscription on shared CI machines.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models: one thread avoids oversubscription on shared CI machines.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class TinyNet(nn.Module):

@@ -7,7 +7,6 @@ import json
 import sys
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from lrcompress import load_model
@@ -40,12 +39,7 @@ device = "cpu"
 """
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

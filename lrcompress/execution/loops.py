@@ -42,13 +42,17 @@ def gates(x: Tensor, count: int, dense: Optional[Tensor], right: Optional[Tensor
     return out
 
 
-def starts_of(sizes: List[int]) -> List[int]:
-    starts: List[int] = []
+def order_of(sizes: List[int], reverse: bool) -> List[Tuple[int, int]]:
+    """``(start, size)`` of each step's rows, in processing order (last step first if ``reverse``):
+    worked out once per layer, so the step loops do no index arithmetic."""
+    spans: List[Tuple[int, int]] = []
     total = 0
     for s in sizes:
-        starts.append(total)
+        spans.append((total, s))
         total += s
-    return starts
+    if reverse:
+        spans.reverse()
+    return spans
 
 
 def carry(new: Tensor, old: Tensor) -> Tensor:
@@ -68,12 +72,8 @@ def gru_layer(gi: Tensor, h: Tensor, sizes: List[int], reverse: bool,
               dense: Optional[Tensor], right: Optional[Tensor], left: Optional[Tensor],
               diag: Optional[Tensor], bias: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     """nn.GRU over one layer and direction: r and z gate, ``n = tanh(gi_n + r * (W_hn h + b_hn))``."""
-    starts = starts_of(sizes)
-    steps = len(sizes)
     pieces: List[Tensor] = []
-    for k in range(steps):
-        t = steps - 1 - k if reverse else k
-        s, b = starts[t], sizes[t]
+    for s, b in order_of(sizes, reverse):
         hb = h if b == h.shape[0] else h[:b]
         g = gi.narrow(1, s, b)
         g_r, g_z, g_n = g.unbind(0)
@@ -92,12 +92,8 @@ def lstm_layer(gi: Tensor, h: Tensor, c: Tensor, sizes: List[int], reverse: bool
                p_dense: Optional[Tensor], p_right: Optional[Tensor], p_left: Optional[Tensor],
                projected: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """nn.LSTM over one layer and direction, gates i, f, g, o; ``h = W_hr (o * tanh(c))`` if projected."""
-    starts = starts_of(sizes)
-    steps = len(sizes)
     pieces: List[Tensor] = []
-    for k in range(steps):
-        t = steps - 1 - k if reverse else k
-        s, b = starts[t], sizes[t]
+    for s, b in order_of(sizes, reverse):
         pre = gi.narrow(1, s, b) + gates(h if b == h.shape[0] else h[:b], 4, dense, right, left, diag, bias)
         i, f, _, o = torch.sigmoid(pre).unbind(0)  # the g slot is wasted: cheaper than 3 calls
         cell = torch.addcmul(f * (c if b == c.shape[0] else c[:b]), i, torch.tanh(pre[2]))
@@ -114,18 +110,13 @@ def rnn_layer(gi: Tensor, h: Tensor, sizes: List[int], reverse: bool, relu: bool
               dense: Optional[Tensor], right: Optional[Tensor], left: Optional[Tensor],
               diag: Optional[Tensor], bias: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     """nn.RNN over one layer and direction: ``h = act(gi + W_hh h + b_hh)``, tanh or relu."""
-    starts = starts_of(sizes)
-    steps = len(sizes)
     pieces: List[Tensor] = []
-    for k in range(steps):
-        t = steps - 1 - k if reverse else k
-        s, b = starts[t], sizes[t]
+    for s, b in order_of(sizes, reverse):
         pre = gi[0].narrow(0, s, b) + gates(h if b == h.shape[0] else h[:b], 1, dense, right, left, diag, bias)[0]
         new = torch.relu(pre) if relu else torch.tanh(pre)
         pieces.append(new)
         h = carry(new, h)
     return collect(pieces, reverse), h
-
 
 
 class Loops(NamedTuple):

@@ -21,7 +21,31 @@ from ..errors import ConfigError
 OPTIMIZERS = ("rmsprop", "adam", "adafactor")
 
 
-class RMSProp(torch.optim.Optimizer):
+class PerParameter(torch.optim.Optimizer):
+    """An optimiser whose update treats each parameter on its own: ``step`` evaluates the closure
+    and calls ``update(p, group, state)`` for every parameter that has a gradient.
+
+    >>> class Sgd(PerParameter):
+    ...     def update(self, p, group, state): p.sub_(p.grad, alpha=group["lr"])
+    """
+
+    def update(self, p: Tensor, group: dict, state: dict) -> None:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self.update(p, group, self.state[p])
+        return loss
+
+
+class RMSProp(PerParameter):
     """``acc = alpha acc + (1 - alpha) g^2;  p -= lr g / sqrt(acc + eps)``, ``acc`` starting at
     ``initial_accumulator`` (the paper's Theano code: alpha 0.9, acc 1e-3, eps 1e-8).
 
@@ -41,32 +65,21 @@ class RMSProp(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps, initial_accumulator=initial_accumulator,
                                       weight_decay=weight_decay))
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad
-                if group["weight_decay"]:
-                    g = g.add(p, alpha=group["weight_decay"])
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.zeros((), dtype=torch.float32)
-                    state["square_avg"] = torch.full_like(p, group["initial_accumulator"],
-                                                          memory_format=torch.preserve_format)
-                state["step"] += 1
-                acc = state["square_avg"]
-                acc.mul_(group["alpha"]).addcmul_(g, g, value=1 - group["alpha"])
-                p.addcdiv_(g, acc.add(group["eps"]).sqrt_(), value=-group["lr"])
-        return loss
+    def update(self, p: Tensor, group: dict, state: dict) -> None:
+        g = p.grad
+        if group["weight_decay"]:
+            g = g.add(p, alpha=group["weight_decay"])
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.float32)
+            state["square_avg"] = torch.full_like(p, group["initial_accumulator"],
+                                                  memory_format=torch.preserve_format)
+        state["step"] += 1
+        acc = state["square_avg"]
+        acc.mul_(group["alpha"]).addcmul_(g, g, value=1 - group["alpha"])
+        p.addcdiv_(g, acc.add(group["eps"]).sqrt_(), value=-group["lr"])
 
 
-class Adafactor(torch.optim.Optimizer):
+class Adafactor(PerParameter):
     """Adafactor (Shazeer & Stern 2018, algorithms 4 and 5, with update clipping).
 
     Tensors of 2 or more dimensions keep factored second moments over their last two
@@ -101,50 +114,39 @@ class Adafactor(torch.optim.Optimizer):
     def factored(p: Tensor) -> bool:
         return p.dim() >= 2
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            eps1, eps2 = group["eps"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad if p.grad.dtype == torch.float64 else p.grad.float()  # half-precision: in float32
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.zeros((), dtype=torch.float32)
-                    if self.factored(p):
-                        state["row"] = g.new_zeros(g.shape[:-1])
-                        state["col"] = g.new_zeros(g.shape[:-2] + g.shape[-1:])
-                    else:
-                        state["sq"] = torch.zeros_like(g)
-                    if group["beta1"] is not None:
-                        state["exp_avg"] = torch.zeros_like(g)
-                state["step"] += 1
-                t = float(state["step"])
-                beta2 = 1.0 - t ** group["decay_rate"]
-                g2 = g * g + eps1
-                if self.factored(p):
-                    row, col = state["row"], state["col"]
-                    row.mul_(beta2).add_(g2.sum(dim=-1), alpha=1 - beta2)
-                    col.mul_(beta2).add_(g2.sum(dim=-2), alpha=1 - beta2)
-                    update = g / second_moment(row, col).sqrt()
-                else:
-                    state["sq"].mul_(beta2).add_(g2, alpha=1 - beta2)
-                    update = g / state["sq"].sqrt()
-                update.div_((rms(update) / group["clip_threshold"]).clamp_(min=1.0))
-                if group["beta1"] is not None:
-                    update = state["exp_avg"].mul_(group["beta1"]).add_(update, alpha=1 - group["beta1"])
-                step_size = min(1e-2, 1.0 / math.sqrt(t)) if group["lr"] is None else group["lr"]
-                if group["scale_parameter"]:
-                    step_size = rms(p.to(g.dtype)).clamp(min=eps2) * step_size
-                if group["weight_decay"]:
-                    p.sub_(p * (step_size * group["weight_decay"]))
-                p.sub_((update * step_size).to(p.dtype))
-        return loss
+    def update(self, p: Tensor, group: dict, state: dict) -> None:
+        eps1, eps2 = group["eps"]
+        g = p.grad if p.grad.dtype == torch.float64 else p.grad.float()  # half-precision: in float32
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.float32)
+            if self.factored(p):
+                state["row"] = g.new_zeros(g.shape[:-1])
+                state["col"] = g.new_zeros(g.shape[:-2] + g.shape[-1:])
+            else:
+                state["sq"] = torch.zeros_like(g)
+            if group["beta1"] is not None:
+                state["exp_avg"] = torch.zeros_like(g)
+        state["step"] += 1
+        t = float(state["step"])
+        beta2 = 1.0 - t ** group["decay_rate"]
+        g2 = g * g + eps1
+        if self.factored(p):
+            row, col = state["row"], state["col"]
+            row.mul_(beta2).add_(g2.sum(dim=-1), alpha=1 - beta2)
+            col.mul_(beta2).add_(g2.sum(dim=-2), alpha=1 - beta2)
+            update = g / second_moment(row, col).sqrt()
+        else:
+            state["sq"].mul_(beta2).add_(g2, alpha=1 - beta2)
+            update = g / state["sq"].sqrt()
+        update.div_((rms(update) / group["clip_threshold"]).clamp_(min=1.0))
+        if group["beta1"] is not None:
+            update = state["exp_avg"].mul_(group["beta1"]).add_(update, alpha=1 - group["beta1"])
+        step_size = min(1e-2, 1.0 / math.sqrt(t)) if group["lr"] is None else group["lr"]
+        if group["scale_parameter"]:
+            step_size = rms(p.to(g.dtype)).clamp(min=eps2) * step_size
+        if group["weight_decay"]:
+            p.sub_(p * (step_size * group["weight_decay"]))
+        p.sub_((update * step_size).to(p.dtype))
 
 
 def second_moment(row: Tensor, col: Tensor) -> Tensor:

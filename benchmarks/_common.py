@@ -1,0 +1,44 @@
+"""What the benchmark scripts share: the line that describes the machine, and CPU-side timing.
+
+The scripts run as ``python benchmarks/<script>.py``; Python then puts this folder first on
+``sys.path``, so ``from _common import machine`` works from any working directory.
+
+    >>> wall, cpu, value = timed(lambda: sum(range(1000)))
+    >>> value
+    499500
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from typing import Callable, TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+
+def machine(device: torch.device | None = None) -> str:
+    """The GPU name with torch and cuDNN versions for a CUDA ``device``; else the CPU model, the
+    torch thread count and the torch version."""
+    if device is not None and device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}"
+    cpu = platform.processor() or "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+
+
+def timed(fn: Callable[[], T]) -> tuple[float, float, T]:
+    """(wall seconds, process CPU seconds, result) of one call of ``fn``.
+
+    On a machine shared with other jobs the wall time also holds waiting for a core; the CPU time
+    does not (with one thread it is the work itself; more threads add their spinning).
+    """
+    start, start_cpu = time.perf_counter(), time.process_time()
+    result = fn()
+    return time.perf_counter() - start, time.process_time() - start_cpu, result
