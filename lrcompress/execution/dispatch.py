@@ -25,7 +25,7 @@ from ..nn.rnn import FactoredRNN
 from ..parametrizations import factorization
 from . import cuda, loops
 from .cost import PROFILES, Estimate, Profile, WeightShape, estimate
-from .ops import Cell, Op, prepare, version
+from .ops import Cell, Op, prepare, tracked, version
 from .runner import forward, layers
 
 MODES = ("auto", "factored", "dense")
@@ -174,7 +174,30 @@ class Acceleration:
             self._macs = step_macs(self._cells)
             self._version = key
             self._graphs.clear()  # they read the previous cells
+        elif not tracked(module):
+            self._refresh(module)
         return self._cells
+
+    def _refresh(self, module: nn.Module) -> None:
+        """Re-derive the prepared copies of weights whose in-place changes cannot be seen.
+
+        Inference tensors have no version counter, and ``torch.inference_mode`` lets code change
+        them in place unseen, so their copies (the transposed ``L``) are rebuilt every call: O(G m d),
+        against O(T G m d) for the loop itself. The copies are written in place when allowed, so
+        captured CUDA graphs stay valid; an inference tensor cannot be written outside inference
+        mode, and then the cells are replaced instead.
+        """
+        with torch.no_grad():
+            fresh = prepare_all(module)
+        pairs = [(old, new) for old, new in zip(_tensors(self._cells), _tensors(fresh))
+                 if old.data_ptr() != new.data_ptr()]
+        if any(old.is_inference() and not torch.is_inference_mode_enabled() for old, _ in pairs):
+            self._cells = fresh
+            self._graphs.clear()
+            return
+        with torch.no_grad():
+            for old, new in pairs:
+                old.copy_(new)
 
     def _graph_recurrence(self, module: nn.RNNBase, cells: list[Cell]):
         def recur(x: Tensor, sizes: list[int], h0: Tensor, c0: Tensor | None):
@@ -224,6 +247,15 @@ def estimate_module(module: nn.RNNBase, cells: list[Cell], batch: int, steps: in
     name = "cpu" if device == "cpu" else ("cuda" if graphs else "cuda-eager")
     return estimate(weight_shapes(cells), batch=batch, steps=steps, itemsize=itemsize, directions=len(cells),
                     profile=profile or PROFILES.get(name, PROFILES["cpu"]))
+
+
+def _tensors(tree) -> list[Tensor]:
+    """Every tensor in nested tuples (``Cell``s of ``Op``s), in a fixed order."""
+    if isinstance(tree, Tensor):
+        return [tree]
+    if isinstance(tree, (tuple, list)):
+        return [t for item in tree for t in _tensors(item)]
+    return []
 
 
 def release_dense_copies(module: nn.RNNBase) -> None:

@@ -77,9 +77,20 @@ def sources(module: nn.RNNBase) -> list[Tensor]:
     return [t for _, t in module.named_parameters()]
 
 
-def version(module: nn.RNNBase) -> tuple:
-    """A key that changes when any weight is replaced, moved or modified in place."""
-    return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in sources(module))
+def version(module: nn.Module) -> tuple:
+    """A key that changes when any weight is replaced, moved, or modified in place.
+
+    Tensors made under ``torch.inference_mode()`` keep no version counter (reading ``_version``
+    raises), so they enter the key by identity only; ``tracked`` tells whether the key also sees
+    in-place changes.
+    """
+    return tuple((t.data_ptr(), None if t.is_inference() else t._version, t.dtype, t.device, t.shape)
+                 for t in sources(module))
+
+
+def tracked(module: nn.Module) -> bool:
+    """Whether ``version`` sees in-place changes of every weight (no inference tensors)."""
+    return not any(t.is_inference() for t in sources(module))
 
 
 GATES = {"GRU": 3, "LSTM": 4, "RNN_TANH": 1, "RNN_RELU": 1}
