@@ -14,10 +14,12 @@ from .factorize import fit_low_rank, fit_low_rank_plus_diagonal
 from .io import load_model, save_model
 from .parametrizations import LowRank, LowRankPlusDiagonal, low_rank
 from .report import Report
+from .checkpoints import fold_weight_norm, read_checkpoint, rename_keys
 
 __all__ = [
     "CompressionConfig", "ConfigError", "FormatError", "LRCompressError", "LowRank", "LowRankPlusDiagonal",
     "OutputExistsError", "RankError", "RankRule", "Report", "TargetError", "TargetSpec", "WeightError",
     "__version__", "accelerate", "apply", "compress", "count_params", "fit_low_rank", "fit_low_rank_plus_diagonal",
     "load_model", "low_rank", "merge", "save_model",
+    "fold_weight_norm", "read_checkpoint", "rename_keys",
 ]

@@ -19,7 +19,9 @@ from .cli_train import finetune, report, sweep, train
 from .config import CompressionConfig, RankValue, int_list
 from .convert import compress, compress_state_dict, merge_state_dict
 from .errors import ConfigError, FormatError, LRCompressError, OutputExistsError
-from .io import read_checkpoint, read_safetensors, specs_from_metadata, write_compressed, write_safetensors
+from .checkpoints import read_checkpoint, reading_metadata
+from .io import read_safetensors, specs_from_metadata, write_compressed, write_safetensors
+from .validate import check_compressed
 from .version import __version__
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -28,17 +30,22 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 Force = Annotated[bool, typer.Option("--force", "-f", help="Overwrite the output file if it exists.")]
 Json = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of a table.")]
 TrustPickle = Annotated[bool, typer.Option(
-    "--trust-pickle", help="Allow a pickled whole model. Unpickling RUNS CODE from the file: only for files you trust.")]
+    "--trust-pickle", help="Allow a pickled whole model or classes (full unpickling) and TorchScript archives "
+                           "(torch.jit.load). Both RUN CODE from the file: only for files you trust.")]
 Key = Annotated[Optional[str], typer.Option("--key", help="Entry of a checkpoint dict that holds the state dict.")]
 Patterns = Annotated[Optional[list[str]], typer.Option(
     "--targets", "-t", help="Also factor nn.Linear layers matching this name pattern (repeatable, or comma list).")]
+Rename = Annotated[Optional[list[str]], typer.Option(
+    "--rename", help="Rename checkpoint keys REGEX=REPLACEMENT (Python re.sub on each full key; the first unescaped "
+                     "'=' splits; repeatable, applied in order), e.g. '^enc_w_(ih|hh)$=enc.weight_\\1_l0'.")]
 
 
 @app.command(epilog="Examples:  lrcompress convert model.pt --rank 24 --diag  |  "
                     "lrcompress convert model.pt --energy 0.9 --json  |  "
                     "lrcompress convert ckpt.pt --key model --rank 0.25 -o small.safetensors")
 def convert(
-    path: Annotated[Path, typer.Argument(help="Trained model: a state dict (.pt/.pth/.bin/.safetensors).")],
+    path: Annotated[Path, typer.Argument(
+        help="Trained model: a state dict or checkpoint (torch, Lightning .ckpt, safetensors, .npz; by content).")],
     rank: Annotated[Optional[str], typer.Option(
         "--rank", "-r", help="Rank: an int, a fraction of full rank (0.25) or energy=F.")] = None,
     energy: Annotated[Optional[float], typer.Option(
@@ -60,6 +67,7 @@ def convert(
     as_json: Json = False,
     trust_pickle: TrustPickle = False,
     key: Key = None,
+    rename: Rename = None,
 ) -> None:
     """Factor the recurrent weights of a trained model and write a compressed safetensors file."""
     config = CompressionConfig(
@@ -68,18 +76,22 @@ def convert(
         exclude=_split(exclude), ranks=_overrides(rank_for), svd=svd, diag_iters=diag_iters)
     output = output or path.with_name(f"{_stem(path)}.lr.safetensors")
     _check_output(path, output, force)
-    loaded, meta = read_checkpoint(path, trust_pickle=trust_pickle, key=key)
+    loaded, meta = read_checkpoint(path, trust_pickle=trust_pickle, key=key, rename=rename or ())
     if specs_from_metadata(meta, path):
         raise FormatError(f"{path} is already compressed by lrcompress")
     progress = not as_json
     if isinstance(loaded, dict):
         tensors, specs, report = compress_state_dict(loaded, config, progress=progress)
-        write_compressed(tensors, specs, output, force=force)
+        write_compressed(tensors, specs, output, force=force, metadata=reading_metadata(meta))
     else:  # a trusted, pickled whole module
         from .io import save_model
 
         report = compress(loaded, config=config, progress=progress)
-        save_model(loaded, output, force=force)
+        save_model(loaded, output, force=force, metadata=reading_metadata(meta))
+    folded = set(json.loads(meta.get("weight_norm_folded", "[]")))
+    for row in report.targets:
+        if row.name in folded:
+            row.note = "; ".join(filter(None, [row.note, "weight norm folded"]))
     if as_json:
         typer.echo(json.dumps({**report.to_dict(), "output": str(output)}))
     else:
@@ -96,11 +108,12 @@ def inspect(
     as_json: Json = False,
     trust_pickle: TrustPickle = False,
     key: Key = None,
+    rename: Rename = None,
 ) -> None:
     """Dense file: singular-value energy kept per rank, per matrix. Compressed file: its layers."""
-    loaded, meta = read_checkpoint(path, trust_pickle=trust_pickle, key=key)
+    loaded, meta = read_checkpoint(path, trust_pickle=trust_pickle, key=key, rename=rename or ())
     tensors = loaded if isinstance(loaded, dict) else loaded.state_dict()
-    specs = specs_from_metadata(meta, path)
+    specs = check_compressed(tensors, meta, path)  # a lying file is refused, not tabulated
     if specs:
         result = summary.compressed_summary(tensors, specs)
     else:
@@ -121,13 +134,9 @@ def merge(
     if path.suffix != ".safetensors":
         raise FormatError(f"{path}: merge takes a compressed .safetensors file (from lrcompress convert)")
     tensors, meta = read_safetensors(path)
-    specs = specs_from_metadata(meta, path)
+    specs = check_compressed(tensors, meta, path)  # every factor present, of the recorded shape, finite
     if not specs:
         raise FormatError(f"{path} is not an lrcompress file (no factorization in its metadata)")
-    for spec in specs:
-        for k in spec.factor_keys().values():
-            if k not in tensors:
-                raise FormatError(f"{path}: factor {k} is missing")
     write_safetensors(merge_state_dict(tensors, specs), output, force=force,
                       metadata={"merged_from": "lrcompress", "lrcompress_version": __version__})
     typer.echo(f"wrote {output} ({len(specs)} weights rebuilt dense)")
@@ -148,11 +157,15 @@ def main() -> None:
     warnings.showwarning = _one_line_warning
     try:
         code = app(standalone_mode=False)  # a typer.Exit(n) inside a command comes back as n
-    except (LRCompressError, FileNotFoundError) as exc:
+    except LRCompressError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
-    except typer.Abort:
-        typer.echo("aborted", err=True)
+    except OSError as exc:  # a file the user named cannot be read or written (missing, permissions, ...)
+        where = f": {exc.filename}" if exc.filename and str(exc.filename) not in str(exc.strerror) else ""
+        typer.echo(f"error: {exc.strerror or exc}{where}" if exc.strerror else f"error: {exc}", err=True)
+        sys.exit(2)
+    except (typer.Abort, KeyboardInterrupt):  # Ctrl-C outside a command's body
+        typer.echo("interrupted", err=True)
         sys.exit(130)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
@@ -163,6 +176,8 @@ def main() -> None:
             exc.show()
             sys.exit(exc.exit_code)
         raise
+    if code == 130:  # typer turns a Ctrl-C (KeyboardInterrupt) inside a command into exit code 130
+        typer.echo("interrupted", err=True)
     if isinstance(code, int) and code:
         sys.exit(code)
 
@@ -211,7 +226,8 @@ def _check_output(source: Path, output: Path, force: bool) -> None:
     if output.exists() and not force:
         raise OutputExistsError(f"{output} exists; pass --force to overwrite it")
     if not output.parent.is_dir():
-        raise LRCompressError(f"cannot write {output}: directory {output.parent} does not exist")
+        problem = "is not a directory" if output.parent.exists() else "does not exist"
+        raise LRCompressError(f"cannot write {output}: {output.parent} {problem}")
 
 
 app.command(epilog="Example:  lrcompress train recipes/addition-gru-small.toml --out runs/add --steps 500")(train)
@@ -222,7 +238,9 @@ app.command(epilog="Example:  lrcompress report runs/sweep --csv sweep.csv --plo
 
 @app.command(epilog="Example:  lrcompress demo --out runs/demo")
 def demo(
-    out: Annotated[Path, typer.Option("--out", help="Run directory (replaced if it exists).")] = Path("runs/demo"),
+    out: Annotated[Path, typer.Option(
+        "--out", help="Demo folder: new, empty, or one an earlier demo made (its runs are replaced; other files "
+                      "are kept). Any other folder is refused.")] = Path("runs/demo"),
     steps: Annotated[int, typer.Option(help="Training updates of the dense model.")] = 2000,
     finetune_steps: Annotated[int, typer.Option(help="Fine-tuning updates per compressed model.")] = 400,
 ) -> None:

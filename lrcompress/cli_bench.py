@@ -10,7 +10,8 @@ import torch
 import typer
 
 from .errors import ConfigError, FormatError, LRCompressError
-from .io import read_safetensors, specs_from_metadata
+from .io import read_safetensors
+from .validate import check_compressed
 
 EPILOG = ("Examples:  lrcompress bench model.lr.safetensors --batch 1 --seq 200 --device cuda  |  "
           "lrcompress bench --synthetic gru:4096:64:diag --input 51 --seq 50")
@@ -42,7 +43,7 @@ def bench(
         layers = {"synthetic": synthetic_layer(synthetic, input_size)}
     else:
         tensors, meta = read_safetensors(path)
-        specs = specs_from_metadata(meta, path)
+        specs = check_compressed(tensors, meta, path)  # nothing is built from a file that lies
         if not specs:
             raise FormatError(f"{path} is not an lrcompress file (no factorization in its metadata)")
         layers = recurrent_layers(tensors, specs)

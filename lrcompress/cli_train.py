@@ -107,15 +107,16 @@ def report(
     csv: Annotated[Optional[Path], typer.Option("--csv", help="Also write the table as CSV here.")] = None,
     plot: Annotated[Optional[Path], typer.Option(
         "--plot", help="Also draw parameters vs. metric (PNG; needs matplotlib).")] = None,
+    force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite existing --csv / --plot files.")] = False,
 ) -> None:
     """Parameters, compression ratio, metric before/after fine-tuning and wall time, per run."""
     from .train import run
 
     rows = run.collect(path)
     if csv is not None:
-        run.write_csv(rows, csv)
+        run.write_csv(rows, csv, force=force)
     if plot is not None:
-        run.plot(rows, plot)
+        run.plot(rows, plot, force=force)
     typer.echo(json.dumps(rows) if as_json else run.format_report(rows))
     if not as_json:
         for written in (p for p in (csv, plot) if p is not None):

@@ -215,13 +215,48 @@ class TargetSpec:
 
     @classmethod
     def from_dict(cls, data: dict) -> "TargetSpec":
-        try:
-            spec = cls(**{f.name: data[f.name] for f in fields(cls)})
-        except (KeyError, TypeError) as exc:
-            raise FormatError(f"bad target record {data!r}: {exc}") from None
-        ints = (spec.gates, spec.rows, spec.cols, spec.rank)
-        if (spec.layer not in LAYERS or spec.role not in ROLES or not all(isinstance(i, int) and i > 0 for i in ints)
-                or not isinstance(spec.diag, bool) or not isinstance(spec.tied, bool)
-                or (spec.diag and spec.rows != spec.cols)):
-            raise FormatError(f"bad target record {data!r}")
+        """A record read from a file: exactly the known fields, each of its type (``true`` is not
+        ``1``), a known layer and role with their gate count, ``diag`` only on square blocks.
+
+        Raises ``FormatError`` naming the first bad field and its value (file input is untrusted).
+        """
+        if not isinstance(data, dict):
+            raise FormatError(f"a target record must be a JSON object, got {type(data).__name__}")
+        names = [f.name for f in fields(cls)]
+        unknown, missing = sorted(set(map(str, data)) - set(names)), [n for n in names if n not in data]
+        if unknown or missing:
+            raise FormatError(f"target record {_short(data)}: " + "; ".join(
+                filter(None, [unknown and f"unknown fields {unknown[:5]}", missing and f"missing fields {missing}"])))
+        for name in names:
+            kind = _RECORD_TYPES[name]
+            value = data[name]
+            # bool is an int subclass in Python: a 'true' rank or a '1' diag is a lie, not a value.
+            if type(value) is not kind or (kind is int and value <= 0):
+                want = {str: "a string", int: "a positive integer", bool: "true or false"}[kind]
+                raise FormatError(f"target record {_short(data)}: {name} must be {want}, got {_short(value)}")
+        spec = cls(**{n: data[n] for n in names})
+        if spec.layer not in LAYERS or spec.role not in ROLES:
+            raise FormatError(f"{spec.name}: unknown layer {_short(spec.layer)} or role {_short(spec.role)} "
+                              f"(layers {', '.join(LAYERS)}; roles {', '.join(ROLES)})")
+        gates = RECORD_GATES.get((spec.layer, spec.role))
+        if gates is None:
+            raise FormatError(f"{spec.name}: a {spec.layer} layer has no {spec.role} weight")
+        if spec.gates != gates:
+            raise FormatError(f"{spec.name}: a {spec.layer} {spec.role} weight has {gates} gate block(s), "
+                              f"the record says {spec.gates}")
+        if spec.diag and spec.rows != spec.cols:
+            raise FormatError(f"{spec.name}: diag=true needs square blocks, the record says {spec.rows}x{spec.cols}")
         return spec
+
+
+# Field types of a file's target record, and the gate blocks each (layer, role) stacks.
+_RECORD_TYPES = {"module": str, "weight": str, "layer": str, "role": str, "gates": int, "rows": int, "cols": int,
+                 "rank": int, "diag": bool, "tied": bool}
+RECORD_GATES = {("gru", "recurrent"): 3, ("gru", "input"): 3, ("lstm", "recurrent"): 4, ("lstm", "input"): 4,
+                ("lstm", "projection"): 1, ("rnn", "recurrent"): 1, ("rnn", "input"): 1, ("linear", "linear"): 1}
+
+
+def _short(value, limit: int = 80) -> str:
+    """``repr`` cut to ``limit`` characters: values from a hostile file may be huge."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."

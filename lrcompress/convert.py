@@ -9,8 +9,9 @@ factored classes of ``lrcompress.nn`` in place (still ``nn.GRU`` etc. for ``isin
 from __future__ import annotations
 
 import math
+import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -18,12 +19,15 @@ from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
 from .config import CompressionConfig, RankValue, TargetSpec
-from .errors import ConfigError, FormatError, RankError, TargetError, WeightError
+from .errors import ConfigError, FormatError, RankError, TargetError
 from .factorize import Factors, compose, fit_low_rank, fit_low_rank_plus_diagonal, spectrum
+from .nn.cells import FactoredCell, factored_cell_class
 from .nn.rnn import FactoredRNN, factored_class
 from .parametrizations import factorization, low_rank, max_rank, random_factors
 from .report import Report, TargetReport
-from .targets import RNN_GATES, RNN_WEIGHT, ROLE, Candidate, find_state_dict_targets, find_targets
+from .targets import (Candidate, find_state_dict_targets, find_targets, recurrent_kind,
+                      weight_norm_kind)
+from .validate import check_weight
 
 
 @dataclass
@@ -44,6 +48,13 @@ def compress(model: nn.Module, rank: RankValue | None = None, *, energy: float |
 
     In place; returns a ``Report``. Either pass the options or a ready ``config``.
 
+    A wrapper (``nn.DataParallel``/``DistributedDataParallel`` ``.module``, ``torch.compile``'s
+    ``._orig_mod``, nested) is compressed through the module it wraps: report names are that
+    module's names, and patterns may be given with or without the wrapper prefix. A weight
+    reachable under several names (tied weights, a module registered twice) is refused
+    (``TargetError`` naming every owner) rather than silently untied. PyTorch weight norm on a
+    target is folded into its dense weight, once every check has passed, and then factored.
+
     >>> model = torch.nn.GRU(8, 32)
     >>> print(compress(model, rank=4, diag=True).ratio > 1)
     True
@@ -53,14 +64,24 @@ def compress(model: nn.Module, rank: RankValue | None = None, *, energy: float |
                                    include_projection=include_projection, targets=tuple(targets),
                                    exclude=tuple(exclude), ranks=dict(ranks or {}), svd=svd,
                                    diag_iters=diag_iters, seed=seed)
+    model, prefix = unwrap(model)
+    config = _without_prefix(config, prefix)
     before = count_params(model)
     modules = dict(model.named_modules())
     candidates = find_targets(model, config)
+    _check_unshared(_owners(model.named_parameters(remove_duplicate=False), id), candidates)
+    normed = {c.name: (modules[c.module], c.weight) for c in candidates
+              if weight_norm_kind(modules[c.module], c.weight)}
     for c in candidates:
-        _check_adoptable(modules[c.module], c.module)
+        _check_adoptable_but_weight_norm(modules[c.module], c.module, normed)
     fits = fit_targets(candidates, _current_weights(model, candidates), config, progress=progress)
+    for module, weight in normed.values():  # every check passed: only now change the model
+        _fold_weight_norm(module, weight)
+    for f in fits:
+        if f.spec.name in normed:
+            f.note = "; ".join(filter(None, [f.note, "weight norm folded"]))
     apply(model, [f.spec for f in fits], {f.spec.name: f.factors for f in fits})
-    rows = [TargetReport.of(f.spec, f.factors.rel_error, f.note) for f in fits]
+    rows = [TargetReport.of(f.spec, f.factors.rel_error, f.note, fit=f.factors) for f in fits]
     return Report(rows, before, count_params(model), config.to_dict())
 
 
@@ -68,10 +89,8 @@ def decide(candidates: list[Candidate], weights: dict[str, Tensor],
            config: CompressionConfig) -> list[tuple[TargetSpec, str]]:
     """Check every candidate and fix its rank, diagonal and tying; raises before any fitting."""
     decided = []
-    for c in candidates:
-        W = weights[c.name]
-        if not torch.isfinite(W).all():
-            raise WeightError(f"{c.name} holds NaN or Inf values; refusing to factor it")
+    for c in candidates:  # sparse, integer/bool/complex, empty, NaN/Inf: one line before any SVD
+        check_weight(c.name, weights[c.name])
     for c in candidates:
         rule = config.rule_for(*c.scopes)
         tied = config.tied and c.gates > 1
@@ -137,6 +156,8 @@ def apply(model: nn.Module, specs: list[TargetSpec], factors: dict[str, Factors]
             original, cls = getattr(module, spec.weight), type(module)
             if isinstance(module, nn.RNNBase) and not isinstance(module, FactoredRNN):
                 module.__class__ = factored_class(type(module))
+            elif isinstance(module, nn.RNNCellBase) and not isinstance(module, FactoredCell):
+                module.__class__ = factored_cell_class(type(module))
             done.append((module, spec.weight, original, cls))
             low_rank(module, spec.weight, spec.rank, gates=spec.gates, diag=spec.diag, tied=spec.tied,
                      factors=factors[spec.name])
@@ -162,6 +183,9 @@ def merge(model: nn.Module) -> nn.Module:
         if isinstance(module, FactoredRNN) and not parametrize.is_parametrized(module):
             module.__class__ = module._dense_class
             module._init_flat_weights()
+        elif isinstance(module, FactoredCell) and not parametrize.is_parametrized(module):
+            module.__class__ = module._dense_class
+            module.__dict__.pop("_lrc_acceleration", None)  # a plain cell has nothing to accelerate
     return model
 
 
@@ -186,11 +210,7 @@ def factored_specs(model: nn.Module) -> list[TargetSpec]:
             if p is None:
                 continue
             L, R = module.parametrizations[weight].original0, module.parametrizations[weight].original1
-            if isinstance(module, nn.RNNBase):
-                layer = RNN_GATES[module.mode][0]
-                role = ROLE[RNN_WEIGHT.match(weight).group("kind")]
-            else:
-                layer, role = "linear", "linear"
+            layer, role = recurrent_kind(module, weight)
             specs.append(TargetSpec(mod_name, weight, layer, role, p.gates, L.shape[1], R.shape[-1], p.rank,
                                     p.diag, p.tied))
     return specs
@@ -211,16 +231,19 @@ def compress_state_dict(tensors: dict[str, Tensor], config: CompressionConfig, *
     """Compress a bare state dict (no model class): factors replace the selected weights.
 
     Report totals count every stored value, since a state dict does not tell parameters from
-    buffers.
+    buffers; keys sharing one storage (tied weights) count once. A selected weight that shares
+    its storage with another key raises ``TargetError``.
     """
     candidates = find_state_dict_targets(tensors, config)
+    # torch.load keeps tied weights as two keys over one storage: never untie them either.
+    _check_unshared(_owners(tensors.items(), _storage_key), candidates)
     fits = fit_targets(candidates, {c.name: tensors[c.name] for c in candidates}, config, progress=progress)
     done = {f.spec.name for f in fits}
     out = {k: v for k, v in tensors.items() if k not in done}
     for f in fits:
         for key, t in zip(f.spec.factor_keys().values(), (f.factors.L, f.factors.R, f.factors.D)):
             out[key] = t.contiguous()
-    rows = [TargetReport.of(f.spec, f.factors.rel_error, f.note) for f in fits]
+    rows = [TargetReport.of(f.spec, f.factors.rel_error, f.note, fit=f.factors) for f in fits]
     report = Report(rows, _numel(tensors), _numel(out), config.to_dict())
     return out, [f.spec for f in fits], report
 
@@ -231,7 +254,13 @@ def merge_state_dict(tensors: dict[str, Tensor], specs: list[TargetSpec]) -> dic
     for spec in specs:
         keys = spec.factor_keys()
         parts = [out.pop(keys[k]) for k in keys]
-        out[spec.name] = compose(*parts).flatten(0, 1).contiguous()
+        W = compose(*parts).flatten(0, 1).contiguous()
+        # Broadcasting in compose could turn lying factor shapes into a wrong-sized weight: refuse it
+        # (readers run validate.check_compressed first, which names the bad tensor).
+        if tuple(W.shape) != (spec.gates * spec.rows, spec.cols):
+            raise FormatError(f"{spec.name}: factors compose to {tuple(W.shape)}, the record says "
+                              f"{(spec.gates * spec.rows, spec.cols)}")
+        out[spec.name] = W
     return out
 
 
@@ -281,12 +310,109 @@ def _default_bound(module: nn.Module, rows: int) -> float:
 
 
 def _numel(tensors: dict[str, Tensor]) -> int:
-    return sum(t.numel() for t in tensors.values())
+    """Values stored in a state dict, counting keys that view the same storage once (tied weights)."""
+    return sum(group[0][1].numel() for group in _owners(tensors.items(), _storage_key).values())
 
 
 def _current_weights(module: nn.Module, candidates: list[Candidate]) -> dict[str, Tensor]:
     modules = dict(module.named_modules())
-    return {c.name: getattr(modules[c.module], c.weight).detach() for c in candidates}
+    return {c.name: _effective_weight(modules[c.module], c.weight).detach() for c in candidates}
+
+
+def _effective_weight(module: nn.Module, name: str) -> Tensor:
+    # The old weight-norm hook refreshes the attribute only in forward: recompute g v / ||v||
+    # so that an update since the last forward is not lost.
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, WeightNorm) and hook.name == name:
+            return hook.compute_weight(module)
+    return getattr(module, name)
+
+
+def _fold_weight_norm(module: nn.Module, name: str) -> None:
+    """Replace PyTorch weight norm on ``module.<name>`` by the plain weight ``g v / ||v||`` it computes."""
+    if weight_norm_kind(module, name) == "hook":
+        torch.nn.utils.remove_weight_norm(module, name)  # re-sets the weight: RNNs refresh their flat weights
+        return
+    _own_class(module)  # a deepcopy may share the parametrized class: leave the copy's weights alone
+    parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+    if isinstance(module, nn.RNNBase):
+        module._init_flat_weights()
+
+
+def _check_adoptable_but_weight_norm(module: nn.Module, name: str, normed: dict[str, tuple[nn.Module, str]]) -> None:
+    """``_check_adoptable``, except that weight norm on a target (folded later) is allowed."""
+    others = [w for w in getattr(module, "parametrizations", {}) if normed.get(_join(name, w)) != (module, w)]
+    if others or not parametrize.is_parametrized(module):
+        _check_adoptable(module, name)
+
+
+def unwrap(model: nn.Module) -> tuple[nn.Module, str]:
+    """The module inside DataParallel/DistributedDataParallel/``torch.compile`` wrappers, and their key prefix.
+
+    ``unwrap(torch.compile(nn.DataParallel(net)))`` is ``(net, "_orig_mod.module.")``: the prefix
+    the wrappers add to every state-dict key.
+    """
+    prefix = ""
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model, prefix = model.module, prefix + "module."
+        elif _is_compiled(model):
+            model, prefix = model._orig_mod, prefix + "_orig_mod."
+        else:
+            return model, prefix
+
+
+def _is_compiled(model: nn.Module) -> bool:
+    # torch.compile's OptimizedModule; torch._dynamo is only imported if something compiled a model.
+    dynamo = sys.modules.get("torch._dynamo.eval_frame")
+    return dynamo is not None and isinstance(model, getattr(dynamo, "OptimizedModule", ()))
+
+
+def _without_prefix(config: CompressionConfig, prefix: str) -> CompressionConfig:
+    """``config`` with ``prefix`` removed from its name patterns, so wrapped names select inner modules."""
+    if not prefix:
+        return config
+
+    def strip(pattern: str) -> str:
+        return pattern[len(prefix):] if pattern.startswith(prefix) and len(pattern) > len(prefix) else pattern
+
+    return replace(config, targets=tuple(map(strip, config.targets)), exclude=tuple(map(strip, config.exclude)),
+                   ranks={strip(k): v for k, v in config.ranks.items()})
+
+
+def _owners(named, identity) -> dict[object, list[tuple[str, object]]]:
+    """Group ``(name, value)`` pairs by ``identity(value)`` (pairs whose identity is None stay alone)."""
+    groups: dict[object, list[tuple[str, object]]] = {}
+    for name, value in named:
+        key = identity(value)
+        groups.setdefault(("alone", name) if key is None else key, []).append((name, value))
+    return groups
+
+
+def _storage_key(t: Tensor) -> tuple | None:
+    """Equal for two tensors exactly when they are the same view of the same memory (None: no storage)."""
+    try:
+        if not t.numel():
+            return None
+        return t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t.device
+    except (RuntimeError, NotImplementedError):  # sparse and other storage-less layouts
+        return None
+
+
+def _check_unshared(groups: dict[object, list[tuple[str, object]]], candidates: list[Candidate]) -> None:
+    """Refuse to factor a weight that other names share: factoring one owner would untie it."""
+    owners = {name: [n for n, _ in group] for group in groups.values() for name, _ in group}
+    for c in candidates:
+        others = [n for n in owners.get(c.name, [c.name]) if n != c.name]
+        if others:
+            raise TargetError(f"{c.name} is shared with {', '.join(others)}; lrcompress will not untie shared "
+                              f"weights: pass --exclude {c.name} (exclude=[{c.name!r}]) to skip it")
+
+
+def _join(module: str, name: str) -> str:
+    return f"{module}.{name}" if module else name
 
 
 def _blocks(W: Tensor, gates: int) -> Tensor:
@@ -294,6 +420,7 @@ def _blocks(W: Tensor, gates: int) -> Tensor:
 
 
 def _check_adoptable(module: nn.Module, name: str) -> None:
-    if isinstance(module, nn.RNNBase) and not isinstance(module, FactoredRNN) and parametrize.is_parametrized(module):
+    if (isinstance(module, (nn.RNNBase, nn.RNNCellBase)) and not isinstance(module, (FactoredRNN, FactoredCell))
+            and parametrize.is_parametrized(module)):
         raise TargetError(f"{name or '<root>'} already carries other parametrizations "
                           f"({', '.join(module.parametrizations)}); remove them before compressing")

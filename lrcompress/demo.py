@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import LRCompressError, OutputExistsError
 from .train.run import collect, format_report, sweep, train_recipe
 
 # The addition task with T = 30 and a dense GRU of 32 units (recipes/addition-gru-small.toml,
@@ -28,14 +29,23 @@ DEMO_RECIPE = {
               "clip": "norm", "clip_value": 1.0, "device": "cpu", "seed": 0},
 }
 DEMO_RANKS = (2, 4, 8)
+# The demo writes this file into a folder it creates (or finds empty): a later demo run may
+# then replace the runs it wrote there, and never touches a folder without it.
+MARKER = ".lrcompress-demo"
+RUNS = ("dense", "sweep")
 
 
 def run_demo(out: str | os.PathLike = "runs/demo", *, steps: int = 2000, finetune_steps: int = 400,
              ranks: tuple[int, ...] = DEMO_RANKS, fresh: bool = True, echo=print) -> list[dict]:
-    """Train the dense model, sweep ranks with and without diagonal, and return the report rows."""
+    """Train the dense model, sweep ranks with and without diagonal, and return the report rows.
+
+    ``out`` must be a new or empty folder, or one an earlier demo made (it holds the
+    ``MARKER`` file): then, with ``fresh``, only the demo's own runs in it (``dense/``,
+    ``sweep/``) are replaced; anything else in it is kept. Any other folder, or a file, raises
+    ``OutputExistsError`` before anything is written or deleted.
+    """
     out = Path(out)
-    if fresh and out.exists():
-        shutil.rmtree(out)
+    prepare_folder(out, fresh=fresh)
     # Tiny matrices run faster on one thread than split across several.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -56,3 +66,32 @@ def run_demo(out: str | os.PathLike = "runs/demo", *, steps: int = 2000, finetun
     echo(format_report(rows))
     echo(f"total {time.perf_counter() - start:.0f}s; runs in {out}")
     return rows
+
+
+def prepare_folder(out: Path, *, fresh: bool = True) -> None:
+    """Make ``out`` ready for the demo without deleting anything the demo did not write.
+
+    New or empty folder: created and marked. Marked folder: with ``fresh``, its ``dense/`` and
+    ``sweep/`` runs are removed. A file, or a non-empty folder without the marker (``--out .``,
+    a home directory, someone's project): ``OutputExistsError``.
+    """
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"--out {out} is a file; the demo needs a folder")
+    if out.is_dir() and not (out / MARKER).is_file():
+        entries = sorted(p.name for p in out.iterdir())
+        if entries:
+            raise OutputExistsError(f"--out {out} is a folder the demo did not make and holds {len(entries)} "
+                                    f"entries (e.g. {entries[0]!r}); choose a new or empty folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / MARKER).write_text("made by `lrcompress demo`; a later demo run replaces dense/ and sweep/ here\n")
+        if fresh:
+            for name in RUNS:
+                run = out / name
+                if run.is_symlink() or run.is_file():  # not what the demo writes: leave it to the user
+                    raise OutputExistsError(f"{run} is not a run folder the demo wrote; move it away first")
+                if run.is_dir():
+                    shutil.rmtree(run)
+    except OSError as exc:
+        raise LRCompressError(f"cannot prepare demo folder {out}: {exc.strerror or exc}") from None
+

@@ -28,3 +28,7 @@ class FormatError(LRCompressError):
 
 class OutputExistsError(LRCompressError):
     """The output file exists and overwriting was not asked for."""
+
+
+class DegenerateWeightError(WeightError):
+    """A weight to be factored is empty, sparse, or not real floating point (int, bool, complex)."""

@@ -22,11 +22,25 @@ class TargetReport:
     params_after: int
     rel_error: float  # ||W - W_hat||_F / ||W||_F
     note: str = ""  # e.g. why no diagonal, or that the factors are larger than the dense matrix
+    # How the diagonal fit ended (factorize.Factors; None/"" without a diagonal fit): iterations
+    # after the first diagonal fit, the relative error decrease of the last one, and why it
+    # stopped (factorize.DIAG_STOPS: converged, max_iter, stalled, exact).
+    diag_iterations: int | None = None
+    diag_last_change: float | None = None
+    diag_stop: str = ""
 
     @classmethod
-    def of(cls, spec: TargetSpec, rel_error: float, note: str = "") -> "TargetReport":
+    def of(cls, spec: TargetSpec, rel_error: float, note: str = "", *, fit=None) -> "TargetReport":
+        """``fit``: the ``factorize.Factors`` of the target, for how its diagonal fit ended."""
         return cls(spec.name, spec.layer, spec.role, (spec.gates * spec.rows, spec.cols), spec.gates, spec.rank,
-                   spec.diag, spec.tied, spec.dense_params, spec.factored_params, rel_error, note)
+                   spec.diag, spec.tied, spec.dense_params, spec.factored_params, rel_error, note,
+                   getattr(fit, "diag_iterations", None), getattr(fit, "diag_last_change", None),
+                   getattr(fit, "diag_stop", ""))
+
+    @property
+    def diag_fit(self) -> str:
+        """How the diagonal fit ended, e.g. ``"4 it, converged"``; ``"-"`` without one."""
+        return f"{self.diag_iterations} it, {self.diag_stop}" if self.diag_stop else "-"
 
 
 @dataclass
@@ -51,10 +65,10 @@ class Report:
         return json.dumps(self.to_dict(), **kwargs)
 
     def __str__(self) -> str:
-        header = ("target", "kind", "shape", "rank", "diag", "params", "factored", "rel.err")
+        header = ("target", "kind", "shape", "rank", "diag", "params", "factored", "rel.err", "diag fit")
         rows = [(t.name, f"{t.layer}/{t.role}" + ("/tied" if t.tied else ""), f"{t.shape[0]}x{t.shape[1]}",
                  str(t.rank), "yes" if t.diag else "no", f"{t.params_before:,}", f"{t.params_after:,}",
-                 f"{t.rel_error:.4g}") for t in self.targets]
+                 f"{t.rel_error:.4g}", t.diag_fit) for t in self.targets]
         lines = format_table(header, rows, right={2, 3, 5, 6, 7})
         notes = [f"  note: {t.name}: {t.note}" for t in self.targets if t.note]
         total = (f"model parameters: {self.params_before:,} -> {self.params_after:,} "

@@ -11,6 +11,7 @@ from .config import CompressionConfig, TargetSpec
 from .factorize import rank_for_energy
 from .report import format_table
 from .targets import find_state_dict_targets
+from .validate import check_weight
 
 GATE_NAMES = {("gru", 3): "rzn", ("lstm", 4): "ifgo"}
 ENERGY_LEVELS = (0.5, 0.9, 0.95, 0.99)
@@ -38,10 +39,17 @@ class Spectra:
 
 def spectra(tensors: dict[str, Tensor], ranks: list[int], *, include_input: bool = False,
             targets: tuple[str, ...] = ()) -> Spectra:
-    """Singular-value energy of every recurrent (and selected) matrix of a dense state dict."""
+    """Singular-value energy of every recurrent (and selected) matrix of a dense state dict.
+
+    Raises ``WeightError`` (one line) for a sparse, non-floating, empty or non-finite matrix: an
+    SVD of those either fails deep inside LAPACK or returns meaningless numbers.
+    """
     config = CompressionConfig(rank=1, include_input=include_input, include_projection=True, targets=targets)
+    candidates = find_state_dict_targets(tensors, config)
+    for c in candidates:  # every matrix checked before any SVD
+        check_weight(c.name, tensors[c.name], action="analyse")
     rows = []
-    for c in find_state_dict_targets(tensors, config):
+    for c in candidates:
         blocks = tensors[c.name].detach().double().reshape(c.gates, c.rows, c.cols)
         s = torch.linalg.svdvals(blocks)
         names = GATE_NAMES.get((c.layer, c.gates), "-" * c.gates) if c.role != "projection" else "-"

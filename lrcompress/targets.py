@@ -1,9 +1,11 @@
 """Which weights a config selects: in a live model, or in a bare state dict by key and shape.
 
-Recurrent layers (``nn.GRU``/``nn.LSTM``/``nn.RNN``) and ``lrcompress.nn.Highway`` layers are
-found by type; other ``nn.Linear`` layers by name pattern. In a bare state dict a recurrent
-layer is recognised from its ``<prefix>.weight_hh_l<k>[_reverse]`` keys: the gate count (3 GRU,
-4 LSTM, 1 RNN) follows from the shapes, an LSTM with ``proj_size`` from ``weight_hr_l<k>``.
+Recurrent layers (``nn.GRU``/``nn.LSTM``/``nn.RNN``), recurrent cells (``nn.GRUCell``/
+``nn.LSTMCell``/``nn.RNNCell``) and ``lrcompress.nn.Highway`` layers are found by type; other
+``nn.Linear`` layers by name pattern. In a bare state dict a recurrent layer is recognised from
+its ``<prefix>.weight_hh_l<k>[_reverse]`` keys, a cell from ``<prefix>.weight_hh`` next to
+``<prefix>.weight_ih``: the gate count (3 GRU, 4 LSTM, 1 RNN) follows from the shapes, an LSTM
+with ``proj_size`` from ``weight_hr_l<k>``.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import _WeightNorm as _TorchWeightNorm
+from torch.nn.utils.weight_norm import WeightNorm as _WeightNormHook
 
 from .config import CompressionConfig, name_matches
 from .errors import FormatError, TargetError
@@ -22,7 +26,11 @@ RNN_GATES = {"GRU": ("gru", 3), "LSTM": ("lstm", 4), "RNN_TANH": ("rnn", 1), "RN
 GATES_LAYER = {3: "gru", 4: "lstm", 1: "rnn"}
 RNN_WEIGHT = re.compile(r"^weight_(?P<kind>hh|ih|hr)_l(?P<layer>\d+)(?P<rev>_reverse)?$")
 HH_KEY = re.compile(r"^(?:(?P<prefix>.+)\.)?weight_hh_l\d+(_reverse)?$")
+# Cells (nn.GRUCell, ...) name their weights without a layer suffix.
+CELL_WEIGHT = re.compile(r"^weight_(?P<kind>hh|ih)$")
+CELL_HH_KEY = re.compile(r"^(?:(?P<prefix>.+)\.)?weight_hh$")
 ROLE = {"hh": "recurrent", "ih": "input", "hr": "projection"}
+CELL_GATES = ((nn.GRUCell, ("gru", 3)), (nn.LSTMCell, ("lstm", 4)), (nn.RNNCell, ("rnn", 1)))
 
 
 @dataclass(frozen=True)
@@ -63,15 +71,35 @@ def find_targets(model: nn.Module, config: CompressionConfig) -> list[Candidate]
             layer, gates = RNN_GATES[m.mode]
             shapes = {w: tuple(getattr(m, w).shape) for w in m._flat_weights_names if w.startswith("weight")}
             found += _rnn_candidates(name, layer, gates, shapes, config)
+        elif isinstance(m, nn.RNNCellBase):
+            layer, gates = cell_kind(m)
+            shapes = {w: tuple(getattr(m, w).shape) for w in ("weight_ih", "weight_hh")}
+            found += _rnn_candidates(name, layer, gates, shapes, config)
         elif name in linear:
             found.append(Candidate(name, "weight", "linear", "linear", 1, *m.weight.shape))
     found = [c for c in found if not _excluded(c, config)]
-    for c in found:
-        if parametrize.is_parametrized(modules[c.module], c.weight):
+    for c in found:  # weight norm is allowed: compress folds it
+        owner = modules[c.module]
+        if parametrize.is_parametrized(owner, c.weight) and not weight_norm_kind(owner, c.weight):
             raise TargetError(f"{c.name} is already parametrized (already compressed?)")
     if not found:
         raise TargetError(_none_found(config))
     return found
+
+
+def weight_norm_kind(module: nn.Module, name: str) -> str | None:
+    """How PyTorch weight norm (``w = g v / ||v||``) drives ``module.<name>``, if it does.
+
+    ``"parametrization"``: ``torch.nn.utils.parametrizations.weight_norm`` and nothing else on that
+    weight; ``"hook"``: the deprecated ``torch.nn.utils.weight_norm`` (``<name>_g``/``<name>_v``
+    parameters and a forward pre-hook); otherwise None. ``compress`` folds either into the dense
+    weight before factoring it.
+    """
+    if parametrize.is_parametrized(module, name):
+        plist = module.parametrizations[name]
+        return "parametrization" if len(plist) == 1 and isinstance(plist[0], _TorchWeightNorm) else None
+    hooks = module._forward_pre_hooks.values()
+    return "hook" if any(isinstance(h, _WeightNormHook) and h.name == name for h in hooks) else None
 
 
 def find_state_dict_targets(tensors: dict[str, Tensor], config: CompressionConfig) -> list[Candidate]:
@@ -85,6 +113,12 @@ def find_state_dict_targets(tensors: dict[str, Tensor], config: CompressionConfi
             if mod == prefix and RNN_WEIGHT.match(weight):
                 shapes[weight] = tuple(t.shape)
         layer, gates = _infer_rnn(prefix, shapes)
+        found += _rnn_candidates(prefix, layer, gates, shapes, config)
+    cells = sorted({m.group("prefix") or "" for k in tensors if (m := CELL_HH_KEY.match(k))
+                    and _join(m.group("prefix") or "", "weight_ih") in tensors})
+    for prefix in cells:
+        shapes = {w: tuple(tensors[_join(prefix, w)].shape) for w in ("weight_ih", "weight_hh")}
+        layer, gates = _infer_cell(prefix, shapes)
         found += _rnn_candidates(prefix, layer, gates, shapes, config)
     linear_modules = {k.rpartition(".")[0] for k, t in tensors.items() if k.endswith(".weight") and t.dim() == 2}
     for pattern in config.targets:
@@ -112,17 +146,55 @@ def _infer_rnn(prefix: str, shapes: dict[str, tuple[int, ...]]) -> tuple[str, in
         if len(hr) == 2 and hh == (4 * hr[1], hr[0]):
             return "lstm", 4
         raise FormatError(f"{where}: weight_hr_l0 {hr} does not fit weight_hh_l0 {hh} of an LSTM")
-    rows, hidden = hh
-    if rows % hidden or rows // hidden not in GATES_LAYER:
+    gates = gate_count(*hh)
+    if gates is None:
         raise FormatError(f"{where}: weight_hh_l0 of shape {hh} is not a GRU (3h x h), LSTM (4h x h) or RNN (h x h)")
-    return GATES_LAYER[rows // hidden], rows // hidden
+    return GATES_LAYER[gates], gates
+
+
+def gate_count(rows: int, hidden: int) -> int | None:
+    """Gate blocks of a ``(rows, hidden)`` recurrent weight (3 GRU, 4 LSTM, 1 RNN), or None for
+    a shape no recurrent layer has (an empty one included)."""
+    if hidden <= 0 or rows % hidden or rows // hidden not in GATES_LAYER:
+        return None
+    return rows // hidden
+
+
+def cell_kind(cell: nn.RNNCellBase) -> tuple[str, int]:
+    """``(layer, gates)`` of a recurrent cell: by class, else from the shape of its ``weight_hh``."""
+    for cls, kind in CELL_GATES:
+        if isinstance(cell, cls):
+            return kind
+    rows, hidden = cell.weight_hh.shape
+    gates = gate_count(rows, hidden)
+    if gates is None:
+        raise TargetError(f"{type(cell).__name__}: weight_hh of shape {(rows, hidden)} is not a GRU, LSTM or RNN cell")
+    return GATES_LAYER[gates], gates
+
+
+def recurrent_kind(module: nn.Module, weight: str) -> tuple[str, str]:
+    """``(layer, role)`` of ``module.<weight>`` as a file records them (``"linear"`` for others)."""
+    if isinstance(module, nn.RNNBase) and (m := RNN_WEIGHT.match(weight)):
+        return RNN_GATES[module.mode][0], ROLE[m.group("kind")]
+    if isinstance(module, nn.RNNCellBase) and (m := CELL_WEIGHT.match(weight)):
+        return cell_kind(module)[0], ROLE[m.group("kind")]
+    return "linear", "linear"
+
+
+def _infer_cell(prefix: str, shapes: dict[str, tuple[int, ...]]) -> tuple[str, int]:
+    hh, ih = shapes["weight_hh"], shapes["weight_ih"]
+    gates = gate_count(*hh) if len(hh) == 2 else None
+    if gates is None or len(ih) != 2 or ih[0] != hh[0]:
+        raise FormatError(f"{_join(prefix, 'weight_hh')} of shape {hh} (weight_ih {ih}) is not a GRU cell (3h x h), "
+                          "LSTM cell (4h x h) or RNN cell (h x h)")
+    return GATES_LAYER[gates], gates
 
 
 def _rnn_candidates(module: str, layer: str, gates: int, shapes: dict[str, tuple[int, ...]],
                     config: CompressionConfig) -> list[Candidate]:
     out = []
     for weight, shape in shapes.items():
-        m = RNN_WEIGHT.match(weight)
+        m = RNN_WEIGHT.match(weight) or CELL_WEIGHT.match(weight)
         if m is None:
             continue
         role = ROLE[m.group("kind")]
@@ -141,9 +213,9 @@ def _check_patterns(config: CompressionConfig, modules: dict[str, nn.Module]) ->
         if not hits:
             raise TargetError(f"target pattern {pattern!r} matches no module")
         for n in hits:
-            if not isinstance(modules[n], (nn.Linear, nn.RNNBase, Highway)):
+            if not isinstance(modules[n], (nn.Linear, nn.RNNBase, nn.RNNCellBase, Highway)):
                 raise TargetError(f"target pattern {pattern!r} matches {n} ({type(modules[n]).__name__}), "
-                                  "which is not an nn.Linear, RNN or Highway layer")
+                                  "which is not an nn.Linear, RNN layer or cell, or Highway layer")
     weights = {_join(n, w) for n, m in modules.items() for w, _ in m.named_parameters(recurse=False)}
     weights |= {_join(n, w) for n, m in modules.items() if parametrize.is_parametrized(m) for w in m.parametrizations}
     for pattern in config.exclude:
@@ -158,7 +230,8 @@ def _excluded(c: Candidate, config: CompressionConfig) -> bool:
 
 def _none_found(config: CompressionConfig) -> str:
     extra = f" and no nn.Linear matching {list(config.targets)}" if config.targets else ""
-    return f"no targets found: no nn.GRU/nn.LSTM/nn.RNN or Highway layer{extra} (after exclusions {list(config.exclude)})"
+    return (f"no targets found: no nn.GRU/nn.LSTM/nn.RNN layer, GRU/LSTM/RNN cell or Highway layer{extra}"
+            f" (after exclusions {list(config.exclude)})")
 
 
 def _join(module: str, name: str) -> str:

@@ -148,11 +148,12 @@ def test_convert_without_class_equals_api(run, tmp_path, kind):
     assert_same_as_api(out, gru(seed=99), api)
 
 
-def test_custom_key_is_needed_when_not_a_common_name(run, tmp_path):
+def test_custom_key_is_needed_when_several_entries_could_be_the_model(run, tmp_path):
     src = tmp_path / "ckpt.pt"
-    torch.save({"weights": gru().state_dict(), "epoch": 3}, src)
+    torch.save({"weights": gru().state_dict(), "ema": gru().state_dict(), "epoch": 3}, src)
     result = run("convert", src, "--rank", "4")
     assert result.code == 2 and "--key" in result.err
+    assert "'weights'" in result.err and "'ema'" in result.err
     result = run("convert", src, "--rank", "4", "--key", "nope")
     assert result.code == 2 and "'nope'" in result.err
 

@@ -421,3 +421,23 @@ def test_max_norm_on_plain_factors():
     max_row_norm_(gru, 10.0)
     norms = row_norms(gru.parametrizations.weight_hh_l0.original1)
     assert norms.max() <= 10 * (1 + 1e-6) and norms.min() > 9.0
+
+
+def test_fit_never_deletes_files_it_did_not_write(tmp_path):
+    """A user folder holding a summary.json of its own is refused, untouched; an empty one is claimed."""
+    from lrcompress.errors import OutputExistsError
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "summary.json").write_text("the user's own notes\n")
+    recipe = {"steps": 2, "eval_every": 2, "lr": 1e-2}
+    with pytest.raises(OutputExistsError, match="did not create it"):
+        fit(TinyNet(dropout=0.0), addition_loader(16, 0), nn.functional.mse_loss, recipe=recipe, run_dir=mine,
+            progress=False)
+    assert sorted(p.name for p in mine.iterdir()) == ["summary.json"]
+    assert (mine / "summary.json").read_text() == "the user's own notes\n"
+    fresh = tmp_path / "fresh"
+    fit(TinyNet(dropout=0.0), addition_loader(16, 0), nn.functional.mse_loss, recipe=recipe, run_dir=fresh,
+        progress=False)
+    assert (fresh / ".lrcompress-run").is_file() and (fresh / "last.safetensors").is_file()
+    assert not [p.name for p in fresh.iterdir() if p.name.endswith(".lrc-tmp")]

@@ -109,15 +109,42 @@ def estimate(weights: WeightShape | list[WeightShape], *, batch: int, steps: int
             dense += batch * steps * w.dense_macs() / p.flops
             factored += batch * steps * w.factored_macs() / p.flops
             continue
-        size = w.dense_macs() * itemsize
-        step_dense += max(batch * w.dense_macs() / p.dense_flops, size / _bandwidth(size, p))
-        size = w.factored_macs() * itemsize
-        step_factored += max(batch * w.factored_macs() / p.flops,
-                             size / min(p.thin_bandwidth, _bandwidth(size, p)))
-        step_factored += batch * w.gates * w.rows * p.element
+        d, f = _product_seconds(w, batch, itemsize, p)
+        step_dense += d
+        step_factored += f + batch * w.gates * w.rows * p.element
     dense += steps * (directions * p.dense_step + step_dense)
     factored += steps * (directions * p.factored_step + step_factored)
     return Estimate(dense, factored)
+
+
+def estimate_cell(weights: list[WeightShape], *, batch: int, device: str = "cpu", itemsize: int = 4,
+                  profile: Profile | None = None) -> Estimate:
+    """Seconds per call of a recurrent cell (one step): the dense kernel on a cached dense weight,
+    or the factored step.
+
+    Unlike a layer's input projection, a cell's input weight is read at every call, so every
+    weight costs what a recurrent one does; the dense weight is rebuilt once per weight version,
+    not per call, so no rebuild is charged. Gate ops are charged once, for the recurrent weight.
+
+    >>> estimate_cell([WeightShape(3, 512, 128, recurrent=False), WeightShape(3, 512, 512, 64)], batch=1).choice
+    'factored'
+    """
+    p = profile or PROFILES[device]
+    dense, factored = p.dense_step, p.factored_step
+    for w in weights:
+        d, f = _product_seconds(w, batch, itemsize, p)
+        dense += d
+        factored += f + (batch * w.gates * w.rows * p.element if w.recurrent else 0.0)
+    return Estimate(dense, factored)
+
+
+def _product_seconds(w: WeightShape, batch: int, itemsize: int, p: Profile) -> tuple[float, float]:
+    """Seconds of one step's product with ``w``: (dense, factored); arithmetic or memory, the larger."""
+    size = w.dense_macs() * itemsize
+    dense = max(batch * w.dense_macs() / p.dense_flops, size / _bandwidth(size, p))
+    size = w.factored_macs() * itemsize
+    factored = max(batch * w.factored_macs() / p.flops, size / min(p.thin_bandwidth, _bandwidth(size, p)))
+    return dense, factored
 
 
 def _bandwidth(size: float, p: Profile) -> float:

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from ..errors import ConfigError, TargetError
+from ..nn.cells import FactoredCell
 from ..nn.rnn import FactoredRNN
 from ..parametrizations import factorization
 from . import cuda, loops
@@ -36,7 +37,11 @@ ATTRIBUTE = "_lrc_acceleration"
 
 def accelerate(model: nn.Module, mode: str = "auto", *, training: bool = False, cuda_graphs: bool = True,
                threads: int | str | None = "auto", profile: Profile | None = None) -> nn.Module:
-    """Give every factored GRU/LSTM/RNN of ``model`` the factored execution path. In place.
+    """Give every factored GRU/LSTM/RNN layer and cell of ``model`` the factored execution path. In place.
+
+    Cells (``nn.GRUCell``/``nn.LSTMCell``/``nn.RNNCell``) run one step per call: ``auto`` picks
+    the factored step or PyTorch's cell kernel on a dense weight rebuilt once per weight version;
+    with autograd they keep their own forward unless ``training=True`` (see ``execution.cells``).
 
     ``mode``: ``"auto"`` (the cost model picks per layer and per call), ``"factored"`` or
     ``"dense"`` (the plain rebuild-then-cuDNN path, as if never accelerated). ``training=True``
@@ -55,10 +60,15 @@ def accelerate(model: nn.Module, mode: str = "auto", *, training: bool = False, 
         raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     if threads not in (None, "auto") and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ConfigError(f"threads must be a positive int, 'auto' or None, got {threads!r}")
+    from .cells import accelerate_cells  # cells imports this module
+
     layers_found = [m for m in model.modules() if isinstance(m, FactoredRNN)]
-    if not layers_found:
-        raise TargetError(f"{type(model).__name__} has no factored recurrent layer to accelerate "
+    cells_found = [m for m in model.modules() if isinstance(m, FactoredCell)]
+    if not layers_found and not cells_found:
+        raise TargetError(f"{type(model).__name__} has no factored recurrent layer or cell to accelerate "
                           "(compress it or load a compressed file first)")
+    accelerate_cells(cells_found, mode, {"training": training, "cuda_graphs": cuda_graphs, "threads": threads,
+                                         "profile": profile}, ATTRIBUTE)
     for module in layers_found:
         if mode == "dense":
             module.__dict__.pop(ATTRIBUTE, None)
@@ -89,7 +99,10 @@ class LayerPlan:
 
 def plan(model: nn.Module, *, batch: int, steps: int, device: str = "cpu", graphs: bool = True,
          profile: Profile | None = None) -> list[LayerPlan]:
-    """The cost model's estimate and choice for every factored recurrent layer of ``model``."""
+    """The cost model's estimate and choice for every factored recurrent layer and cell of ``model``
+    (for a cell, ``steps`` calls)."""
+    from .cells import cell_plan  # cells imports this module
+
     out = []
     for name, module in model.named_modules():
         if isinstance(module, FactoredRNN):
@@ -97,6 +110,8 @@ def plan(model: nn.Module, *, batch: int, steps: int, device: str = "cpu", graph
                 cells = prepare_all(module)
             out.append(LayerPlan(name, weight_shapes(cells),
                                  estimate_module(module, cells, batch, steps, device, graphs, profile)))
+        elif isinstance(module, FactoredCell) and (planned := cell_plan(module, batch, steps, device, profile)):
+            out.append(LayerPlan(name, *planned))
     return out
 
 

@@ -131,9 +131,12 @@ def recurrent_layers(tensors: dict[str, Tensor], specs: list[TargetSpec]) -> dic
     The file does not record ``batch_first`` or an RNN's nonlinearity; neither changes the
     cost, so the layers are time-major and tanh.
     """
-    modules = sorted({s.module for s in specs if s.layer in KINDS})
+    modules = sorted({s.module for s in specs if s.layer in KINDS and RNN_WEIGHT.match(s.weight)})
     if not modules:
-        raise TargetError("the file has no factored GRU, LSTM or RNN weights to benchmark")
+        cells = any(s.layer in KINDS for s in specs)  # cells name their weights weight_hh, not weight_hh_l0
+        raise TargetError("the file's factored recurrent weights are cells (nn.GRUCell ...): time them with "
+                          "benchmarks/bench_cell.py" if cells else
+                          "the file has no factored GRU, LSTM or RNN weights to benchmark")
     return {name: _rebuild_layer(name, tensors, [s for s in specs if s.module == name]) for name in modules}
 
 

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from ..errors import FormatError
 from ..io import read_safetensors, write_safetensors
+from ..validate import load_json
 
 FORMAT = "lrcompress-train"
 FORMAT_VERSION = 1
@@ -73,22 +74,67 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
                                        "state": json.dumps(meta)})
 
 
-def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Read a checkpoint written by ``save_checkpoint``."""
+def load_checkpoint(path: str | os.PathLike, *, resume: bool = False) -> Checkpoint:
+    """Read a checkpoint written by ``save_checkpoint`` (or ``save_weights``).
+
+    The whole file is checked while it is read -- metadata JSON (bounded size and depth), every
+    tensor it names, the random-generator states -- so a damaged or foreign file raises
+    ``FormatError`` naming it here, never ``KeyError`` halfway into a resumed run. With
+    ``resume``, the trainer state must also hold every field a resumed run reads
+    (``RESUME_FIELDS``).
+    """
     tensors, meta = read_safetensors(path)
     if meta.get("format") != FORMAT:
         raise FormatError(f"{path} is not an lrcompress training checkpoint")
-    if int(meta.get("format_version", "0")) > FORMAT_VERSION:
-        raise FormatError(f"{path} uses checkpoint format {meta['format_version']}; upgrade lrcompress")
     try:
-        state = json.loads(meta["state"])
-    except (KeyError, json.JSONDecodeError):
-        raise FormatError(f"{path}: unreadable checkpoint metadata") from None
+        version = int(meta.get("format_version", ""))
+    except ValueError:
+        raise FormatError(f"{path}: damaged checkpoint metadata (format_version "
+                          f"{str(meta.get('format_version'))[:40]!r})") from None
+    if version > FORMAT_VERSION:
+        raise FormatError(f"{path} uses checkpoint format {version}; upgrade lrcompress")
+    if "state" not in meta:
+        raise FormatError(f"{path}: damaged checkpoint metadata (no 'state')")
+    state = load_json(meta["state"], f"{path}: checkpoint metadata", max_depth=MAX_STATE_DEPTH)
+    try:
+        ckpt = _parse(tensors, state)
+        if resume:
+            _check_resume_fields(ckpt.trainer)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as exc:
+        detail = f"missing {exc}" if isinstance(exc, KeyError) else str(exc).splitlines()[0][:160]
+        raise FormatError(f"{path}: damaged checkpoint metadata ({detail})") from None
+    return ckpt
+
+
+# What a resumed run reads from the trainer state (engine.Trainer._load), with its JSON type.
+_INT, _NUMBER = (int,), (int, float)
+RESUME_FIELDS = {"step": _INT, "epoch": _INT, "batch_in_epoch": _INT, "best_score": _NUMBER + (type(None),),
+                 "best_step": _INT + (type(None),), "best_metrics": (dict, type(None)), "bad_evals": _INT,
+                 "nan_events": _INT, "amp_overflows": _INT, "wall_time": _NUMBER, "schedule": (dict,),
+                 "loss_sum": _NUMBER, "loss_count": _NUMBER}
+MAX_STATE_DEPTH = 16  # optimiser param groups and RNG states nest ~5 deep
+
+
+def _parse(tensors: dict[str, Tensor], state) -> Checkpoint:
+    if not isinstance(state, dict) or not isinstance(state.get("trainer"), dict):
+        raise ValueError("no trainer state")
     model = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     optimizer = _join_optimizer(tensors, state["optimizer"]) if "optimizer" in state else None
     rngs = [_join_rng(tensors, state[p], p) if p in state else None for p in ("rng", "rng_epoch")]
-    carry = [tensors[f"carry.{i}"] for i in range(state.get("carry", 0))]
+    count = state.get("carry", 0)
+    if type(count) is not int or count < 0:
+        raise ValueError(f"carry count {count!r}")
+    carry = [tensors[f"carry.{i}"] for i in range(count)]
     return Checkpoint(model, state["trainer"], optimizer, rngs[0], rngs[1], carry)
+
+
+def _check_resume_fields(trainer: dict) -> None:
+    for name, types in RESUME_FIELDS.items():
+        if name not in trainer:
+            raise KeyError(f"trainer.{name}")
+        value = trainer[name]
+        if isinstance(value, bool) or not isinstance(value, types) or (types is _INT and value < 0):
+            raise ValueError(f"trainer.{name} is {str(value)[:40]!r}")
 
 
 def save_weights(path: str | os.PathLike, model: nn.Module, metadata: dict | None = None) -> Path:
@@ -135,12 +181,17 @@ def _split_optimizer(state_dict: dict) -> tuple[dict[str, Tensor], dict]:
 
 
 def _join_optimizer(tensors: dict[str, Tensor], meta: dict) -> dict:
+    """The optimiser state dict; a missing tensor or malformed entry raises KeyError/TypeError/ValueError."""
     state: dict[int, dict] = {}
     for index, keys in meta["tensor_keys"].items():
         state[int(index)] = {k: tensors[f"optim.{index}.{k}"] for k in keys}
     for index, values in meta["scalars"].items():
         state.setdefault(int(index), {}).update(values)
-    return {"state": state, "param_groups": meta["param_groups"]}
+    groups = meta["param_groups"]
+    if not isinstance(groups, list) or not all(isinstance(g, dict) and isinstance(g.get("params"), list)
+                                               for g in groups):
+        raise ValueError("optimizer param_groups is not a list of groups")
+    return {"state": state, "param_groups": groups}
 
 
 def _split_rng(state: dict, prefix: str) -> tuple[dict[str, Tensor], dict]:
@@ -162,4 +213,8 @@ def _join_rng(tensors: dict[str, Tensor], meta: dict, prefix: str) -> dict:
              "torch": tensors[f"{prefix}.torch"]}
     if meta.get("cuda"):
         state["cuda"] = [tensors[f"{prefix}.cuda.{i}"] for i in range(meta["cuda"])]
+    # Try each state on a scratch generator now: a damaged one fails here, not mid-resume.
+    random.Random().setstate(state["python"])
+    np.random.RandomState().set_state(state["numpy"])
+    torch.Generator().set_state(state["torch"])
     return state

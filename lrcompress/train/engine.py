@@ -30,13 +30,15 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..errors import ConfigError, OutputExistsError
+from ..errors import ConfigError
+from ..io import write_text_atomic
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, save_weights, seed_everything, set_rng_state
 from .distributed import Distributed, unwrap
 from .models import set_dropout
 from .objective import Data, Objective, StatefulForward, as_batch, forward, run_evaluation
 from .optim import Schedule, build_optimizer
 from .recipe import check_train
+from .rundir import check_run_dir, claim_run_dir
 from .stabilisers import Stabiliser, has_weight_norm, weight_norm
 from .tasks_base import Batch
 
@@ -469,11 +471,9 @@ class Loop:
     def _prepare_dir(self, resume: bool) -> None:
         if self.run_dir is None:
             return
-        if not resume and (self.run_dir / "last.safetensors").exists():
-            raise OutputExistsError(f"{self.run_dir} already holds a run; resume it (--resume, resume=True) "
-                                    "or choose another directory")
+        check_run_dir(self.run_dir, resume)  # never deletes or replaces files lrcompress did not write
         if self.dist.main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            claim_run_dir(self.run_dir)
             if not (self.run_dir / "last.safetensors").exists():  # a fresh start: no stale records
                 for name in ("metrics.jsonl", "best.safetensors", "summary.json"):
                     (self.run_dir / name).unlink(missing_ok=True)
@@ -560,10 +560,8 @@ def _log_line(record: dict) -> str:
 
 
 def write_json(path: Path, data: dict) -> None:
-    """Write ``data`` as JSON atomically (temporary file + rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
+    """Write ``data`` as JSON atomically (a temporary file a killed run leaves is swept later)."""
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n", force=True)
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -579,6 +577,4 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    tmp.replace(path)
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in records), force=True)

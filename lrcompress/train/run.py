@@ -12,7 +12,6 @@ format: ``load_model(skeleton, path)`` reads it) and ``summary.json``. A fine-tu
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -20,11 +19,14 @@ import torch
 from torch import nn
 
 from ..convert import compress, count_params
-from ..errors import ConfigError, LRCompressError, OutputExistsError
-from ..io import load_model, save_model
+from ..errors import ConfigError, FormatError, LRCompressError, OutputExistsError
+from ..io import load_model, read_safetensors, save_model, write_atomic, write_text_atomic
+from ..validate import check_compressed, load_json
+from .checkpoint import load_checkpoint
 from ..report import format_table
 from .engine import FitResult, TrainConfig, evaluate, fit, write_json
 from .models import build_model
+from .rundir import check_run_dir, claim_run_dir
 from .recipe import apply_overrides, check_recipe, dump_recipe, load_recipe
 from .stabilisers import remove_weight_norm
 from .tasks import build_task
@@ -47,6 +49,7 @@ def train_recipe(recipe: str | os.PathLike | dict, out: str | os.PathLike | None
     if resume and (out / RECIPE_FILE).is_file():
         recipe = load_recipe(out / RECIPE_FILE, overrides)
     task, model = build(recipe)
+    _claim(out)
     _write_text(out / RECIPE_FILE, dump_recipe(recipe))
     extra = {"kind": "train", "recipe": recipe["meta"]["name"], "params": count_params(model)}
     result = _fit(model, task, recipe, out, resume=resume, progress=progress, summary=extra)
@@ -83,6 +86,7 @@ def finetune(source: str | os.PathLike, out: str | os.PathLike, *, rank=None, en
     if "converted" not in state:
         state["converted"] = _metrics(model, task, eval_data)
         state["conversion"] = conversion.to_dict()
+    _claim(out)
     _write_text(out / RECIPE_FILE, dump_recipe(recipe))
     _save_json(out / FINETUNE_FILE, state)
     extra = {"kind": "finetune", "recipe": recipe["meta"]["name"], "source": str(source), "rank": rank,
@@ -102,7 +106,9 @@ def sweep(source: str | os.PathLike, out: str | os.PathLike, *, ranks: list[int]
     if not ranks or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in ranks):
         raise ConfigError(f"ranks must be positive ints, got {ranks!r}")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    _check_out(out, resume=True)
+    _check_source(Path(source), recipe, overrides)  # a bad source: one error, and no sweep.json left behind
+    _claim(out)
     _save_json(out / "sweep.json", {"source": str(source), "ranks": list(ranks), "diag": diag,
                                      "both_diag": both_diag, "tied": tied, "overrides": list(overrides)})
     points = []
@@ -196,12 +202,30 @@ def _source(source: Path, recipe) -> tuple[Path, object]:
     return source, recipe
 
 
+def _check_source(source: Path, recipe, overrides) -> None:
+    """What ``finetune`` will need from ``source``, checked without writing: a finished dense
+    run (or weights + recipe) whose weights file is a readable, consistent safetensors file."""
+    weights, base = _source(source, recipe)
+    checked = _recipe(base, overrides)
+    if checked["model"]["rank"]:
+        raise ConfigError(f"{source} holds a model trained low-rank (model.rank = {checked['model']['rank']}); "
+                          "sweep converts dense models")
+    if weights.suffix == ".safetensors":
+        tensors, meta = read_safetensors(weights)
+        check_compressed(tensors, meta, weights)
+
+
 def _check_out(out: Path, resume: bool) -> None:
-    if not resume and (out / "last.safetensors").exists():
-        raise OutputExistsError(f"{out} already holds a run; continue it with --resume (resume=True) "
-                                "or choose another directory")
-    if out.exists() and not out.is_dir():
-        raise LRCompressError(f"{out} exists and is not a directory")
+    """Refuse, before any work, an output that would replace or delete files lrcompress did not write."""
+    check_run_dir(out, resume)
+    if resume and (out / "last.safetensors").is_file():
+        load_checkpoint(out / "last.safetensors", resume=True)  # damaged: one FormatError before any work
+
+
+def _claim(out: Path) -> None:
+    """Create the run directory (if needed) and mark it as lrcompress's."""
+    if _is_main():
+        claim_run_dir(out)
 
 
 def _is_main() -> bool:
@@ -209,12 +233,9 @@ def _is_main() -> bool:
 
 
 def _write_text(path: Path, text: str) -> None:
-    if not _is_main():
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    """Replace a file of a run directory lrcompress made (``_claim``), atomically."""
+    if _is_main():
+        write_text_atomic(path, text, force=True)
 
 
 def _save_json(path: Path, data: dict) -> None:
@@ -224,10 +245,15 @@ def _save_json(path: Path, data: dict) -> None:
 
 
 def _read_json(path: Path) -> dict | None:
+    """A JSON object lrcompress wrote earlier, or None when it is missing or damaged (then redone)."""
     try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        data = load_json(path.read_text(), str(path), max_depth=MAX_JSON_DEPTH)
+    except (OSError, UnicodeDecodeError, FormatError):
         return None
+    return data if isinstance(data, dict) else None
+
+
+MAX_JSON_DEPTH = 32  # summaries nest ~4 deep
 
 
 def _fmt(x) -> str:
@@ -241,30 +267,61 @@ REPORT_COLUMNS = ("run", "rank", "diag", "tied", "params", "ratio", "metric", "s
 
 
 def collect(path: str | os.PathLike) -> list[dict]:
-    """One row per run: a sweep directory's points, or a single run directory."""
+    """One row per run: a sweep directory's points, or a single run directory.
+
+    Raises ``FormatError`` naming the file when a ``summary.json`` is damaged (not JSON, too
+    deep, not a run summary, a value of the wrong type).
+    """
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"no such run or sweep directory: {path}")
-    runs = [path] if (path / SUMMARY_FILE).is_file() else sorted(
-        (p for p in path.iterdir() if (p / SUMMARY_FILE).is_file()), key=_order)
+    runs = [path] if (path / SUMMARY_FILE).is_file() else [p for p in path.iterdir() if (p / SUMMARY_FILE).is_file()]
     if not runs:
         raise LRCompressError(f"{path} holds no finished run (no summary.json in it or its subdirectories)")
-    return [row(p.name, _read_json(p / SUMMARY_FILE)) for p in runs]
+    rows = [row(p.name, _read_summary(p / SUMMARY_FILE), p / SUMMARY_FILE) for p in runs]
+    if len(rows) > 1:
+        rows.sort(key=lambda r: (r["rank"] is not None, r["rank"] or 0, bool(r["diag"]), r["run"]))
+    return rows
 
 
-def row(name: str, s: dict) -> dict:
+def _read_summary(path: Path) -> dict:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise FormatError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    data = load_json(text, str(path), max_depth=MAX_JSON_DEPTH)
+    if not isinstance(data, dict):
+        raise FormatError(f"{path} is not a run summary (a JSON {type(data).__name__}, not an object)")
+    return data
+
+
+def row(name: str, s: dict, where: str | os.PathLike = "summary") -> dict:
+    """The report row of one run summary; ``FormatError`` naming ``where`` when a field is damaged."""
+    if not isinstance(s, dict) or not isinstance(s.get("metric"), str):
+        raise FormatError(f"{where} is not a run summary (no 'metric' name)")
     split = "test" if s.get("test") else "val"
     metric = s["metric"]
-    return {"run": name, "rank": s.get("rank"), "diag": s.get("diag"), "tied": s.get("tied"),
-            "params": s.get("params"), "ratio": s.get("ratio"), "metric": metric, "split": split,
-            "dense": s.get("dense", {}).get(split, {}).get(metric),
-            "before": s.get("converted", {}).get(split, {}).get(metric),
-            "after": s.get(split, {}).get(metric), "wall_time": s.get("wall_time")}
+    out = {"run": name, "rank": s.get("rank"), "diag": s.get("diag"), "tied": s.get("tied"),
+           "params": s.get("params"), "ratio": s.get("ratio"), "metric": metric, "split": split,
+           "dense": _dig(s, "dense", split, metric), "before": _dig(s, "converted", split, metric),
+           "after": _dig(s, split, metric), "wall_time": s.get("wall_time")}
+    for key in ("rank", "params", "ratio", "dense", "before", "after", "wall_time"):
+        value = out[key]
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise FormatError(f"{where}: {key} is {str(value)[:40]!r}, not a number")
+    for key in ("diag", "tied"):
+        if out[key] is not None and not isinstance(out[key], bool):
+            raise FormatError(f"{where}: {key} is {str(out[key])[:40]!r}, not true/false")
+    return out
 
 
-def _order(p: Path):
-    s = _read_json(p / SUMMARY_FILE) or {}
-    return (s.get("rank") is not None, s.get("rank") or 0, bool(s.get("diag")), p.name)
+def _dig(data: dict, *keys):
+    """``data[k1][k2]...``, or None where a level is missing or is not an object."""
+    for key in keys:
+        if not isinstance(data, dict):
+            return None
+        data = data.get(key)
+    return data
 
 
 def format_report(rows: list[dict]) -> str:
@@ -278,7 +335,8 @@ def format_report(rows: list[dict]) -> str:
     return "\n".join(format_table(header, body, right={1, 3, 4, 6, 7, 8, 9}) + [note])
 
 
-def write_csv(rows: list[dict], path: str | os.PathLike) -> Path:
+def write_csv(rows: list[dict], path: str | os.PathLike, *, force: bool = False) -> Path:
+    """The rows as CSV, written atomically; an existing file is replaced only with ``force``."""
     import csv
     import io
 
@@ -286,13 +344,26 @@ def write_csv(rows: list[dict], path: str | os.PathLike) -> Path:
     writer = csv.DictWriter(buffer, fieldnames=REPORT_COLUMNS, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
+    return write_text_atomic(_report_output(path, force), buffer.getvalue(), force=force)
+
+
+def _report_output(path: str | os.PathLike, force: bool) -> Path:
+    """A report file to write: never a directory, and an existing file only with ``force``."""
     path = Path(path)
-    _write_text(path, buffer.getvalue())
+    if path.is_dir():
+        raise LRCompressError(f"cannot write {path}: it is a directory")
+    if path.exists() and not force:
+        raise OutputExistsError(f"{path} exists; pass --force to overwrite it")
     return path
 
 
-def plot(rows: list[dict], path: str | os.PathLike) -> Path:
-    """Parameters against the metric, before and after fine-tuning (needs matplotlib)."""
+def plot(rows: list[dict], path: str | os.PathLike, *, force: bool = False) -> Path:
+    """Parameters against the metric, before and after fine-tuning (needs matplotlib).
+
+    Written atomically in the format of the file's extension (PNG without one); an existing
+    file is replaced only with ``force``.
+    """
+    path = _report_output(path, force)
     try:
         import matplotlib
 
@@ -326,10 +397,13 @@ def plot(rows: list[dict], path: str | os.PathLike) -> Path:
     ax.set_ylabel(f"{points[0]['split']} {points[0]['metric']}")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    kind = path.suffix[1:].lower() or "png"
+    try:
+        return write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format=kind), force=force)
+    except ValueError as exc:  # matplotlib: an extension it cannot write
+        raise LRCompressError(f"cannot write {path}: {str(exc).splitlines()[0]}") from None
+    finally:
+        plt.close(fig)
 
 
 __all__ = ["build", "collect", "finetune", "format_report", "plot", "point_name", "row", "sweep", "train_recipe",

@@ -1,0 +1,135 @@
+"""Shared (tied) weights: never silently untied, counted once.
+
+A language model ties ``decoder.weight`` to ``encoder.weight``: in a live model the two names hold
+one Parameter, in a saved state dict two keys view one storage. Factoring either owner would
+untie them; every parameter count must count the shared tensor once. Counts are checked against
+closed forms.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+import lrcompress as lrc
+from lrcompress import cli
+from lrcompress.convert import compress_state_dict
+
+VOCAB, WIDTH, RANK = 50, 32, 8
+
+
+class LM(nn.Module):
+    """Embedding -> GRU -> Linear with the output matrix tied to the embedding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Embedding(VOCAB, WIDTH)
+        self.rnn = nn.GRU(WIDTH, WIDTH)
+        self.decoder = nn.Linear(WIDTH, VOCAB)
+        self.decoder.weight = self.encoder.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.rnn(self.encoder(tokens))[0])
+
+
+# Closed forms: the embedding once, the GRU's 3 gate blocks of each matrix plus 2 bias vectors,
+# the decoder's bias only (its weight is the embedding).
+DENSE = VOCAB * WIDTH + 3 * WIDTH * WIDTH * 2 + 2 * 3 * WIDTH + VOCAB
+FACTORED = DENSE - 3 * WIDTH * WIDTH + 3 * (WIDTH * RANK + RANK * WIDTH)
+
+
+def test_the_counts_count_a_tied_weight_once() -> None:
+    lm = LM()
+    assert lrc.count_params(lm) == DENSE
+    report = lrc.compress(lm, rank=RANK)
+    assert (report.params_before, report.params_after) == (DENSE, FACTORED)
+    assert report.ratio == DENSE / FACTORED
+    assert lm.decoder.weight is lm.encoder.weight  # still tied
+    assert f"{DENSE:,} -> {FACTORED:,} ({DENSE / FACTORED:.2f}x smaller)" in str(report)
+
+
+def test_factoring_a_tied_weight_is_refused_naming_every_owner() -> None:
+    lm = LM()
+    before = {k: v.clone() for k, v in lm.state_dict().items()}
+    with pytest.raises(lrc.TargetError, match=r"decoder\.weight is shared with encoder\.weight; .*--exclude decoder"):
+        lrc.compress(lm, rank=RANK, targets=["decoder"])
+    assert not any(parametrize.is_parametrized(m) for m in lm.modules())
+    assert all(torch.equal(before[k], v) for k, v in lm.state_dict().items())
+
+
+def test_one_module_under_two_names_is_refused() -> None:
+    model = nn.Module()
+    model.enc = nn.GRU(4, 8)
+    model.dec = model.enc
+    with pytest.raises(lrc.TargetError, match=r"enc\.weight_hh_l0 is shared with dec\.weight_hh_l0"):
+        lrc.compress(model, rank=2)
+    assert not parametrize.is_parametrized(model.enc)
+
+
+@pytest.fixture
+def run(monkeypatch, capsys):
+    """``run("convert", path, ...)`` -> (exit code, stdout, stderr), through ``cli.main``."""
+
+    def invoke(*args):
+        monkeypatch.setattr(sys, "argv", ["lrcompress", *map(str, args)])
+        monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # main() replaces it
+        capsys.readouterr()
+        try:
+            cli.main()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return invoke
+
+
+@pytest.fixture
+def saved_lm(tmp_path):
+    lm = LM()
+    path = tmp_path / "lm.pt"
+    torch.save(lm.state_dict(), path)
+    loaded = torch.load(path, weights_only=True)  # torch.load keeps the two keys on one storage
+    storage = {k: loaded[k].untyped_storage().data_ptr() for k in ("decoder.weight", "encoder.weight")}
+    assert storage["decoder.weight"] == storage["encoder.weight"]
+    return lm, path
+
+
+def test_the_cli_refuses_to_untie_a_saved_tied_weight(run, saved_lm) -> None:
+    _, path = saved_lm
+    code, out, err = run("convert", path, "--rank", RANK, "--targets", "decoder")
+    assert code == 2 and out == ""
+    assert err.startswith("error: decoder.weight is shared with encoder.weight;") and err.count("\n") == 1
+    assert not path.with_name("lm.lr.safetensors").exists()
+
+
+def test_the_cli_counts_a_saved_tied_weight_once_and_matches_the_api(run, saved_lm, tmp_path) -> None:
+    lm, path = saved_lm
+    code, out, err = run("convert", path, "--rank", RANK, "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert (result["params_before"], result["params_after"]) == (DENSE, FACTORED)
+    assert result["ratio"] == pytest.approx(DENSE / FACTORED)
+    fresh = lrc.load_model(LM(), result["output"])  # both keys load into the one tied Parameter
+    assert fresh.decoder.weight is fresh.encoder.weight
+    lrc.compress(lm, rank=RANK)
+    tokens = torch.randint(0, VOCAB, (6, 2))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(tokens), lm(tokens), atol=1e-6, rtol=0)
+
+
+def test_distinct_views_of_one_storage_are_counted_apart() -> None:
+    gru = nn.GRU(4, 8).state_dict()
+    base = torch.randn(2, 3, 5)
+    tensors = {**gru, "a.weight": base[0], "b.weight": base[1], "c.weight": base[1]}  # c ties b
+    _, _, report = compress_state_dict(tensors, lrc.CompressionConfig(rank=2))
+    dense = sum(t.numel() for t in gru.values())
+    assert report.params_before == dense + 2 * 15
+    assert report.params_after == dense - 3 * 8 * 8 + 3 * (8 * 2 + 2 * 8) + 2 * 15
