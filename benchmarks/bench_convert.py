@@ -18,6 +18,8 @@ Targets: conversion under 3 s on a 2-core CPU, error within 2% of the exact opti
     python benchmarks/bench_convert.py            # n = 4096 (exact SVDs take minutes on 2 cores)
     python benchmarks/bench_convert.py --quick    # n = 2048
     python benchmarks/bench_convert.py --quick --exact-fit
+    python benchmarks/bench_convert.py --quality --n 1024 --threads 1   # fit quality at every rank
+    python benchmarks/bench_convert.py --fit-cost --threads 1           # fit time / svd_lowrank time
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 import lrcompress as lrc
-from lrcompress.factorize import fit_low_rank
+from lrcompress.factorize import Factors, fit_low_rank, fit_low_rank_plus_diagonal
 
 from _common import machine, timed  # this folder: see _common.py
 
@@ -90,6 +92,22 @@ def timed_convert(model: nn.GRU, rank: int, svd: str, repeats: int, *,
     return wall, cpu, m, report
 
 
+def time_fit_and_svd_lowrank(blocks: Tensor, rank: int, repeats: int) -> tuple[float, float, float, float, Factors]:
+    """Best wall and CPU seconds of the default diagonal fit and of one plain randomized SVD of the same blocks.
+
+    The reference is ``torch.svd_lowrank(A, q=rank + 10, niter=4)`` on the (G, n, n) blocks: a
+    low-rank fit at its usual setting. Timed alternately, so machine load hits both alike.
+    """
+    fit_low_rank_plus_diagonal(blocks, rank)  # warm-up
+    t_fit = t_svd = cpu_fit = cpu_svd = math.inf
+    for _ in range(repeats):
+        wall, cpu, fit = timed(lambda: fit_low_rank_plus_diagonal(blocks, rank))
+        t_fit, cpu_fit = min(t_fit, wall), min(cpu_fit, cpu)
+        wall, cpu, _ = timed(lambda: torch.svd_lowrank(blocks, q=rank + 10, niter=4))
+        t_svd, cpu_svd = min(t_svd, wall), min(cpu_svd, cpu)
+    return t_fit, t_svd, cpu_fit, cpu_svd, fit
+
+
 def eckart_young(s: Tensor, rank: int) -> float:
     """sqrt(sum over all blocks of the discarded s_i^2), in float64."""
     return float((s.double()[..., rank:] ** 2).sum().sqrt())
@@ -102,6 +120,9 @@ def bench(label: str, model: nn.GRU, rank: int, repeats: int, exact_fit: bool) -
     r = dict(label=label, n=n)
     r["t_convert"], r["cpu_convert"], converted, report = timed_convert(model, rank, "auto", repeats)
     r["err_lrd"] = report.targets[0].rel_error
+    r["t_fit"], r["t_svd_lowrank"], r["cpu_fit"], r["cpu_svd_lowrank"], fit = time_fit_and_svd_lowrank(
+        blocks, rank, repeats)
+    r["fit_end"] = f"{fit.diag_iterations} iterations, {fit.diag_stop}, last change {fit.diag_last_change:.1e}"
     D = converted.parametrizations.weight_hh_l0.original2.detach()
 
     lowrank = fit_low_rank(blocks, rank, method="auto")  # the plain low-rank fit, same SVD path
@@ -130,6 +151,12 @@ def show(r: dict, rank: int) -> None:
     line(f"time, lrc.compress(rank={rank}, diag=True, svd='auto')", f"{r['t_convert']:.2f} s",
          f"target < 3 s: {verdict(r['t_convert'] < 3)}")
     line("CPU time of that conversion (all threads)", f"{r['cpu_convert']:.2f} s")
+    ratio = r["t_fit"] / r["t_svd_lowrank"]
+    line("time, fit_low_rank_plus_diagonal (the fit alone)", f"{r['t_fit']:.2f} s",
+         f"CPU {r['cpu_fit']:.2f} s; {r['fit_end']}")
+    line(f"time, torch.svd_lowrank(q={rank + 10}, niter=4), same blocks", f"{r['t_svd_lowrank']:.2f} s",
+         f"CPU {r['cpu_svd_lowrank']:.2f} s; fit / svd_lowrank {ratio:.2f}x wall, "
+         f"{r['cpu_fit'] / r['cpu_svd_lowrank']:.2f}x CPU, target <= 2.5x: {verdict(ratio <= 2.5)}")
     line("time, exact svdvals of the 3 blocks (values only)", f"{r['t_svdvals']:.2f} s",
          f"{r['t_svdvals'] / r['t_convert']:.1f}x the conversion")
     if "t_exact_fit" in r:
@@ -147,6 +174,43 @@ def show(r: dict, rank: int) -> None:
     line("error removed by the diagonal, vs the best low rank", f"{100 * (1 - r['err_lrd'] / r['opt_W']):.1f} %")
 
 
+def classic_alternation(W: Tensor, rank: int, iters: int) -> float:
+    """Relative error of the textbook alternation (exact SVD of W - diag(D), then D = diag(W - L R))."""
+    D = torch.zeros(W.shape[:-1], dtype=W.dtype)
+    for _ in range(iters):
+        U, S, Vh = torch.linalg.svd(W - torch.diag_embed(D), full_matrices=False)
+        LR = (U[..., :rank] * S[..., None, :rank]) @ Vh[..., :rank, :]
+        D = torch.diagonal(W - LR, dim1=-2, dim2=-1).clone()
+    return float(torch.linalg.norm(W - LR - torch.diag_embed(D)) / torch.linalg.norm(W))
+
+
+def quality_sweep(n: int, reference_iters: int, classic_iters: int) -> None:
+    """Default fit (auto, default iterations) against a long exact fit at ranks n/8, n/4, n/4+1, n/2.
+
+    Weights: trained-looking blocks (s_i = 4 exp(-i/48), width n/2) plus noise plus a strong
+    diagonal 1 + U(0, 1). ``auto`` switches from randomized to exact SVD between n/4 and n/4+1
+    when n >= factorize.RANDOMIZED_MIN_DIM. The reference is the exact fit in float64 with
+    ``reference_iters`` iterations and no tolerance; ``classic_iters`` > 0 adds the textbook
+    alternation (the fit before the fixed-subspace step) for comparison.
+    """
+    W = trained_looking(n, diagonal=False, width=n // 2).reshape(GATES, n, n)
+    gen = torch.Generator().manual_seed(1)
+    W = W + torch.diag_embed(1 + torch.rand(GATES, n, generator=gen))
+    print(f"\n== fit quality, 3 blocks {n}x{n}: trained-looking + noise + diagonal 1 + U(0, 1)")
+    print("| rank | method | iterations, end | error (default) | reference | default / reference | time |"
+          + (" classic | classic / reference |" if classic_iters else ""))
+    print("|---|---|---|---|---|---|---|" + ("---|---|" if classic_iters else ""))
+    for rank in (n // 8, n // 4, n // 4 + 1, n // 2):
+        wall, _, f = timed(lambda: fit_low_rank_plus_diagonal(W, rank))
+        ref = fit_low_rank_plus_diagonal(W.double(), rank, method="exact", max_iter=reference_iters, tol=0.0)
+        row = (f"| {rank} | {f.method} | {f.diag_iterations}, {f.diag_stop} | {f.rel_error:.5f} | "
+               f"{ref.rel_error:.5f} | {f.rel_error / ref.rel_error:.4f} | {wall:.2f} s |")
+        if classic_iters:
+            c = classic_alternation(W.double(), rank, classic_iters)
+            row += f" {c:.5f} | {c / ref.rel_error:.4f} |"
+        print(row, flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=4096, help="hidden size (default 4096)")
@@ -157,11 +221,30 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--exact-fit", action="store_true",
                         help="also time the same conversion with svd='exact' (minutes at n=4096)")
+    parser.add_argument("--fit-cost", action="store_true",
+                        help="only time the diagonal fit against torch.svd_lowrank of the same blocks")
+    parser.add_argument("--quality", action="store_true",
+                        help="only the fit-quality sweep over ranks n/8, n/4, n/4+1, n/2 (n from --n)")
+    parser.add_argument("--reference-iters", type=int, default=30, help="iterations of the --quality reference")
+    parser.add_argument("--classic-iters", type=int, default=0,
+                        help="--quality: also run the textbook alternation this many iterations")
     args = parser.parse_args()
     n = 2048 if args.quick else args.n
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"machine: {machine()}")
+    if args.quality:
+        quality_sweep(n, args.reference_iters, args.classic_iters)
+        return
+    if args.fit_cost:
+        for kind in KINDS if args.weights == "all" else [args.weights]:
+            weight = None if kind == "init" else trained_looking(n, diagonal=kind == "trained+diag")
+            blocks = make_gru(n, weight).weight_hh_l0.detach().reshape(GATES, n, n)
+            t_fit, t_svd, cpu_fit, cpu_svd, fit = time_fit_and_svd_lowrank(blocks, args.rank, args.repeats)
+            print(f"| {kind} | {t_fit:.2f} s | {cpu_fit:.2f} s | {t_svd:.2f} s | {cpu_svd:.2f} s | "
+                  f"{t_fit / t_svd:.2f}x | {cpu_fit / cpu_svd:.2f}x | {fit.diag_iterations}, {fit.diag_stop} | "
+                  f"{fit.rel_error:.5f} |", flush=True)
+        return
     for kind in KINDS if args.weights == "all" else [args.weights]:
         weight = None if kind == "init" else trained_looking(n, diagonal=kind == "trained+diag")
         result = bench(KINDS[kind], make_gru(n, weight), args.rank, args.repeats, args.exact_fit)

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import ConfigError, FormatError
-from .io import read_safetensors, specs_from_metadata
+from .io import existing_file, read_safetensors, specs_from_metadata
 
 COMMON_NESTING = ("state_dict", "model_state_dict", "model")  # checked in this order
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP, torch.compile
@@ -70,7 +70,7 @@ def read_checkpoint(path: str | os.PathLike, *, trust_pickle: bool = False, key:
     as stored. Raises ``FormatError`` (one line naming the file) for anything unreadable,
     ``ConfigError`` for a bad rename rule, ``FileNotFoundError`` for a missing file.
     """
-    path = _existing(path)
+    path = existing_file(path)
     rules = [parse_rename(r) if isinstance(r, str) else _compiled(*r) for r in rename]
     kind = sniff(path)
     if kind == "safetensors":
@@ -231,7 +231,10 @@ def _quiet_load(path: Path, *, weights_only: bool) -> object:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=weights_only)
+            # An open file, not the path: torch picks its reader by the name's suffix (a torch file
+            # named .safetensors would be read as safetensors); the kind here comes from content.
+            with open(path, "rb") as f:
+                obj = torch.load(f, map_location="cpu", weights_only=weights_only)
         except pickle.UnpicklingError:
             if weights_only:
                 raise
@@ -494,13 +497,6 @@ def _norm_dim(g: Tensor, v: Tensor) -> int | None:
     if len(kept) == 1 and g.shape[kept[0]] == v.shape[kept[0]]:
         return kept[0]
     return None
-
-
-def _existing(path: str | os.PathLike) -> Path:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such file: {path}")
-    return path
 
 
 def _first_line(exc: BaseException) -> str:

@@ -404,11 +404,15 @@ def _storage_key(t: Tensor) -> tuple | None:
 def _check_unshared(groups: dict[object, list[tuple[str, object]]], candidates: list[Candidate]) -> None:
     """Refuse to factor a weight that other names share: factoring one owner would untie it."""
     owners = {name: [n for n, _ in group] for group in groups.values() for name, _ in group}
+    selected = {c.name for c in candidates}
     for c in candidates:
         others = [n for n in owners.get(c.name, [c.name]) if n != c.name]
         if others:
+            # Every selected owner must be skipped (one module under two names is two candidates).
+            skip = [n for n in (c.name, *others) if n in selected]
             raise TargetError(f"{c.name} is shared with {', '.join(others)}; lrcompress will not untie shared "
-                              f"weights: pass --exclude {c.name} (exclude=[{c.name!r}]) to skip it")
+                              f"weights: pass {' '.join(f'--exclude {n}' for n in skip)} (exclude={skip!r}) "
+                              "to skip it")
 
 
 def _join(module: str, name: str) -> str:

@@ -17,6 +17,7 @@ import torch
 
 from .errors import LRCompressError, OutputExistsError
 from .train.run import collect, format_report, sweep, train_recipe
+from .train.rundir import foreign_entry
 
 # The addition task with T = 30 and a dense GRU of 32 units (recipes/addition-gru-small.toml,
 # embedded so the demo needs no files).
@@ -82,16 +83,22 @@ def prepare_folder(out: Path, *, fresh: bool = True) -> None:
         if entries:
             raise OutputExistsError(f"--out {out} is a folder the demo did not make and holds {len(entries)} "
                                     f"entries (e.g. {entries[0]!r}); choose a new or empty folder")
+    # Every check before any change: a run folder is replaced only if it holds nothing but what
+    # lrcompress writes there (a user's notes or fine-tuned model inside it are never deleted).
+    replaced = []
+    for name in RUNS if fresh else ():
+        run = out / name
+        if run.exists() or run.is_symlink():
+            foreign = foreign_entry(run)
+            if foreign is not None:
+                what = "it is not a run folder lrcompress wrote" if foreign == run else f"it holds {foreign}"
+                raise OutputExistsError(f"{run} cannot be replaced: {what}; move it away first")
+            replaced.append(run)
     try:
         out.mkdir(parents=True, exist_ok=True)
         (out / MARKER).write_text("made by `lrcompress demo`; a later demo run replaces dense/ and sweep/ here\n")
-        if fresh:
-            for name in RUNS:
-                run = out / name
-                if run.is_symlink() or run.is_file():  # not what the demo writes: leave it to the user
-                    raise OutputExistsError(f"{run} is not a run folder the demo wrote; move it away first")
-                if run.is_dir():
-                    shutil.rmtree(run)
+        for run in replaced:
+            shutil.rmtree(run)
     except OSError as exc:
         raise LRCompressError(f"cannot prepare demo folder {out}: {exc.strerror or exc}") from None
 

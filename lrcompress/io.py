@@ -207,7 +207,7 @@ def specs_from_metadata(meta: dict[str, str] | None, path="file") -> list[Target
 
 
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
-    path = _existing(path)
+    path = existing_file(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -347,8 +347,12 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _existing(path: str | os.PathLike) -> Path:
+def existing_file(path: str | os.PathLike) -> Path:
+    """``path`` as a ``Path`` if it is a file; a directory is an ``LRCompressError``, nothing a
+    ``FileNotFoundError`` (both one line in the CLI)."""
     path = Path(path)
+    if path.is_dir():
+        raise LRCompressError(f"{path} is a directory; give a model file")
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
     return path

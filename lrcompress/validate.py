@@ -117,7 +117,30 @@ def check_compressed(tensors: dict[str, Tensor], meta: dict[str, str] | None, pa
     specs = targets_from_metadata(meta, path)
     for spec in specs:
         _check_factors(spec, tensors, path)
+    if (meta or {}).get("format") == "lrcompress":
+        _check_unrecorded(specs, tensors, path)
     return specs
+
+
+# A key below a recurrent weight's name (``rnn.weight_hh_l0.L``): weights are never modules.
+_BELOW_RNN_WEIGHT = re.compile(r"(?:^|\.)weight_(?:hh|ih|hr)_l\d+(?:_reverse)?\.")
+
+
+def _check_unrecorded(specs: list[TargetSpec], tensors: dict[str, Tensor], path) -> None:
+    """Factors with no record: a file whose ``targets`` lost a record would merge to factors
+    stored as if they were weights. ``<w>.L`` beside ``<w>.R`` without ``<w>`` itself, or any key
+    below a recurrent weight name, must belong to a record."""
+    recorded = {key for spec in specs for key in spec.factor_keys().values()}
+    for key in sorted(tensors):
+        if key in recorded:
+            continue
+        base, _, part = key.rpartition(".")
+        stray = part in ("L", "R", "D") and base and base not in tensors and (
+            f"{base}.L" in tensors and f"{base}.R" in tensors)
+        if stray or _BELOW_RNN_WEIGHT.search(key):
+            recorded_base = any(spec.name == base for spec in specs)
+            raise FormatError(f"{path}: {key} is not a factor of the format (only .L, .R, .D)" if recorded_base else
+                              f"{path}: {key} looks like a factor of {base}, but 'targets' has no record of {base}")
 
 
 def check_weight(name: str, W: Tensor, action: str = "factor") -> None:

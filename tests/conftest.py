@@ -2,7 +2,7 @@
 
 >>> rnn = make_rnn("gru", num_layers=2)
 >>> x, hx = make_inputs(rnn, packed=True, initial_state=True)
->>> len(run(rnn, x, hx))  # output, final h
+>>> len(run_rnn(rnn, x, hx))  # output, final h
 2
 """
 
@@ -67,7 +67,7 @@ def make_inputs(rnn: nn.RNNBase, *, packed: bool = False, initial_state: bool = 
     return x, h0
 
 
-def run(rnn: nn.Module, x, hx=None) -> list[Tensor]:
+def run_rnn(rnn: nn.Module, x, hx=None) -> list[Tensor]:
     """Every output of ``rnn(x, hx)`` as a flat list: the output (packed data), h, and c for an LSTM."""
     out, state = rnn(x, hx)
     if isinstance(out, PackedSequence):
@@ -172,3 +172,12 @@ class Net(nn.Module):
 
     def example_input(self) -> Tensor:
         return torch.randn(STEPS, BATCH, INPUT, dtype=self.head.weight.dtype)
+
+
+@pytest.fixture
+def run(monkeypatch, capsys):
+    """``run("convert", path, "--rank", 4)`` -> Run(exit code, stdout, stderr), via ``cli.main``."""
+    from cli_runner import invoke
+
+    monkeypatch.setenv("COLUMNS", "200")  # tables and help unwrapped
+    return lambda *args: invoke(monkeypatch, capsys, *args)

@@ -22,30 +22,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 import lrcompress as lrc
-from lrcompress import cli
 from lrcompress.checkpoints import fold_weight_norm, parse_rename, read_checkpoint, rename_keys, sniff
 
 X = torch.randn(6, 2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
 
 
-@pytest.fixture
-def run(monkeypatch, capsys):
-    """``run("convert", path, ...)`` -> (exit code, stdout, stderr) via ``cli.main``."""
-
-    def invoke(*args):
-        monkeypatch.setattr(sys, "argv", ["lrcompress", *map(str, args)])
-        monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # main() replaces it
-        capsys.readouterr()
-        code = 0
-        try:
-            cli.main()
-        except SystemExit as exc:
-            code = exc.code or 0
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    monkeypatch.setenv("COLUMNS", "200")
-    return invoke
 
 
 class Net(nn.Module):
@@ -321,6 +302,20 @@ def test_torchscript_needs_trust_and_then_inspect_and_convert_agree(run, tmp_pat
     assert_reproduces(convert_full_rank(run, tmp_path / "scripted.pt", "--trust-pickle"), model)
 
 
+def test_trusted_whole_wrapped_module_inspect_and_convert_agree(run, tmp_path):
+    """A pickled DataParallel model: both commands see the wrapped module's names."""
+    model = net()
+    torch.save(nn.DataParallel(model), tmp_path / "whole.pt")
+    code, out, err = run("inspect", tmp_path / "whole.pt", "--trust-pickle", "--json")
+    assert code == 0, err
+    assert {m["name"] for m in json.loads(out)["matrices"]} == {"rnn.weight_hh_l0"}
+    code, out, err = run("convert", tmp_path / "whole.pt", "--trust-pickle", "--rank", "4", "--json",
+                         "-o", tmp_path / "out.lr.safetensors")
+    assert code == 0, err
+    assert [t["name"] for t in json.loads(out)["targets"]] == ["rnn.weight_hh_l0"]
+    assert_reproduces(tmp_path / "out.lr.safetensors", model)
+
+
 # ----------------------------------------------------------------------------- 8. weight norm
 
 
@@ -368,3 +363,21 @@ def test_a_mismatched_weight_norm_pair_names_its_keys(tmp_path):
     torch.save({"rnn.weight_hh_l0_g": torch.ones(5), "rnn.weight_hh_l0_v": torch.ones(12, 4)}, tmp_path / "m.pt")
     with pytest.raises(lrc.FormatError, match=r"rnn\.weight_hh_l0_g \(5,\) with rnn\.weight_hh_l0_v \(12, 4\)"):
         read_checkpoint(tmp_path / "m.pt")
+
+
+@pytest.mark.parametrize("zipped", [True, False])
+def test_a_torch_file_named_safetensors_is_read_as_torch(run, tmp_path, zipped):
+    """torch.load picks its reader by suffix; the kind here comes from the content."""
+    model = net()
+    torch.save(model.state_dict(), tmp_path / "model.safetensors", _use_new_zipfile_serialization=zipped)
+    state, meta = read_checkpoint(tmp_path / "model.safetensors")
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert_reproduces(convert_full_rank(run, tmp_path / "model.safetensors"), model)
+
+
+@pytest.mark.parametrize("command", [("convert", "--rank", "2"), ("merge",), ("inspect",), ("bench",)])
+def test_a_directory_as_input_is_one_line(run, tmp_path, monkeypatch, command):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run(command[0], ".", *command[1:])
+    assert code == 2 and err.strip() == "error: . is a directory; give a model file"
+    assert list(tmp_path.iterdir()) == []

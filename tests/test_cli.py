@@ -9,12 +9,9 @@ run -- successful or not -- may touch the input or leave temporary files behind.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import subprocess
 import sys
-import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -23,40 +20,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import lrcompress as lrc
-from lrcompress import cli
 
-
-@dataclass
-class Run:
-    code: int
-    out: str
-    err: str
-
-
-@pytest.fixture
-def run(monkeypatch, capsys):
-    """``run("convert", path, "--rank", 4)`` -> Run(exit code, stdout, stderr), via ``cli.main``."""
-
-    def invoke(*args) -> Run:
-        monkeypatch.setattr(sys, "argv", ["lrcompress", *map(str, args)])
-        monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # main() replaces it
-        capsys.readouterr()
-        code = 0
-        try:
-            cli.main()
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        out, err = capsys.readouterr()
-        return Run(code, out, err)
-
-    monkeypatch.setenv("COLUMNS", "200")
-    return invoke
-
-
-def snapshot(folder: Path) -> dict[str, str]:
-    """Name -> sha256 of every file under ``folder`` (temporary files included)."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+from cli_runner import Run, snapshot
 
 
 def gru(seed: int = 0, layers: int = 1) -> nn.GRU:

@@ -21,7 +21,7 @@ from lrcompress.convert import compress_state_dict, factored_specs, factored_sta
 from lrcompress.nn import FactoredRNN, Highway
 
 from conftest import (HIDDEN, Net, assert_factor_gradients, assert_unchanged, factored_weights, make_inputs,
-                      make_rnn, relative_difference, run, snapshot)
+                      make_rnn, relative_difference, run_rnn, snapshot)
 
 pytestmark = pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN")
 
@@ -306,15 +306,15 @@ def test_an_optimiser_step_reaches_every_factor_and_changes_the_outputs(case: st
     x, hx = make_inputs(model, packed=True, initial_state=True)
 
     def loss(m: nn.Module) -> torch.Tensor:
-        return sum((out ** 2).sum() for out in run(m, x, hx))
+        return sum((out ** 2).sum() for out in run_rnn(m, x, hx))
 
     assert_factor_gradients(model, merged, loss)
-    before = [t.detach().clone() for t in run(model, x, hx)]
+    before = [t.detach().clone() for t in run_rnn(model, x, hx)]
     factors = {n: p.detach().clone() for n, p in model.named_parameters() if ".original" in n}
     torch.optim.SGD(model.parameters(), lr=0.05).step()
     for name, value in factors.items():
         assert not torch.equal(model.get_parameter(name), value), name
-    for after, old in zip(run(model, x, hx), before):
+    for after, old in zip(run_rnn(model, x, hx), before):
         assert relative_difference(after, old) > 1e-4
 
 

@@ -18,7 +18,7 @@ from torch import nn
 import lrcompress as lrc
 from lrcompress.nn import FactoredRNN
 
-from conftest import GATES, HIDDEN, make_inputs, make_rnn, relative_difference, run
+from conftest import GATES, HIDDEN, make_inputs, make_rnn, relative_difference, run_rnn
 
 pytestmark = pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN")
 
@@ -65,7 +65,7 @@ def assert_equivalent(dense: nn.Module, converted: nn.Module, tolerance: float, 
     """Same outputs and final states for every kind of call: packed or padded, with or without hx."""
     for packed, initial_state in CALLS:
         x, hx = make_inputs(dense, packed=packed, initial_state=initial_state)
-        assert_outputs_close(run(converted, x, hx), run(dense, x, hx), tolerance,
+        assert_outputs_close(run_rnn(converted, x, hx), run_rnn(dense, x, hx), tolerance,
                              f"{what}, packed={packed}, initial state={initial_state}")
 
 

@@ -8,15 +8,12 @@ folders are one line and exit 2 as well; outputs are created exclusively and ato
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import socket
 import subprocess
 import sys
 import threading
-import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -26,43 +23,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import lrcompress as lrc
-from lrcompress import cli, io, validate
+from lrcompress import io, validate
 from lrcompress.errors import FormatError, LRCompressError, OutputExistsError
 
+from cli_runner import Run, snapshot
+
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@dataclass
-class Run:
-    code: int
-    out: str
-    err: str
-
-
-@pytest.fixture
-def run(monkeypatch, capsys):
-    """``run("merge", path)`` -> Run(exit code, stdout, stderr), through ``cli.main``."""
-
-    def invoke(*args) -> Run:
-        monkeypatch.setattr(sys, "argv", ["lrcompress", *map(str, args)])
-        monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # main() replaces it
-        capsys.readouterr()
-        code = 0
-        try:
-            cli.main()
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        out, err = capsys.readouterr()
-        return Run(code, out, err)
-
-    monkeypatch.setenv("COLUMNS", "200")
-    return invoke
-
-
-def snapshot(folder: Path) -> dict[str, str]:
-    """Relative name -> sha256 of every file under ``folder``, hidden ones included."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def one_error(result: Run, *fragments: str) -> None:
@@ -151,6 +117,12 @@ LIES = {  # class of lie -> (how to make it, a fragment the one-line error must 
     "mixed dtypes": (_tensor(lambda t: t.update({f"{H}.R": t[f"{H}.R"].double()})), "mix dtypes"),
     "NaN factor": (_tensor(lambda t: t.update({f"{H}.D": _nan(t[f"{H}.D"])})), "NaN or Inf"),
     "bias rows": (_tensor(lambda t: t.update({"bias_hh_l0": torch.zeros(47)})), "bias_hh_l0 has shape (47,)"),
+    "record dropped": (_record(lambda r: r.clear()), f"{H}.D looks like a factor of {H}, but 'targets' has no record"),
+    "factors of no record": (_tensor(lambda t: t.update({"ghost.weight.L": torch.zeros(1, 3, 2),
+                                                         "ghost.weight.R": torch.zeros(1, 2, 3)})),
+                             "ghost.weight.L looks like a factor of ghost.weight"),
+    "unknown factor part": (_tensor(lambda t: t.update({f"{H}.Q": torch.zeros(3)})),
+                            f"{H}.Q is not a factor of the format"),
 }
 
 
@@ -482,10 +454,33 @@ def test_demo_replaces_only_its_own_runs(tmp_path):
     out = tmp_path / "demo"
     prepare_folder(out)  # new: created and marked
     assert (out / MARKER).is_file()
-    for name in ("dense/model.safetensors", "sweep/rank2/summary.json"):
+    for name in ("dense/model.safetensors", "dense/.lrcompress-run", "sweep/.lrcompress-run",
+                 "sweep/rank2/summary.json", "sweep/rank2/.lrcompress-run"):
         (out / name).parent.mkdir(parents=True, exist_ok=True)
         (out / name).write_text("old run")
     (out / "notes.txt").write_text("mine")
     prepare_folder(out)
     assert sorted(p.name for p in out.iterdir()) == [MARKER, "notes.txt"]
     assert (out / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("foreign", ["dense/notes.txt", "sweep/rank2/my-finetune.safetensors", "dense/unmarked"])
+def test_demo_never_deletes_a_users_file_inside_its_runs(tmp_path, foreign):
+    """Runs are replaced only when they hold nothing but what lrcompress writes; else nothing changes."""
+    from lrcompress.demo import MARKER, prepare_folder
+    from lrcompress.errors import OutputExistsError
+
+    out = tmp_path / "demo"
+    prepare_folder(out)
+    for name in ("dense/.lrcompress-run", "dense/summary.json", "sweep/.lrcompress-run", "sweep/rank2/.lrcompress-run"):
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text("old run")
+    if foreign == "dense/unmarked":  # a folder of the user's that happens to be called dense
+        (out / "dense" / ".lrcompress-run").unlink()
+    else:
+        (out / foreign).write_text("mine")
+    (out / MARKER).write_text("")
+    before = snapshot(tmp_path)
+    with pytest.raises(OutputExistsError, match="cannot be replaced"):
+        prepare_folder(out)
+    assert snapshot(tmp_path) == before  # not even the marker was rewritten

@@ -19,7 +19,7 @@ import lrcompress as lrc
 from lrcompress.nn import FactoredRNN, Highway, LowRankGRU, LowRankLSTM, LowRankRNN
 
 from conftest import (BATCH, GATES, HIDDEN, INPUT, RNN_CLASSES, STEPS, assert_factor_gradients, make_inputs,
-                      relative_difference, run)
+                      relative_difference, run_rnn)
 
 pytestmark = pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN")
 
@@ -74,12 +74,12 @@ def test_a_from_scratch_layer_computes_what_the_dense_layer_does_with_its_weight
     layer = build(kind, rank=2, include_input=True, **extra, **options)
     dense = rebuilt_dense(layer, kind, **options)
     x, hx = make_inputs(layer, packed=packed, initial_state=initial_state)
-    expected = run(dense, x, hx)
-    for actual, want in zip(run(layer, x, hx), expected):
+    expected = run_rnn(dense, x, hx)
+    for actual, want in zip(run_rnn(layer, x, hx), expected):
         torch.testing.assert_close(actual, want, rtol=1e-12, atol=1e-14)
     merged = lrc.merge(copy.deepcopy(layer))
     assert type(merged) is RNN_CLASSES[kind] and not parametrize.is_parametrized(merged)
-    for actual, want in zip(run(merged, x, hx), expected):
+    for actual, want in zip(run_rnn(merged, x, hx), expected):
         torch.testing.assert_close(actual, want, rtol=1e-12, atol=1e-14)
 
 
@@ -89,16 +89,16 @@ def test_an_optimiser_step_trains_every_factor_of_a_from_scratch_gru() -> None:
     x, hx = make_inputs(layer, packed=True, initial_state=True)
 
     def loss(m: nn.Module) -> torch.Tensor:
-        return sum((out ** 2).sum() for out in run(m, x, hx))
+        return sum((out ** 2).sum() for out in run_rnn(m, x, hx))
 
     assert_factor_gradients(layer, merged, loss)
-    before = [t.detach().clone() for t in run(layer, x, hx)]
+    before = [t.detach().clone() for t in run_rnn(layer, x, hx)]
     factors = {n: p.detach().clone() for n, p in layer.named_parameters() if ".original" in n}
     assert len(factors) == 4 * 3  # L, R, D for each of the four recurrent matrices
     torch.optim.Adam(layer.parameters(), lr=1e-2).step()
     for name, value in factors.items():
         assert not torch.equal(layer.get_parameter(name), value), name
-    for after, old in zip(run(layer, x, hx), before):
+    for after, old in zip(run_rnn(layer, x, hx), before):
         assert relative_difference(after, old) > 1e-4
 
 

@@ -46,3 +46,31 @@ def claim_run_dir(out: Path) -> None:
             (out / RUN_MARKER).write_text("written by lrcompress: its runs here may be replaced\n")
     except OSError as exc:
         raise LRCompressError(f"cannot create run directory {out}: {exc.strerror or exc}") from None
+
+
+# Every name lrcompress writes into a run or sweep directory (and its temporaries' suffix).
+RUN_FILES = frozenset({RUN_MARKER, "best.safetensors", "last.safetensors", "metrics.jsonl", "model.safetensors",
+                       "recipe.toml", "summary.json", "finetune.json", "sweep.json"})
+TEMP_SUFFIX = ".lrc-tmp"
+
+
+def foreign_entry(folder: Path) -> Path | None:
+    """The first entry of ``folder`` lrcompress did not write, or None when it holds only runs.
+
+    A folder qualifies when it carries ``RUN_MARKER`` and every entry is a file of ``RUN_FILES``
+    (or a temporary of lrcompress's), or a subfolder that qualifies in turn (a sweep's runs).
+    Symlinks never qualify. Only such a folder may be replaced wholesale.
+    """
+    folder = Path(folder)
+    if folder.is_symlink() or not folder.is_dir() or not (folder / RUN_MARKER).is_file():
+        return folder
+    for entry in sorted(folder.iterdir()):
+        if entry.is_symlink():
+            return entry
+        if entry.is_dir():
+            inner = foreign_entry(entry)
+            if inner is not None:
+                return inner
+        elif entry.name not in RUN_FILES and not entry.name.endswith(TEMP_SUFFIX):
+            return entry
+    return None
