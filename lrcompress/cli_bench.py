@@ -47,6 +47,10 @@ def bench(
         if not specs:
             raise FormatError(f"{path} is not an lrcompress file (no factorization in its metadata)")
         layers = recurrent_layers(tensors, specs)
+        skipped = sorted({s.module or "<root>" for s in specs if s.layer != "linear" and s.module not in layers})
+        if skipped:  # cells (one step per call) have their own benchmark
+            typer.echo(f"note: not timed here: {', '.join(skipped)} (recurrent cells: use benchmarks/bench_cell.py)",
+                       err=True)
     results = [time_layer(m, batch=batch, steps=seq, device=target, rounds=rounds, name=n or "<root>",
                           threads=threads) for n, m in layers.items()]
     if as_json:

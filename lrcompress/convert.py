@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
-from .config import CompressionConfig, RankValue, TargetSpec
+from .config import CompressionConfig, RankValue, TargetSpec, name_matches
 from .errors import ConfigError, FormatError, RankError, TargetError
 from .factorize import Factors, compose, fit_low_rank, fit_low_rank_plus_diagonal, spectrum
 from .nn.cells import FactoredCell, factored_cell_class
@@ -91,6 +91,10 @@ def decide(candidates: list[Candidate], weights: dict[str, Tensor],
     decided = []
     for c in candidates:  # sparse, integer/bool/complex, empty, NaN/Inf: one line before any SVD
         check_weight(c.name, weights[c.name])
+    for pattern in config.ranks:  # a mistyped override would silently become the global rank
+        if not any(name_matches(pattern, n) for c in candidates for n in c.scopes):
+            raise TargetError(f"rank pattern {pattern!r} matches no target (targets: "
+                              f"{', '.join(c.name for c in candidates[:5])}{', ...' if len(candidates) > 5 else ''})")
     for c in candidates:
         rule = config.rule_for(*c.scopes)
         tied = config.tied and c.gates > 1

@@ -160,11 +160,17 @@ def test_autograd_falls_back_unless_training_is_forced():
 
     forced = lrc.accelerate(copy.deepcopy(cell), "factored", training=True)
     lrc.accelerate(cell, "factored")  # training mode and autograd: the parametrized path
+    steps = []
+    for module in (cell, forced):
+        spied = acceleration(module)
+        spied._factored = (lambda f, m: lambda *a: steps.append(m) or f(*a))(spied._factored, module)
     assert_factor_gradients(cell, dense, loss)
-    assert acceleration(cell)._prepared is None
+    assert steps == [] and acceleration(cell)._prepared is None
     dense.zero_grad()
     assert_factor_gradients(forced, dense, loss)  # the factored step's own gradients
-    assert acceleration(forced)._prepared is not None
+    assert steps and all(m is forced for m in steps)
+    # A trainable call keeps no preparation: the optimizer step that follows may not bump versions.
+    assert acceleration(forced)._prepared is None
 
 
 class Decoder(nn.Module):

@@ -473,3 +473,24 @@ def test_merge_refuses_a_non_safetensors_input(run, tmp_path):
     assert result.code == 2 and result.err.startswith("error:")
     assert "merge takes a compressed .safetensors" in result.err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
+
+
+def test_rank_override_that_matches_nothing_is_an_error(run, tmp_path):
+    """Like --exclude: a mistyped --rank-for would silently become the global rank."""
+    torch.save(gru().state_dict(), tmp_path / "m.pt")
+    result = run("convert", tmp_path / "m.pt", "--rank", "4", "--rank-for", "nomatch=2")
+    assert result.code == 2 and result.err.strip().startswith("error: rank pattern 'nomatch' matches no target")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
+    with pytest.raises(lrc.TargetError, match="rank pattern 'nomatch\\*' matches no target"):
+        lrc.compress(nn.GRUCell(10, 32), rank=4, ranks={"nomatch*": 2})
+
+
+def test_bench_says_which_cells_it_does_not_time(run, tmp_path):
+    model = nn.Module()
+    model.rnn, model.cell = nn.GRU(4, 16), nn.LSTMCell(4, 16)
+    lrc.compress(model, rank=2)
+    lrc.save_model(model, tmp_path / "mixed.lr.safetensors")
+    result = run("bench", tmp_path / "mixed.lr.safetensors", "--seq", "2", "--rounds", "1", "--json")
+    assert result.code == 0, result.err
+    assert [layer["name"] for layer in json.loads(result.out)["layers"]] == ["rnn"]
+    assert "not timed here: cell" in result.err

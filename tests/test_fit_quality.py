@@ -18,7 +18,7 @@ from torch import Tensor
 
 import lrcompress as lrc
 from lrcompress import factorize
-from lrcompress.factorize import DIAG_STOPS, fit_low_rank, fit_low_rank_plus_diagonal
+from lrcompress.factorize import DIAG_STOPS, compose, fit_low_rank, fit_low_rank_plus_diagonal
 
 N, GATES = 128, 3
 
@@ -135,3 +135,18 @@ def test_report_rows_say_how_the_diagonal_fit_ended() -> None:
     assert f"{row.diag_iterations} it, {row.diag_stop}" in str(report)
     plain = lrc.compress(torch.nn.GRU(4, 32), rank=4).targets[0]
     assert (plain.diag_stop, plain.diag_iterations, plain.diag_fit) == ("", None, "-")
+
+
+@pytest.mark.parametrize("rank", [64, 63, 48])
+@pytest.mark.parametrize("diag", [False, True])
+def test_reported_error_is_the_real_one_near_full_rank(rank, diag):
+    """The projection identity cancels near full rank: the report must still give the real error."""
+    torch.manual_seed(0)
+    n = 64
+    U, V = torch.linalg.qr(torch.randn(n, n))[0], torch.linalg.qr(torch.randn(n, n))[0]
+    W = ((U * torch.exp(-torch.arange(n) / 10.0)) @ V.T + torch.diag(torch.rand(n)))[None]
+    fit = (fit_low_rank_plus_diagonal if diag else fit_low_rank)(W, rank, method="randomized")
+    D = None if fit.D is None else fit.D.double()
+    real = float(torch.linalg.vector_norm(W.double() - compose(fit.L.double(), fit.R.double(), D))
+                 / torch.linalg.vector_norm(W.double()))
+    assert fit.rel_error == pytest.approx(real, rel=1e-3, abs=1e-7)

@@ -38,7 +38,7 @@ VARIANTS = {
     "plain": dict(rank=3),
     "diag": dict(rank=3, diag=True),
     "tied+diag": dict(rank=4, tied=True, diag=True),
-    "per-target": dict(rank=3, diag=True, ranks={"weight_hh_l1*": 2, "highway": 5, "mix.gate": 1}),
+    "per-target": dict(rank=3, diag=True, ranks={"*weight_hh_l1*": 2, "highway": 5, "mix.gate": 1}),
 }
 
 

@@ -109,3 +109,56 @@ def test_no_grad_and_inference_mode_agree_in_auto_mode():
         want = module(x)
     with torch.inference_mode():
         assert_close(module(x), want)
+
+
+def _first(result) -> torch.Tensor:
+    return result[0] if isinstance(result, tuple) else result
+
+
+@pytest.mark.parametrize("make,mode", [
+    (lambda: nn.GRU(INPUT, HIDDEN), "factored"),
+    (lambda: nn.LSTM(INPUT, HIDDEN), "auto"),
+    (lambda: nn.GRUCell(INPUT, HIDDEN), "auto"),
+    (lambda: nn.LSTMCell(INPUT, HIDDEN), "factored"),
+])
+@pytest.mark.parametrize("optimizer", ["adam-fused", "sgd-fused", "adam"])
+def test_an_optimizer_step_is_seen_even_when_it_bumps_no_version(make, mode, optimizer):
+    """Fused optimizers write through kernels that leave version counters alone: the trainable
+    call before the step must drop the prepared weights, or the next inference call is stale."""
+    torch.manual_seed(0)
+    module = make()
+    lrc.compress(module, rank=RANK, diag=True)
+    lrc.accelerate(module, mode)
+    x = torch.randn(3, INPUT) if isinstance(module, nn.RNNCellBase) else torch.randn(6, 3, INPUT)
+    module.eval()
+    with torch.no_grad():
+        before = _first(module(x))  # fills the cache
+    name, _, fused = optimizer.partition("-")
+    cls = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}[name]
+    try:
+        opt = cls(module.parameters(), lr=0.1, **({"fused": True} if fused else {}))
+        module.train()
+        _first(module(x)).pow(2).sum().backward()
+        opt.step()
+    except RuntimeError as exc:  # fused kernels need a recent PyTorch on CPU
+        pytest.skip(f"{optimizer} unavailable here: {exc}")
+    module.eval()
+    with torch.no_grad():
+        got = _first(module(x))
+        module.__dict__.pop("_lrc_acceleration")  # the plain (parametrized) path as reference
+        want = _first(module(x))
+    assert not torch.allclose(want, before)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_forget_after_a_data_update():
+    """``.data`` changes are invisible to version counters: ``forget`` (documented) refreshes."""
+    from lrcompress.execution import acceleration
+
+    module = lrc.accelerate(build("gru", diag=True), "factored")
+    x = torch.randn(6, 2, INPUT)
+    with torch.no_grad():
+        module(x)
+        module.parametrizations.weight_hh_l0.original0.data.mul_(2)
+        acceleration(module).forget()
+        assert_close(module(x), dense_reference(module, x))

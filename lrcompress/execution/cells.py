@@ -173,6 +173,15 @@ class CellAcceleration:
     def __deepcopy__(self, memo) -> "CellAcceleration":
         return CellAcceleration(self.mode, **self.settings())
 
+    def forget(self) -> None:
+        """Drop the prepared weights: the next call prepares them from the cell's current ones.
+
+        Called on every trainable call, since the optimizer step that may follow can leave the
+        version counters alone (fused Adam/SGD kernels do not bump them). Call it (or
+        ``accelerate`` again) after changing weights through ``.data``, which no counter records.
+        """
+        self._prepared = None
+
     def prepared(self, cell: nn.Module, kind: str) -> Prepared:
         """The cached preparation, rebuilt only when a weight changed since the last call."""
         key, sources = weight_key(cell)
@@ -191,7 +200,10 @@ class CellAcceleration:
 
     def run(self, cell: nn.RNNCellBase, input, hx):
         """``cell(input, hx)`` by the chosen path, or None when the cell's own forward should run."""
-        if self.mode == "dense" or (cell.training and not self.training):
+        if self.mode == "dense":
+            return None
+        if cell.training and not self.training:
+            self.forget()
             return None
         if self._kind is None:
             self._kind = _stock_kind(cell) or ""
@@ -203,8 +215,10 @@ class CellAcceleration:
             return None
         grad = torch.is_grad_enabled() and (input.requires_grad or _requires_grad(hx)
                                             or any(t.requires_grad for t in p.sources))
-        if grad and not self.training:
-            return None
+        if grad:
+            self.forget()
+            if not self.training:
+                return None
         batched = input.dim() == 2
         x = input if batched else input.unsqueeze(0)
         choice = self.mode

@@ -146,12 +146,21 @@ class Acceleration:
 
     def run(self, module: nn.RNNBase, input, hx):
         """The factored ``module(input, hx)``, or None when the dense path should run instead."""
-        if self.mode == "dense" or (module.training and not self.training) or not supported(module, input, hx):
+        if self.mode == "dense":
+            return None
+        if module.training and not self.training:
+            self.forget()
+            return None
+        if not supported(module, input, hx):
             return None
         packed = isinstance(input, PackedSequence)
         x = input.data if packed else input
         grad = torch.is_grad_enabled() and (_requires_grad(input, hx) or any(
             p.requires_grad for p in module.parameters()))
+        if grad:
+            # The optimizer step that may follow a trainable call can leave the version counters
+            # alone (fused Adam/SGD kernels do not bump them): rebuild from the weights next time.
+            self.forget()
         cells = prepare_all(module) if grad else self.cells(module)
         use_graph = self.cuda_graphs and not grad and not packed and not module.training and cuda.usable(x)
         if self.mode == "auto":
@@ -179,6 +188,14 @@ class Acceleration:
         finally:
             if torch.get_num_threads() != previous:
                 torch.set_num_threads(previous)
+
+    def forget(self) -> None:
+        """Drop the prepared weights and graphs: the next call prepares them from the module's
+        current weights. Done on every trainable call; call it (or ``accelerate`` again) after
+        changing weights through ``.data``, which no version counter records."""
+        if self._cells is not None:
+            self._cells, self._version = None, None
+            self._graphs.clear()
 
     def cells(self, module: nn.RNNBase) -> list[Cell]:
         """Prepared weights, rebuilt only when a weight changed since the last call."""
