@@ -15,7 +15,7 @@ import typer
 
 from . import summary
 from .cli_bench import EPILOG as BENCH_EPILOG, bench
-from .cli_train import finetune, report, sweep, train
+from .cli_train import finetune, report, stdout_to_stderr, sweep, train
 from .config import CompressionConfig, RankValue, int_list
 from .convert import compress, compress_state_dict, merge_state_dict, unwrap
 from .errors import ConfigError, FormatError, LRCompressError, OutputExistsError
@@ -123,11 +123,13 @@ def inspect(
     typer.echo(json.dumps(result.to_dict()) if as_json else str(result))
 
 
-@app.command(epilog="Example:  lrcompress merge model.lr.safetensors -o dense.safetensors")
+@app.command(epilog="Examples:  lrcompress merge model.lr.safetensors -o dense.safetensors  |  "
+                    "lrcompress merge model.lr.safetensors --json")
 def merge(
     path: Annotated[Path, typer.Argument(help="A compressed .safetensors file.")],
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output file (default: <stem>.dense.safetensors).")] = None,
     force: Force = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of text.")] = False,
 ) -> None:
     """Rebuild dense weights from a compressed file: a plain state dict any PyTorch code loads."""
     output = output or existing_file(path).with_name(f"{_stem(path).removesuffix('.lr')}.dense.safetensors")
@@ -138,9 +140,13 @@ def merge(
     specs = check_compressed(tensors, meta, path)  # every factor present, of the recorded shape, finite
     if not specs:
         raise FormatError(f"{path} is not an lrcompress file (no factorization in its metadata)")
-    write_safetensors(merge_state_dict(tensors, specs), output, force=force,
+    merged = merge_state_dict(tensors, specs)
+    write_safetensors(merged, output, force=force,
                       metadata={"merged_from": "lrcompress", "lrcompress_version": __version__})
-    typer.echo(f"wrote {output} ({len(specs)} weights rebuilt dense)")
+    if as_json:
+        typer.echo(json.dumps({"output": str(output), "rebuilt": [s.name for s in specs], "tensors": len(merged)}))
+    else:
+        typer.echo(f"wrote {output} ({len(specs)} weights rebuilt dense)")
 
 
 app.command(epilog=BENCH_EPILOG)(bench)
@@ -243,8 +249,13 @@ def demo(
                       "are kept). Any other folder is refused.")] = Path("runs/demo"),
     steps: Annotated[int, typer.Option(help="Training updates of the dense model.")] = 2000,
     finetune_steps: Annotated[int, typer.Option(help="Fine-tuning updates per compressed model.")] = 400,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="Print the report rows and the folder as JSON; progress lines go to stderr.")] = False,
 ) -> None:
     """Train a small GRU on an embedded task, compress it at several ranks, fine-tune, report."""
     from .demo import run_demo
 
-    run_demo(out, steps=steps, finetune_steps=finetune_steps, echo=typer.echo)
+    with stdout_to_stderr(as_json):  # with --json, the demo's narration goes to stderr
+        rows = run_demo(out, steps=steps, finetune_steps=finetune_steps, echo=typer.echo)
+    if as_json:
+        typer.echo(json.dumps({"out": str(out), "rows": rows}))

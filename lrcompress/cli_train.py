@@ -6,6 +6,7 @@ Thin typer wrappers over ``lrcompress.train.run``; ``cli.py`` registers them. Un
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import os
@@ -44,7 +45,8 @@ def train(
     from .train.run import train_recipe
 
     overrides = _overrides(sets, steps=steps, batch_size=batch_size, device=device)
-    summary = train_recipe(recipe, out, overrides=overrides, resume=resume, progress=progress)
+    with stdout_to_stderr(as_json):
+        summary = train_recipe(recipe, out, overrides=overrides, resume=resume, progress=progress)
     _report_run(summary, as_json, f"lrcompress train {recipe} --out {summary['run_dir']} --resume")
 
 
@@ -70,8 +72,9 @@ def finetune(
     from .train.run import finetune as run_finetune
 
     overrides = _overrides(sets, steps=steps, batch_size=batch_size, device=device)
-    summary = run_finetune(source, out, rank=_rank(rank), energy=energy, diag=diag, tied=tied, recipe=recipe,
-                           overrides=overrides, resume=resume, progress=progress)
+    with stdout_to_stderr(as_json):
+        summary = run_finetune(source, out, rank=_rank(rank), energy=energy, diag=diag, tied=tied, recipe=recipe,
+                               overrides=overrides, resume=resume, progress=progress)
     _report_run(summary, as_json, f"lrcompress finetune {source} --out {out} ... --resume")
 
 
@@ -88,17 +91,24 @@ def sweep(
     batch_size: BatchSize = None,
     device: Device = None,
     progress: Progress = None,
+    as_json: Json = False,
 ) -> None:
     """Fine-tune at each rank; resumable (finished points are skipped). Then: lrcompress report OUT."""
     from .train.run import sweep as run_sweep
 
     overrides = _overrides(sets, steps=steps, batch_size=batch_size, device=device)
-    points = run_sweep(source, out, ranks=int_list(ranks, "--ranks"), diag=diag, both_diag=both_diag, tied=tied, recipe=recipe,
-                       overrides=overrides, progress=progress, echo=_echo)
+    # With --json, stdout carries only the final document: the per-point lines go to stderr.
+    echo = _echo_err if as_json else _echo
+    with stdout_to_stderr(as_json):
+        points = run_sweep(source, out, ranks=int_list(ranks, "--ranks"), diag=diag, both_diag=both_diag, tied=tied,
+                           recipe=recipe, overrides=overrides, progress=progress, echo=echo)
     if points and points[-1].get("stopped") == "interrupted":
-        _echo(f"interrupted; run the same command again to continue the sweep in {out}")
+        echo(f"interrupted; run the same command again to continue the sweep in {out}")
         sys.exit(130)  # typer.Exit codes are lost by cli.main (standalone_mode=False)
-    _echo(f"{len(points)} points in {out}; table: lrcompress report {out}")
+    if as_json:
+        _echo(json.dumps({"out": str(out), "points": points}))
+    else:
+        _echo(f"{len(points)} points in {out}; table: lrcompress report {out}")
 
 
 def report(
@@ -123,6 +133,20 @@ def report(
             typer.echo(f"wrote {written}")
 
 
+@contextlib.contextmanager
+def stdout_to_stderr(active: bool):
+    """While ``active`` (``--json``), send what a run prints on stdout to stderr instead.
+
+    The training loop writes a line per evaluation with ``tqdm.write`` (stdout); under
+    ``--json`` stdout must hold the one JSON document printed after the run, and nothing else.
+    """
+    if not active:
+        yield
+        return
+    with contextlib.redirect_stdout(sys.stderr):
+        yield
+
+
 def _overrides(sets: Optional[list[str]], **flags) -> list[str]:
     out = list(sets or ())
     for key, value in flags.items():
@@ -142,8 +166,9 @@ def _rank(text: Optional[str]):
 
 
 def _report_run(summary: dict, as_json: bool, resume_command: str) -> None:
-    if summary["stopped"] == "interrupted":
-        _echo(f"interrupted at update {summary['steps']}; continue with: {resume_command}")
+    """The run summary as one JSON document (``--json``) or one line of text; exit 130 if interrupted."""
+    if summary["stopped"] == "interrupted":  # no JSON document then: exit 130 and a note on stderr
+        (_echo_err if as_json else _echo)(f"interrupted at update {summary['steps']}; continue with: {resume_command}")
         sys.exit(130)  # typer.Exit codes are lost by cli.main (standalone_mode=False)
     if as_json:
         _echo(json.dumps(summary))
@@ -170,6 +195,11 @@ def _fmt(x) -> str:
     return "-" if x is None else f"{x:.4g}"
 
 
-def _echo(text: str) -> None:
+def _echo(text: str, err: bool = False) -> None:
+    """Print on the main process only (under torchrun every process runs the command)."""
     if int(os.environ.get("RANK", "0")) == 0:
-        typer.echo(text)
+        typer.echo(text, err=err)
+
+
+def _echo_err(text: str) -> None:
+    _echo(text, err=True)
