@@ -68,12 +68,21 @@ def convert(
     trust_pickle: TrustPickle = False,
     key: Key = None,
     rename: Rename = None,
+    config_file: Annotated[Optional[Path], typer.Option(
+        "--config", help="A JSON compression config (CompressionConfig.save) instead of the options above.")] = None,
 ) -> None:
     """Factor the recurrent weights of a trained model and write a compressed safetensors file."""
-    config = CompressionConfig(
-        rank=None if rank is None else _rank_value(rank), energy=energy, diag=diag, tied=tied,
-        include_input=include_input, include_projection=include_projection, targets=_split(targets),
-        exclude=_split(exclude), ranks=_overrides(rank_for), svd=svd, diag_iters=diag_iters)
+    options = dict(rank=None if rank is None else _rank_value(rank), energy=energy, diag=diag, tied=tied,
+                   include_input=include_input, include_projection=include_projection, targets=_split(targets),
+                   exclude=_split(exclude), ranks=_overrides(rank_for), svd=svd, diag_iters=diag_iters)
+    if config_file is not None:
+        given = [name for name, value in options.items() if value not in (None, False, (), {}, "auto")]
+        if given:  # one source of truth: a file plus flags would leave the result ambiguous
+            raise ConfigError(f"--config {config_file} holds every compression option; drop "
+                              f"{', '.join('--' + n.replace('_', '-') for n in given)} or --config")
+        config = CompressionConfig.load(config_file)
+    else:
+        config = CompressionConfig(**options)
     output = output or existing_file(path).with_name(f"{_stem(path)}.lr.safetensors")
     _check_output(path, output, force)
     loaded, meta = read_checkpoint(path, trust_pickle=trust_pickle, key=key, rename=rename or ())

@@ -166,11 +166,45 @@ class CompressionConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"unknown config fields: {', '.join(unknown)}")
+        if not isinstance(data.get("ranks", {}), dict):
+            raise ConfigError(f"ranks must be an object of pattern: rank, got {data['ranks']!r}")
         return cls(**data)
 
     @classmethod
     def from_json(cls, text: str) -> "CompressionConfig":
-        return cls.from_dict(json.loads(text))
+        try:
+            data = json.loads(text)
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise ConfigError(f"not a valid JSON compression config ({str(exc)[:120]})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"a compression config is a JSON object, got {type(data).__name__}")
+        return cls.from_dict(data)
+
+    def save(self, path, *, force: bool = False):
+        """Write this config as a JSON file (atomically; an existing file only with ``force``).
+
+        >>> CompressionConfig(rank=24, diag=True).save("lrd24.json")  # doctest: +SKIP
+        """
+        from .io import write_text_atomic  # io imports this module: a local import keeps one direction
+
+        return write_text_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n", force=force)
+
+    @classmethod
+    def load(cls, path) -> "CompressionConfig":
+        """Read a config written by ``save`` (or by hand); a bad file is one ``ConfigError`` naming it."""
+        from pathlib import Path
+
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"no such config file: {path}")
+        if path.stat().st_size > 2**20:  # a real config is a few hundred bytes
+            raise ConfigError(f"{path} is too large ({path.stat().st_size:,} bytes) for a compression config")
+        try:
+            return cls.from_json(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path} is not a text file") from None
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
 
 
 @dataclass(frozen=True)

@@ -494,3 +494,41 @@ def test_bench_says_which_cells_it_does_not_time(run, tmp_path):
     assert result.code == 0, result.err
     assert [layer["name"] for layer in json.loads(result.out)["layers"]] == ["rnn"]
     assert "not timed here: cell" in result.err
+
+
+def test_convert_config_file_equals_the_same_flags(run, tmp_path):
+    torch.save(gru(layers=2).state_dict(), tmp_path / "m.pt")
+    config = lrc.CompressionConfig(rank=3, diag=True, ranks={"*weight_hh_l1": 2})
+    config.save(tmp_path / "lrd.json")
+    assert lrc.CompressionConfig.load(tmp_path / "lrd.json") == config
+    with pytest.raises(lrc.OutputExistsError):
+        config.save(tmp_path / "lrd.json")  # never overwritten without force
+    by_file = run("convert", tmp_path / "m.pt", "--config", tmp_path / "lrd.json", "-o", tmp_path / "a.safetensors",
+                  "--json")
+    by_flags = run("convert", tmp_path / "m.pt", "--rank", "3", "--diag", "--rank-for", "*weight_hh_l1=2",
+                   "-o", tmp_path / "b.safetensors", "--json")
+    assert by_file.code == by_flags.code == 0, (by_file.err, by_flags.err)
+    one, two = json.loads(by_file.out), json.loads(by_flags.out)
+    assert one["targets"] == two["targets"] and one["config"] == two["config"]
+    assert [t["rank"] for t in one["targets"]] == [3, 2]
+    a, b = load_file(tmp_path / "a.safetensors"), load_file(tmp_path / "b.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("content,extra,fragment", [
+    (None, ("--rank", "3"), "holds every compression option; drop --rank"),
+    ("[1", (), "not a valid JSON compression config"),
+    ('{"rank": 2, "zzz": 1}', (), "unknown config fields: zzz"),
+    ('["rank"]', (), "a compression config is a JSON object"),
+    ('{"rank": 0}', (), "rank must be positive"),
+])
+def test_bad_config_files_are_one_line(run, tmp_path, content, extra, fragment):
+    torch.save(gru().state_dict(), tmp_path / "m.pt")
+    config = tmp_path / "c.json"
+    if content is None:
+        lrc.CompressionConfig(rank=2).save(config)
+    else:
+        config.write_text(content)
+    result = run("convert", tmp_path / "m.pt", "--config", config, *extra)
+    assert result.code == 2 and fragment in result.err and len(result.err.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.json", "m.pt"]
