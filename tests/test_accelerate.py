@@ -403,30 +403,10 @@ def test_threads_option_is_restored_after_each_call(monkeypatch):
 
 # --- lrcompress bench ---------------------------------------------------------------------------
 
-def invoke(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    """``lrcompress <args>`` through ``cli.main``: (exit code, stdout, stderr)."""
-    import sys
-    import warnings
-
-    from lrcompress import cli
-
-    monkeypatch.setattr(sys, "argv", ["lrcompress", *map(str, args)])
-    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # main() replaces it
-    monkeypatch.setenv("COLUMNS", "200")
-    capsys.readouterr()
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 0
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def test_bench_synthetic_json(monkeypatch, capsys):
+def test_bench_synthetic_json(run):
     import json
 
-    code, out, _ = invoke(monkeypatch, capsys, "bench", "--synthetic", "lstm:32:4:diag", "--input", 6, "--batch", 2,
+    code, out, _ = run("bench", "--synthetic", "lstm:32:4:diag", "--input", 6, "--batch", 2,
                           "--seq", 5, "--rounds", 1, "--json")
     assert code == 0
     result = json.loads(out)
@@ -438,7 +418,7 @@ def test_bench_synthetic_json(monkeypatch, capsys):
     assert row["auto"] in ("dense", "factored")
 
 
-def test_bench_file_rebuilds_every_recurrent_layer(monkeypatch, capsys, tmp_path):
+def test_bench_file_rebuilds_every_recurrent_layer(run, tmp_path):
     from lrcompress.execution.timing import recurrent_layers
     from lrcompress.io import read_safetensors, specs_from_metadata
 
@@ -456,7 +436,7 @@ def test_bench_file_rebuilds_every_recurrent_layer(monkeypatch, capsys, tmp_path
         assert_equal(layers["enc"](x), model["enc"](x))
         y = torch.randn(6, 2, HIDDEN)
         assert_equal(layers["dec"](y), model["dec"](y))
-    code, out, err = invoke(monkeypatch, capsys, "bench", path, "--seq", 4, "--rounds", 1)
+    code, out, err = run("bench", path, "--seq", 4, "--rounds", 1)
     assert code == 0, err
     lines = out.splitlines()
     assert "dense ms" in lines[1] and "factored ms" in lines[1]
@@ -471,15 +451,15 @@ def test_bench_file_rebuilds_every_recurrent_layer(monkeypatch, capsys, tmp_path
     (("--synthetic", "gru:64:8", "--device", "tpu"), "--device"),
     (("missing.lr.safetensors",), "no such file"),
 ])
-def test_bench_errors_are_one_line(monkeypatch, capsys, args, message):
-    code, out, err = invoke(monkeypatch, capsys, "bench", *args)
+def test_bench_errors_are_one_line(run, args, message):
+    code, out, err = run("bench", *args)
     assert code == 2
     assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
 
 
-def test_bench_rejects_dense_file(monkeypatch, capsys, tmp_path):
+def test_bench_rejects_dense_file(run, tmp_path):
     from safetensors.torch import save_file
 
     save_file({"weight_hh_l0": torch.zeros(24, 8)}, tmp_path / "dense.safetensors")
-    code, _, err = invoke(monkeypatch, capsys, "bench", tmp_path / "dense.safetensors")
+    code, _, err = run("bench", tmp_path / "dense.safetensors")
     assert code == 2 and "not an lrcompress file" in err

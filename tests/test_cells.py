@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import copy
 import json
-import sys
-import warnings
 
 import pytest
 import torch
@@ -17,7 +15,6 @@ from safetensors import safe_open
 from torch import nn
 
 import lrcompress as lrc
-from lrcompress import cli
 from lrcompress.config import CompressionConfig
 from lrcompress.errors import FormatError
 from lrcompress.execution import WeightShape, acceleration, plan
@@ -229,27 +226,15 @@ def test_bare_state_dict_cells_by_gate_count():
         find_state_dict_targets(bad, CompressionConfig(rank=2))
 
 
-def run_cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["lrcompress", *map(str, args)])
-    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # main() replaces it
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 0
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def test_cli_converts_bare_state_dict_cells(tmp_path, monkeypatch, capsys):
+def test_cli_converts_bare_state_dict_cells(tmp_path, run):
     torch.manual_seed(0)
     decoder = Decoder().eval()
     torch.save(decoder.state_dict(), tmp_path / "decoder.pt")
-    code, out, err = run_cli(monkeypatch, capsys, "inspect", tmp_path / "decoder.pt", "--json")
+    code, out, err = run("inspect", tmp_path / "decoder.pt", "--json")
     assert code == 0, err
     assert {(m["name"], m["gate"]) for m in json.loads(out)["matrices"]} == {
         ("cell.weight_hh", g) for g in "ifgo"}
-    code, out, err = run_cli(monkeypatch, capsys, "convert", tmp_path / "decoder.pt", "--rank", HIDDEN, "--diag")
+    code, out, err = run("convert", tmp_path / "decoder.pt", "--rank", HIDDEN, "--diag")
     assert code == 0, err
     loaded = lrc.load_model(Decoder().eval(), tmp_path / "decoder.lr.safetensors")
     start = torch.randn(2, 6)

@@ -15,7 +15,39 @@ from torch.nn.utils import parametrize
 from ..config import RankValue
 
 
-class FactoredRNN:
+class Factored:
+    """What every factored recurrent class shares: built from scratch with random factors, and
+    ``reset_parameters`` re-draws them (the dense class would draw each factor like a weight)."""
+
+    _dense_class: type[nn.Module]
+
+    def __init__(self, *args, rank: RankValue, diag: bool = False, tied: bool = False, include_input: bool = False,
+                 **kwargs):
+        options = {"include_projection": kwargs.pop("include_projection")} if "include_projection" in kwargs else {}
+        self._dense_class.__init__(self, *args, **kwargs)
+        from ..convert import factor_from_scratch  # convert imports this module
+
+        factor_from_scratch(self, rank=rank, diag=diag, tied=tied, include_input=include_input, **options)
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if parametrize.is_parametrized(self):
+            from ..convert import reset_factors
+
+            reset_factors(self)
+
+
+def factored_subclass(cls: type, mixin: type, registry: dict[type, type]) -> type:
+    """``cls`` with ``mixin`` in front: the factored counterpart of a dense class (cached, so a
+    user's subclass of ``nn.GRU`` gets one class for all its converted instances)."""
+    if issubclass(cls, mixin):
+        return cls
+    if cls not in registry:
+        registry[cls] = type(f"LowRank{cls.__name__}", (mixin, cls), {"_dense_class": cls})
+    return registry[cls]
+
+
+class FactoredRNN(Factored):
     """Mixin: rebuild each factored weight once per forward, then run the dense kernel."""
 
     _dense_class: type[nn.RNNBase]
@@ -45,21 +77,6 @@ class FactoredRNN:
                               for n in self._flat_weights_names]
         self._flat_weight_refs = [weakref.ref(w) if w is not None else None for w in self._flat_weights]
 
-    def reset_parameters(self) -> None:
-        super().reset_parameters()
-        if parametrize.is_parametrized(self):
-            from ..convert import reset_factors
-
-            reset_factors(self)
-
-
-def _from_scratch(module: nn.RNNBase, rank: RankValue, diag: bool, tied: bool, include_input: bool,
-                  include_projection: bool = False) -> None:
-    from ..convert import factor_from_scratch  # convert imports this module
-
-    factor_from_scratch(module, rank=rank, diag=diag, tied=tied, include_input=include_input,
-                        include_projection=include_projection)
-
 
 class LowRankGRU(FactoredRNN, nn.GRU):
     """``nn.GRU`` with low-rank (``diag=True``: plus diagonal) recurrent matrices.
@@ -70,11 +87,6 @@ class LowRankGRU(FactoredRNN, nn.GRU):
 
     _dense_class = nn.GRU
 
-    def __init__(self, *args, rank: RankValue, diag: bool = False, tied: bool = False,
-                 include_input: bool = False, **kwargs):
-        nn.GRU.__init__(self, *args, **kwargs)
-        _from_scratch(self, rank, diag, tied, include_input)
-
 
 class LowRankLSTM(FactoredRNN, nn.LSTM):
     """``nn.LSTM`` with factored recurrent matrices (``proj_size`` supported; no diagonal on the
@@ -82,30 +94,16 @@ class LowRankLSTM(FactoredRNN, nn.LSTM):
 
     _dense_class = nn.LSTM
 
-    def __init__(self, *args, rank: RankValue, diag: bool = False, tied: bool = False,
-                 include_input: bool = False, include_projection: bool = False, **kwargs):
-        nn.LSTM.__init__(self, *args, **kwargs)
-        _from_scratch(self, rank, diag, tied, include_input, include_projection)
-
 
 class LowRankRNN(FactoredRNN, nn.RNN):
     """``nn.RNN`` (tanh or relu) with factored recurrent matrices."""
 
     _dense_class = nn.RNN
 
-    def __init__(self, *args, rank: RankValue, diag: bool = False, tied: bool = False,
-                 include_input: bool = False, **kwargs):
-        nn.RNN.__init__(self, *args, **kwargs)
-        _from_scratch(self, rank, diag, tied, include_input)
-
 
 _FACTORED = {nn.GRU: LowRankGRU, nn.LSTM: LowRankLSTM, nn.RNN: LowRankRNN}
 
 
 def factored_class(cls: type[nn.RNNBase]) -> type:
-    """The factored counterpart of a recurrent class (a cached subclass for user subclasses)."""
-    if issubclass(cls, FactoredRNN):
-        return cls
-    if cls not in _FACTORED:
-        _FACTORED[cls] = type(f"LowRank{cls.__name__}", (FactoredRNN, cls), {"_dense_class": cls})
-    return _FACTORED[cls]
+    """The factored counterpart of a recurrent layer class."""
+    return factored_subclass(cls, FactoredRNN, _FACTORED)
