@@ -195,6 +195,8 @@ class CompressionConfig:
         from pathlib import Path
 
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"{path} is a directory, not a config file")
         if not path.is_file():
             raise ConfigError(f"no such config file: {path}")
         if path.stat().st_size > 2**20:  # a real config is a few hundred bytes

@@ -206,7 +206,7 @@ class Acceleration:
             self._macs = step_macs(self._cells)
             self._version = key
             self._graphs.clear()  # they read the previous cells
-        elif not tracked(module):
+        elif not tracked(key):
             self._refresh(module)
         return self._cells
 

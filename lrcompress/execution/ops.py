@@ -88,9 +88,10 @@ def version(module: nn.Module) -> tuple:
                  for t in sources(module))
 
 
-def tracked(module: nn.Module) -> bool:
-    """Whether ``version`` sees in-place changes of every weight (no inference tensors)."""
-    return not any(t.is_inference() for t in sources(module))
+def tracked(key: tuple) -> bool:
+    """Whether a ``version`` key sees in-place changes of every weight (no inference tensors,
+    whose entries hold ``None`` for the version)."""
+    return all(entry[1] is not None for entry in key)
 
 
 GATES = {"GRU": 3, "LSTM": 4, "RNN_TANH": 1, "RNN_RELU": 1}
