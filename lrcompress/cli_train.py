@@ -16,6 +16,7 @@ from typing import Annotated, Optional
 import typer
 
 from .config import int_list
+from .errors import ConfigError
 
 Sets = Annotated[Optional[list[str]], typer.Option(
     "--set", "-s", help="Recipe override SECTION.KEY=VALUE, e.g. train.lr=1e-3 (repeatable).")]
@@ -123,6 +124,11 @@ def report(
     from .train import run
 
     rows = run.collect(path)
+    if csv is not None and plot is not None and csv.resolve() == plot.resolve():
+        raise ConfigError(f"--csv and --plot both name {csv}; give two files")
+    for output in (csv, plot):  # both checked before either is written: no half-done report
+        if output is not None:
+            run.check_report_output(output, force)
     if csv is not None:
         run.write_csv(rows, csv, force=force)
     if plot is not None:

@@ -117,6 +117,7 @@ def check_compressed(tensors: dict[str, Tensor], meta: dict[str, str] | None, pa
     specs = targets_from_metadata(meta, path)
     for spec in specs:
         _check_factors(spec, tensors, path)
+        _check_recurrent_shape(spec, specs, tensors, path)
     if (meta or {}).get("format") == "lrcompress":
         _check_unrecorded(specs, tensors, path)
     return specs
@@ -215,6 +216,25 @@ def _check_factors(spec: TargetSpec, tensors: dict[str, Tensor], path) -> None:
     rows = spec.gates * spec.rows
     if bias in tensors and tuple(tensors[bias].shape) != (rows,):
         raise FormatError(f"{path}: {bias} has shape {tuple(tensors[bias].shape)}, but {spec.name} has {rows} rows")
+
+
+def _check_recurrent_shape(spec: TargetSpec, specs: list[TargetSpec], tensors: dict[str, Tensor], path) -> None:
+    """A recurrent weight maps the state to the gates: its blocks are ``h x h``, or ``h x p`` for
+    an LSTM with ``proj_size`` p (whose ``weight_hr`` then has p rows)."""
+    if spec.role != "recurrent" or spec.layer not in RNN_LAYERS:
+        return
+    expected, what = spec.rows, "the hidden size"
+    hr = spec.weight.replace("weight_hh", "weight_hr", 1)
+    hr_name = f"{spec.module}.{hr}" if spec.module else hr
+    if spec.layer == "lstm" and hr != spec.weight:
+        recorded = next((s for s in specs if s.name == hr_name), None)
+        if recorded is not None:
+            expected, what = recorded.rows, f"the projection size of {hr_name}"
+        elif hr_name in tensors and tensors[hr_name].dim() == 2:
+            expected, what = tensors[hr_name].shape[0], f"the projection size of {hr_name}"
+    if spec.cols != expected:
+        raise FormatError(f"{path}: {spec.name} is recorded with {spec.cols} columns, but a recurrent weight has "
+                          f"{what} ({expected}) columns")
 
 
 def _bias_key(spec: TargetSpec) -> str | None:

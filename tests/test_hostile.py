@@ -61,6 +61,14 @@ def _record(change):
     return lie
 
 
+def _both(records, tensors):
+    """A lie told consistently: the record and the stored factors changed together."""
+    def lie(t, meta):
+        _record(records)(t, meta)
+        tensors(t)
+    return lie
+
+
 def _tensor(change):
     def lie(tensors, meta):
         change(tensors)
@@ -121,6 +129,9 @@ LIES = {  # class of lie -> (how to make it, a fragment the one-line error must 
     "factors of no record": (_tensor(lambda t: t.update({"ghost.weight.L": torch.zeros(1, 3, 2),
                                                          "ghost.weight.R": torch.zeros(1, 2, 3)})),
                              "ghost.weight.L looks like a factor of ghost.weight"),
+    "rectangular recurrent weight": (_both(lambda r: r[0].update(cols=30, diag=False),
+                                           lambda t: t.update({f"{H}.R": torch.zeros(3, 4, 30)}) or t.pop(f"{H}.D")),
+                                     "recorded with 30 columns, but a recurrent weight has the hidden size (16)"),
     "unknown factor part": (_tensor(lambda t: t.update({f"{H}.Q": torch.zeros(3)})),
                             f"{H}.Q is not a factor of the format"),
 }
@@ -484,3 +495,24 @@ def test_demo_never_deletes_a_users_file_inside_its_runs(tmp_path, foreign):
     with pytest.raises(OutputExistsError, match="cannot be replaced"):
         prepare_folder(out)
     assert snapshot(tmp_path) == before  # not even the marker was rewritten
+
+
+def test_report_checks_both_outputs_before_writing_either(tiny_run, run, tmp_path):
+    dense = tiny_run / "dense"
+    one_error(run("report", dense, "--csv", tmp_path / "same.out", "--plot", tmp_path / "same.out"), "both name")
+    (tmp_path / "taken.png").write_text("mine")
+    one_error(run("report", dense, "--csv", tmp_path / "r.csv", "--plot", tmp_path / "taken.png"),
+              "exists; pass --force")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken.png"]  # no CSV written first
+
+
+@pytest.mark.parametrize("command", ["finetune", "sweep"])
+@pytest.mark.parametrize("inside", [False, True])
+def test_the_source_run_is_never_the_output(tiny_run, run, command, inside):
+    dense = tiny_run / "dense"
+    before = snapshot(dense)
+    out = dense / "converted" if inside else dense
+    args = ("--rank", "2") if command == "finetune" else ("--ranks", "2")
+    for resume in ((), ("--resume",)) if command == "finetune" else ((),):
+        one_error(run(command, dense, *args, "--out", out, "--steps", "1", *resume), "source run")
+    assert snapshot(dense) == before

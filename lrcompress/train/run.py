@@ -68,6 +68,7 @@ def finetune(source: str | os.PathLike, out: str | os.PathLike, *, rank=None, en
     holds the metrics of the dense model, of the converted one before fine-tuning, and after.
     """
     source, out = Path(source), Path(out)
+    _check_apart(source, out)
     _check_out(out, resume)
     weights, base = _source(source, recipe)
     recipe = load_recipe(out / RECIPE_FILE, overrides) if resume and (out / RECIPE_FILE).is_file() else \
@@ -106,6 +107,7 @@ def sweep(source: str | os.PathLike, out: str | os.PathLike, *, ranks: list[int]
     if not ranks or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in ranks):
         raise ConfigError(f"ranks must be positive ints, got {ranks!r}")
     out = Path(out)
+    _check_apart(Path(source), Path(out))
     _check_out(out, resume=True)
     _check_source(Path(source), recipe, overrides)  # a bad source: one error, and no sweep.json left behind
     _claim(out)
@@ -213,6 +215,14 @@ def _check_source(source: Path, recipe, overrides) -> None:
     if weights.suffix == ".safetensors":
         tensors, meta = read_safetensors(weights)
         check_compressed(tensors, meta, weights)
+
+
+def _check_apart(source: Path, out: Path) -> None:
+    """The output may not be the source run or lie inside it: its model and summary stay as trained."""
+    src, dst = source.resolve(), out.resolve()
+    if dst == src or src in dst.parents:
+        raise ConfigError(f"--out {out} is {'the source run' if dst == src else 'inside the source run'} {source}; "
+                          "write the converted runs elsewhere")
 
 
 def _check_out(out: Path, resume: bool) -> None:
@@ -344,10 +354,10 @@ def write_csv(rows: list[dict], path: str | os.PathLike, *, force: bool = False)
     writer = csv.DictWriter(buffer, fieldnames=REPORT_COLUMNS, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    return write_text_atomic(_report_output(path, force), buffer.getvalue(), force=force)
+    return write_text_atomic(check_report_output(path, force), buffer.getvalue(), force=force)
 
 
-def _report_output(path: str | os.PathLike, force: bool) -> Path:
+def check_report_output(path: str | os.PathLike, force: bool) -> Path:
     """A report file to write: never a directory, and an existing file only with ``force``."""
     path = Path(path)
     if path.is_dir():
@@ -363,7 +373,7 @@ def plot(rows: list[dict], path: str | os.PathLike, *, force: bool = False) -> P
     Written atomically in the format of the file's extension (PNG without one); an existing
     file is replaced only with ``force``.
     """
-    path = _report_output(path, force)
+    path = check_report_output(path, force)
     try:
         import matplotlib
 
