@@ -21,7 +21,7 @@ from .convert import compress, compress_state_dict, merge_state_dict, unwrap
 from .errors import ConfigError, FormatError, LRCompressError, OutputExistsError
 from .checkpoints import read_checkpoint, reading_metadata
 from .io import existing_file, read_safetensors, specs_from_metadata, write_compressed, write_safetensors
-from .validate import check_compressed
+from .validate import check_compressed, shared_tensors
 from .version import __version__
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -125,7 +125,7 @@ def inspect(
     tensors = loaded if isinstance(loaded, dict) else unwrap(loaded)[0].state_dict()
     specs = check_compressed(tensors, meta, path)  # a lying file is refused, not tabulated
     if specs:
-        result = summary.compressed_summary(tensors, specs)
+        result = summary.compressed_summary(tensors, specs, shared_tensors(tensors, meta, path))
     else:
         at = int_list(ranks, "--ranks")
         result = summary.spectra(tensors, at, include_input=include_input, targets=_split(targets))

@@ -240,7 +240,7 @@ def compress_state_dict(tensors: dict[str, Tensor], config: CompressionConfig, *
     """
     candidates = find_state_dict_targets(tensors, config)
     # torch.load keeps tied weights as two keys over one storage: never untie them either.
-    _check_unshared(_owners(tensors.items(), _storage_key), candidates)
+    _check_unshared(_owners(tensors.items(), storage_key), candidates)
     fits = fit_targets(candidates, {c.name: tensors[c.name] for c in candidates}, config, progress=progress)
     done = {f.spec.name for f in fits}
     out = {k: v for k, v in tensors.items() if k not in done}
@@ -315,7 +315,7 @@ def _default_bound(module: nn.Module, rows: int) -> float:
 
 def _numel(tensors: dict[str, Tensor]) -> int:
     """Values stored in a state dict, counting keys that view the same storage once (tied weights)."""
-    return sum(group[0][1].numel() for group in _owners(tensors.items(), _storage_key).values())
+    return sum(group[0][1].numel() for group in _owners(tensors.items(), storage_key).values())
 
 
 def _current_weights(module: nn.Module, candidates: list[Candidate]) -> dict[str, Tensor]:
@@ -395,7 +395,7 @@ def _owners(named, identity) -> dict[object, list[tuple[str, object]]]:
     return groups
 
 
-def _storage_key(t: Tensor) -> tuple | None:
+def storage_key(t: Tensor) -> tuple | None:
     """Equal for two tensors exactly when they are the same view of the same memory (None: no storage)."""
     try:
         if not t.numel():

@@ -25,10 +25,10 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .config import TargetSpec
-from .convert import apply, factored_specs, factored_state_dict, unwrap
+from .convert import apply, factored_specs, factored_state_dict, storage_key, unwrap
 from .errors import FormatError, LRCompressError, OutputExistsError
 from .factorize import Factors
-from .validate import check_compressed, targets_from_metadata
+from .validate import SHARED_KEY, check_compressed, targets_from_metadata
 from .version import __version__
 
 FORMAT = "lrcompress"
@@ -228,13 +228,23 @@ def write_safetensors(tensors: dict[str, Tensor], path: str | os.PathLike, *, me
         raise LRCompressError(f"cannot write {path}: it is a directory")
     if path.exists() and not force:
         raise OutputExistsError(f"{path} exists; pass --force (force=True) to overwrite it")
+    views: dict[tuple, str] = {}  # the same view of the same memory -> its first key
+    shared: dict[str, str] = {}
     seen: set[int] = set()
     out = {}
-    for k, t in tensors.items():  # safetensors refuses shared storage: copy repeats
+    for k, t in tensors.items():
+        view = storage_key(t)
+        if view is not None:
+            if view in views:
+                shared[k] = views[view]  # a tied weight: stored twice, recorded once
+            else:
+                views[view] = k
         t = t.detach().to("cpu").contiguous()
         ptr = t.untyped_storage().data_ptr()
-        out[k] = t.clone() if ptr in seen and t.numel() else t
+        out[k] = t.clone() if ptr in seen and t.numel() else t  # safetensors refuses shared storage
         seen.add(ptr)
+    if shared:
+        metadata = {**(metadata or {}), SHARED_KEY: json.dumps(shared)}
     return write_atomic(path, lambda tmp: save_file(out, tmp, metadata=metadata), force=force)
 
 

@@ -84,8 +84,12 @@ class CompressedSummary:
         return "\n".join(format_table(header, body, right={2, 3, 6, 7, 8}) + [total])
 
 
-def compressed_summary(tensors: dict[str, Tensor], specs: list[TargetSpec]) -> CompressedSummary:
-    stored = sum(t.numel() for t in tensors.values())
+def compressed_summary(tensors: dict[str, Tensor], specs: list[TargetSpec],
+                       shared: dict[str, str] | None = None) -> CompressedSummary:
+    """Rows per factored weight and the file's totals; ``shared`` keys (tied weights stored twice,
+    see ``validate.shared_tensors``) are counted once, as the conversion counted them."""
+    shared = shared or {}
+    stored = sum(t.numel() for k, t in tensors.items() if k not in shared)
     rows = [{**s.to_dict(), "name": s.name, "shape": [s.gates * s.rows, s.cols], "dense_params": s.dense_params,
              "factored_params": s.factored_params} for s in specs]
     dense = stored + sum(s.dense_params - s.factored_params for s in specs)

@@ -120,7 +120,29 @@ def check_compressed(tensors: dict[str, Tensor], meta: dict[str, str] | None, pa
         _check_recurrent_shape(spec, specs, tensors, path)
     if (meta or {}).get("format") == "lrcompress":
         _check_unrecorded(specs, tensors, path)
+    shared_tensors(tensors, meta, path)
     return specs
+
+
+SHARED_KEY = "shared_tensors"  # io writes it: {key: first key holding the same tensor}
+
+
+def shared_tensors(tensors: dict[str, Tensor], meta: dict[str, str] | None, path="file") -> dict[str, str]:
+    """The file's record of tied weights, ``{key: key it repeats}``, checked against the tensors:
+    both stored, with equal shape, dtype and values (a tie that is not one would miscount)."""
+    text = (meta or {}).get(SHARED_KEY)
+    if text is None:
+        return {}
+    shared = load_json(text, f"{path}: '{SHARED_KEY}' metadata", max_depth=2)
+    if not isinstance(shared, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in shared.items()):
+        raise FormatError(f"{path}: '{SHARED_KEY}' metadata is not an object of key: key")
+    for key, first in shared.items():
+        a, b = tensors.get(key), tensors.get(first)
+        if a is None or b is None or key == first or first in shared:
+            raise FormatError(f"{path}: '{SHARED_KEY}' names {key!r} -> {first!r}, which are not two stored tensors")
+        if a.shape != b.shape or a.dtype != b.dtype or not torch.equal(a, b):
+            raise FormatError(f"{path}: '{SHARED_KEY}' says {key} repeats {first}, but their values differ")
+    return shared
 
 
 # A key below a recurrent weight's name (``rnn.weight_hh_l0.L``): weights are never modules.

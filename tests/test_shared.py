@@ -112,6 +112,10 @@ def test_the_cli_counts_a_saved_tied_weight_once_and_matches_the_api(run, saved_
     result = json.loads(out)
     assert (result["params_before"], result["params_after"]) == (DENSE, FACTORED)
     assert result["ratio"] == pytest.approx(DENSE / FACTORED)
+    # inspect of the written file (the tie stored twice, recorded once) agrees with convert
+    code, out, err = run("inspect", result["output"], "--json")
+    assert code == 0, err
+    assert (json.loads(out)["stored_values"], json.loads(out)["dense_values"]) == (FACTORED, DENSE)
     fresh = lrc.load_model(LM(), result["output"])  # both keys load into the one tied Parameter
     assert fresh.decoder.weight is fresh.encoder.weight
     lrc.compress(lm, rank=RANK)
@@ -128,3 +132,20 @@ def test_distinct_views_of_one_storage_are_counted_apart() -> None:
     dense = sum(t.numel() for t in gru.values())
     assert report.params_before == dense + 2 * 15
     assert report.params_after == dense - 3 * 8 * 8 + 3 * (8 * 2 + 2 * 8) + 2 * 15
+
+
+def test_a_file_that_lies_about_a_tie_is_refused(run, saved_lm, tmp_path) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    _, path = saved_lm
+    assert run("convert", path, "--rank", RANK, "-o", tmp_path / "lm.lr.safetensors").code == 0
+    with safe_open(str(tmp_path / "lm.lr.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert json.loads(meta["shared_tensors"]) == {"decoder.weight": "encoder.weight"}
+    tensors = load_file(tmp_path / "lm.lr.safetensors")
+    tensors["decoder.weight"] = tensors["decoder.weight"] + 1  # "tied", yet different
+    save_file(tensors, tmp_path / "lie.lr.safetensors", metadata=meta)
+    for command in ("inspect", "merge"):
+        code, _, err = run(command, tmp_path / "lie.lr.safetensors")
+        assert code == 2 and "their values differ" in err and len(err.strip().splitlines()) == 1
