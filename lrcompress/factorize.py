@@ -5,6 +5,10 @@ recurrent weight, 1 for a Linear) and touches no ``nn.Module``. Factors use the 
 ``L = U sqrt(S)``, ``R = sqrt(S) V^T`` so neither factor dominates the other's scale. With
 ``tied=True`` the G blocks share one ``R`` of shape ``(d, n)``: the stacked ``(G m, n)`` matrix
 is factored, which is the exact optimum for a shared projection.
+
+Given the second moment ``C`` of the vectors a weight multiplies (``lrcompress.calibration``),
+the fits minimise the weighted error ``||(W - W_hat) S||_F``, ``S S^T = C`` instead: the error of
+the weight's output on the calibration data (``lrcompress.whitening``; docs/calibration.md).
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+from .whitening import Whitening, as_whitening, weighted_diagonal_update, weighted_error
 
 # Exact SVD is used below this smallest dimension; above it (and for ranks well below full)
 # randomized SVD is ~40x faster on a 4096 x 4096 matrix for a Frobenius error within ~1%.
@@ -45,7 +51,10 @@ class Factors:
     A low-rank-plus-diagonal fit also says how its iterations ended: ``diag_iterations`` (the
     iterations after the first diagonal fit), ``diag_last_change`` (the relative error decrease
     of the last one; None when none ran) and ``diag_stop`` (one of ``DIAG_STOPS``); other fits
-    leave them empty.
+    leave them empty. A fit to calibration data (``C`` given) also records ``weighted_error``,
+    the relative error of the weight's output on that data (``whitening.weighted_error``), and
+    ``damping``, the eigenvalue floor its whitening applied (0.0: none); ``rel_error`` stays the
+    plain weight error.
     """
 
     L: Tensor  # (G, m, d)
@@ -57,6 +66,8 @@ class Factors:
     diag_iterations: int | None = None
     diag_last_change: float | None = None
     diag_stop: str = ""
+    weighted_error: float | None = None
+    damping: float | None = None
 
     def compose(self) -> Tensor:
         return compose(self.L, self.R, self.D)
@@ -97,6 +108,21 @@ def spectrum(W: Tensor, *, tied: bool = False) -> Tensor:
     """Singular values per block, (G, k); one row for the stacked matrix when ``tied``."""
     A = _stack(W) if tied else W
     return torch.linalg.svdvals(A.to(_work_dtype(A, "exact")))
+
+
+def weighted_spectrum(blocks: Tensor, C: Tensor | Whitening | None = None, *, tied: bool = False,
+                      damping: float | None = None) -> Tensor:
+    """Singular values of ``W S`` per block, (G, k) (one row for the stacked matrix when ``tied``).
+
+    Their discarded squares sum to the optimal squared weighted error at each rank (the whitened
+    fit reaches it), so a budget can compare ranks across targets. ``C=None``: ``spectrum``.
+    """
+    if C is None:
+        return spectrum(blocks, tied=tied)
+    white = as_whitening(C, damping)
+    A = _stack(blocks) if tied else blocks
+    A = A.to(_work_dtype(A, "exact"))
+    return torch.linalg.svdvals(A @ white.S.to(A.device, A.dtype))
 
 
 def rank_for_energy(singular_values: Tensor, energy: float) -> int:
@@ -173,10 +199,24 @@ def _randomized(op: _Operator, rank: int, *, oversample: int = 10, niter: int, s
 
 
 def fit_low_rank(
-    W: Tensor, rank: int, *, tied: bool = False, method: str = "auto", seed: int = 0, niter: int = 4
+    W: Tensor, rank: int, *, tied: bool = False, method: str = "auto", seed: int = 0, niter: int = 4,
+    C: Tensor | Whitening | None = None, damping: float | None = None,
 ) -> Factors:
-    """Best rank-``rank`` factors of every block (Eckart-Young), balanced split."""
+    """Best rank-``rank`` factors of every block (Eckart-Young), balanced split.
+
+    With ``C`` (``n x n`` second moment of the vectors ``W`` multiplies, or its ``Whitening``),
+    the factors minimise ``||(W - L R) S||_F`` with ``S S^T = C`` (damped as ``whitening`` says).
+    The exact optimum, with no inverse of ``S``: any rank-``d`` ``X`` makes ``X S`` of rank
+    ``d``, so the error is at least the Eckart-Young error of ``W S`` (the root of its discarded
+    squared singular values); ``X = U_d U_d^T W`` (``U_d`` the top left singular vectors of
+    ``W S``) reaches it, since ``X S = U_d U_d^T W S`` is the truncated SVD of ``W S``. Hence
+    ``L R = U_d (U_d^T W)``, split in balance by the small SVD of ``U_d^T W``. Tied blocks: the
+    same on the stacked matrix (the blocks share their input). ``C = I`` gives the plain fit.
+    """
     method = choose_method(_fit_shape(W, tied), rank, method)
+    if C is not None:
+        return _weighted_low_rank(W, rank, as_whitening(C, damping), tied=tied, method=method, seed=seed,
+                                  niter=niter)
     work = W.to(_work_dtype(W, method))
     factors, S, _ = _svd_fit(work, None, rank, tied=tied, method=method, seed=seed, niter=niter)
     out = factors.to(W.dtype)
@@ -190,6 +230,36 @@ def fit_low_rank(
     return out
 
 
+def _weighted_low_rank(W: Tensor, rank: int, white: Whitening, *, tied: bool, method: str, seed: int,
+                       niter: int) -> Factors:
+    work = W.to(_work_dtype(W, method))
+    U, _, _, _ = _svd_parts(work @ white.S.to(work.device, work.dtype), None, rank, tied=tied, method=method,
+                            seed=seed, niter=niter)
+    A = _stack(work) if tied else work
+    out = _balanced(U, U.mT @ A, W.shape[0], tied=tied)
+    out.method = method
+    return _with_errors(W, out.to(W.dtype), white)
+
+
+def _with_errors(W: Tensor, out: Factors, white: Whitening) -> Factors:
+    """Set the plain and the weighted error of a data-aware fit, both by a rebuild."""
+    W_hat = out.compose()
+    out.rel_error = relative_error(W, W_hat)
+    out.weighted_error, out.damping = weighted_error(W, W_hat, white), white.damping
+    return out
+
+
+def _balanced(U: Tensor, R: Tensor, gates: int, *, tied: bool, D: Tensor | None = None) -> Factors:
+    """Balanced factors of ``U R`` (``U`` orthonormal): the small SVD of ``R`` rebalances the split
+    in O(d^2 n), with no product with ``W``."""
+    Ub, Sb, Vbh = torch.linalg.svd(R, full_matrices=False)
+    root = Sb.sqrt()
+    L = (U @ Ub) * root.unsqueeze(-2)
+    R = root.unsqueeze(-1) * Vbh
+    # Contiguous, as a loaded file's factors are: products then round alike (bit-identical reloads).
+    return Factors((L.reshape(gates, -1, L.shape[-1]) if tied else L).contiguous(), R.contiguous(), D)
+
+
 def fit_low_rank_plus_diagonal(
     W: Tensor,
     rank: int,
@@ -200,6 +270,8 @@ def fit_low_rank_plus_diagonal(
     tol: float = DIAG_TOL,
     seed: int = 0,
     niter: int = 2,
+    C: Tensor | Whitening | None = None,
+    damping: float | None = None,
 ) -> Factors:
     """Minimise ||W - L R - diag(D)||_F by alternating exact block minimisations.
 
@@ -229,6 +301,15 @@ def fit_low_rank_plus_diagonal(
     low-rank-only relative error, ``errors[1]`` the error after the first diagonal fit, then the
     best error after each iteration (non-increasing).
 
+    With ``C`` (the ``n x n`` second moment of the vectors ``W`` multiplies, or its
+    ``Whitening``) the same alternation minimises the weighted error ``||(W - L R - diag(D)) S||_F``,
+    ``S S^T = C`` (damped): ``U`` from the SVD of ``(W - diag(D)) S``, ``R = U^T (W - diag(D))``
+    (optimal under any weighting), and the diagonal from one ``n x n`` linear system per block
+    (``whitening.weighted_diagonal_update``; for a fixed ``L R`` alone it reduces to the closed
+    form ``D_i = (E C)_ii / C_ii`` per row, ``E = W - L R``). ``errors`` are then weighted errors,
+    and ``weighted_error`` records the final one under the undamped ``C``. With ``C = I`` the
+    iterates are this fit's own.
+
     Raises ``ValueError`` for non-square blocks.
     """
     m, n = W.shape[-2:]
@@ -238,7 +319,9 @@ def fit_low_rank_plus_diagonal(
     if max_iter is None:
         max_iter = DIAG_MAX_ITER[method]
     work = W.to(_work_dtype(W, method))
-    step = partial(_diagonal_step, _DiagonalProblem.of(work), rank, tied=tied, method=method, seed=seed)
+    white = None if C is None else as_whitening(C, damping)
+    problem = _DiagonalProblem.of(work) if white is None else _WeightedProblem.of(work, white)
+    step = partial(problem.step, rank, tied=tied, method=method, seed=seed)
     best = step(None, None, niter)
     errors = [best.error_low_rank, best.error]
     # First trial: D = diag(W), i.e. a low-rank part with a zero diagonal. The first SVD fit takes
@@ -278,6 +361,8 @@ def fit_low_rank_plus_diagonal(
     factors.errors, factors.method = errors, method
     factors.diag_iterations, factors.diag_last_change, factors.diag_stop = iterations, change, stop
     out = factors.to(W.dtype)
+    if white is not None:
+        return _with_errors(W, out, white)
     if method == "randomized" and out.L.dtype == factors.L.dtype and errors[-1] >= CANCELLATION_FLOOR:
         out.rel_error = errors[-1]  # exact for these factors (projection identity), no rebuild
     else:
@@ -302,13 +387,16 @@ class _DiagonalProblem(NamedTuple):
         diag2 = float((W_diag.double() ** 2).sum())
         return cls(W, W_diag, total2 - diag2, math.sqrt(total2) or 1.0)
 
+    def step(self, rank: int, D_in: Tensor | None, init: Tensor | None, niter: int, *, tied: bool, method: str,
+             seed: int) -> "_DiagonalStep":
+        return _diagonal_step(self, rank, D_in, init, niter, tied=tied, method=method, seed=seed)
+
 
 class _DiagonalStep(NamedTuple):
     """One iteration: the SVD of W - diag(D_in), then D = D_in + delta with R refitted on U."""
 
     U: Tensor  # (G, n, d) orthonormal left basis; (G n, d) when tied
-    S: Tensor  # (G, d) or (d,)
-    Vh: Tensor  # (G, d, n) or (d, n)
+    UtA: Tensor  # U^T (W - diag(D_in)): (G, d, n) or (d, n)
     D: Tensor  # (G, n) the new diagonal, D_in + delta
     delta: Tensor  # (G, n)
     error_low_rank: float  # relative ||W - diag(D_in) - U S Vh||
@@ -316,21 +404,13 @@ class _DiagonalStep(NamedTuple):
     basis: Tensor | None  # randomized-SVD subspace, to warm-start the next step
 
     def factors(self, *, tied: bool) -> Factors:
-        """Balanced factors of ``U R`` with ``R = U^T (W - diag(D)) = S Vh - U^T diag(delta)``.
-
-        The small (d x n) SVD of R rebalances the split; it costs O(d^2 n), no product with W.
-        """
+        """Balanced factors of ``U R`` with ``R = U^T (W - diag(D)) = U^T (W - diag(D_in)) - U^T diag(delta)``."""
         G, n = self.D.shape
         if tied:
             shift = torch.einsum("gjk,gj->kj", self.U.reshape(G, n, -1), self.delta)
         else:
             shift = self.U.mT * self.delta.unsqueeze(-2)
-        Ub, Sb, Vbh = torch.linalg.svd(self.S.unsqueeze(-1) * self.Vh - shift, full_matrices=False)
-        root = Sb.sqrt()
-        L = (self.U @ Ub) * root.unsqueeze(-2)
-        R = root.unsqueeze(-1) * Vbh
-        # Contiguous, as a loaded file's factors are: products then round alike (bit-identical reloads).
-        return Factors((L.reshape(G, n, -1) if tied else L).contiguous(), R.contiguous(), self.D)
+        return _balanced(self.U, self.UtA - shift, G, tied=tied, D=self.D)
 
 
 def _diagonal_step(p: _DiagonalProblem, rank: int, D_in: Tensor | None, init: Tensor | None, niter: int, *,
@@ -350,8 +430,36 @@ def _diagonal_step(p: _DiagonalProblem, rank: int, D_in: Tensor | None, init: Te
         err2 = frobenius(A - (U @ SVh).reshape(A.shape)) ** 2
     delta, gain2 = _diagonal_update(U.reshape(G, n, -1), gap, tied=tied)
     D = delta if D_in is None else D_in + delta
-    return _DiagonalStep(U, S, Vh, D, delta, math.sqrt(err2) / p.norm, math.sqrt(max(err2 - gain2, 0.0)) / p.norm,
+    return _DiagonalStep(U, SVh, D, delta, math.sqrt(err2) / p.norm, math.sqrt(max(err2 - gain2, 0.0)) / p.norm,
                          basis)
+
+
+class _WeightedProblem(NamedTuple):
+    W: Tensor  # (G, n, n) in the working dtype
+    S: Tensor  # (n, n) whitening factor, working dtype
+    C: Tensor  # (n, n) damped moment S S^T, float64
+    norm: float  # ||W S||_F
+
+    @classmethod
+    def of(cls, W: Tensor, white: Whitening) -> "_WeightedProblem":
+        S = white.S.to(W.device, W.dtype)
+        return cls(W, S, white.damped().to(W.device), frobenius(W @ S) or 1.0)
+
+    def step(self, rank: int, D_in: Tensor | None, init: Tensor | None, niter: int, *, tied: bool, method: str,
+             seed: int) -> _DiagonalStep:
+        """U from the SVD of (W - diag(D_in)) S; then the best D and R for that U, weighted."""
+        G, n, _ = self.W.shape
+        A = self.W if D_in is None else self.W - torch.diag_embed(D_in)
+        B = A @ self.S
+        U, _, _, basis = _svd_parts(B, None, rank, tied=tied, method=method, seed=seed, niter=niter, init=init)
+        A2, B2 = (_stack(A), _stack(B)) if tied else (A, B)
+        UtA = U.mT @ A2
+        err2 = frobenius(B2 - U @ (U.mT @ B2)) ** 2  # ||(A - U U^T A) S||^2, no cancellation
+        residual = (A2 - U @ UtA).reshape(G, n, n)
+        delta, gain2 = weighted_diagonal_update(U, residual, self.C, tied=tied)
+        D = delta if D_in is None else D_in + delta
+        return _DiagonalStep(U, UtA, D, delta, math.sqrt(err2) / self.norm,
+                             math.sqrt(max(err2 - gain2, 0.0)) / self.norm, basis)
 
 
 def _diagonal_update(U: Tensor, gap: Tensor, *, tied: bool, floor: float = 1e-3) -> tuple[Tensor, float]:

@@ -28,14 +28,18 @@ class TargetReport:
     diag_iterations: int | None = None
     diag_last_change: float | None = None
     diag_stop: str = ""
+    # With calibration data: ||(W - W_hat) v|| / ||W v|| over every input v the weight met there
+    # (whitening.weighted_error), the relative error of this weight's output; None without data.
+    output_error: float | None = None
 
     @classmethod
     def of(cls, spec: TargetSpec, rel_error: float, note: str = "", *, fit=None) -> "TargetReport":
-        """``fit``: the ``factorize.Factors`` of the target, for how its diagonal fit ended."""
+        """``fit``: the ``factorize.Factors`` of the target, for how its diagonal fit ended and,
+        when fitted to calibration data, its output error."""
         return cls(spec.name, spec.layer, spec.role, (spec.gates * spec.rows, spec.cols), spec.gates, spec.rank,
                    spec.diag, spec.tied, spec.dense_params, spec.factored_params, rel_error, note,
                    getattr(fit, "diag_iterations", None), getattr(fit, "diag_last_change", None),
-                   getattr(fit, "diag_stop", ""))
+                   getattr(fit, "diag_stop", ""), getattr(fit, "weighted_error", None))
 
     @property
     def diag_fit(self) -> str:
@@ -51,6 +55,8 @@ class Report:
     params_before: int  # whole model
     params_after: int
     config: dict = field(default_factory=dict)
+    # With calibration data: ||Y - Y_dense||_F / ||Y_dense||_F of the whole model's outputs on it.
+    output_error: float | None = None
 
     @property
     def ratio(self) -> float:
@@ -59,22 +65,32 @@ class Report:
 
     def to_dict(self) -> dict:
         return {"targets": [asdict(t) for t in self.targets], "params_before": self.params_before,
-                "params_after": self.params_after, "ratio": self.ratio, "config": self.config}
+                "params_after": self.params_after, "ratio": self.ratio, "output_error": self.output_error,
+                "config": self.config}
 
     def to_json(self, **kwargs) -> str:
         return json.dumps(self.to_dict(), **kwargs)
 
     def __str__(self) -> str:
-        header = ("target", "kind", "shape", "rank", "diag", "params", "factored", "rel.err", "diag fit")
+        calibrated = any(t.output_error is not None for t in self.targets)
+        header = ("target", "kind", "shape", "rank", "diag", "params", "factored", "rel.err",
+                  *(("out.err",) if calibrated else ()), "diag fit")
         rows = [(t.name, f"{t.layer}/{t.role}" + ("/tied" if t.tied else ""), f"{t.shape[0]}x{t.shape[1]}",
                  str(t.rank), "yes" if t.diag else "no", f"{t.params_before:,}", f"{t.params_after:,}",
-                 f"{t.rel_error:.4g}", t.diag_fit) for t in self.targets]
-        lines = format_table(header, rows, right={2, 3, 5, 6, 7})
+                 f"{t.rel_error:.4g}", *((_number(t.output_error),) if calibrated else ()), t.diag_fit)
+                for t in self.targets]
+        lines = format_table(header, rows, right={2, 3, 5, 6, 7, 8} if calibrated else {2, 3, 5, 6, 7})
         notes = [f"  note: {t.name}: {t.note}" for t in self.targets if t.note]
         total = (f"model parameters: {self.params_before:,} -> {self.params_after:,} "
                  f"({self.ratio:.2f}x smaller)" if self.params_after <= self.params_before else
                  f"model parameters: {self.params_before:,} -> {self.params_after:,} (larger)")
-        return "\n".join(lines + notes + [total])
+        output = ([f"model output error on the calibration data: {self.output_error:.4g}"]
+                  if self.output_error is not None else [])
+        return "\n".join(lines + notes + [total] + output)
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
 
 
 def format_table(header: tuple[str, ...], rows: list[tuple[str, ...]], right: set[int] = frozenset()) -> list[str]:
