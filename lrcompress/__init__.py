@@ -2,24 +2,50 @@
 
 >>> import lrcompress as lrc
 >>> report = lrc.compress(model, rank=24, diag=True)   # doctest: +SKIP
+
+The public names load on first use (PEP 562 ``__getattr__``): ``import lrcompress.cli`` then
+does not import PyTorch, so ``lrcompress --help`` answers at once.
 """
 
+from importlib import import_module
+
 from .version import __version__
-from .config import CompressionConfig, RankRule, TargetSpec
-from .convert import apply, compress, count_params, merge
-from .execution import accelerate
 from .errors import (ConfigError, FormatError, LRCompressError, OutputExistsError, RankError, TargetError,
                      WeightError)
-from .factorize import fit_low_rank, fit_low_rank_plus_diagonal
-from .io import load_model, save_model
-from .parametrizations import LowRank, LowRankPlusDiagonal, low_rank
-from .report import Report
-from .checkpoints import fold_weight_norm, read_checkpoint, rename_keys
+
+# public name -> the module (relative to this package) that defines it
+_LAZY = {
+    "CompressionConfig": "config", "RankRule": "config", "TargetSpec": "config",
+    "apply": "convert", "compress": "convert", "count_params": "convert", "merge": "convert",
+    "accelerate": "execution",
+    "fit_low_rank": "factorize", "fit_low_rank_plus_diagonal": "factorize",
+    "load_model": "io", "save_model": "io",
+    "from_pretrained": "pretrained", "save_pretrained": "pretrained",
+    "LowRank": "parametrizations", "LowRankPlusDiagonal": "parametrizations", "low_rank": "parametrizations",
+    "Report": "report",
+    "fold_weight_norm": "checkpoints", "read_checkpoint": "checkpoints", "rename_keys": "checkpoints",
+}
+
+
+def __getattr__(name: str):
+    if name == "integrations":  # lrc.integrations.StabiliserCallback; transformers loads only then
+        return import_module(".integrations", __name__)
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lrcompress' has no attribute {name!r}")
+    value = getattr(import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "CompressionConfig", "ConfigError", "FormatError", "LRCompressError", "LowRank", "LowRankPlusDiagonal",
     "OutputExistsError", "RankError", "RankRule", "Report", "TargetError", "TargetSpec", "WeightError",
     "__version__", "accelerate", "apply", "compress", "count_params", "fit_low_rank", "fit_low_rank_plus_diagonal",
     "load_model", "low_rank", "merge", "save_model",
-    "fold_weight_norm", "read_checkpoint", "rename_keys",
+    "fold_weight_norm", "read_checkpoint", "rename_keys", "from_pretrained", "save_pretrained",
 ]

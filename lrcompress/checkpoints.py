@@ -59,6 +59,8 @@ def read_checkpoint(path: str | os.PathLike, *, trust_pickle: bool = False, key:
                     ) -> tuple[dict[str, Tensor] | nn.Module, dict[str, str]]:
     """A state dict (or, with ``trust_pickle``, a whole pickled module) and metadata about it.
 
+    ``path`` is a file or a Hugging Face model directory (``read_model_directory``: one weights
+    file, a sharded index, or ``pytorch_model.bin``).
     ``key`` names the entry of a checkpoint dict holding the state dict (found automatically
     otherwise, see ``select_state_dict``). ``rename``: rules ``"REGEX=REPLACEMENT"`` or
     ``(regex, replacement)`` applied in order to every key (``rename_keys``).
@@ -70,22 +72,17 @@ def read_checkpoint(path: str | os.PathLike, *, trust_pickle: bool = False, key:
     as stored. Raises ``FormatError`` (one line naming the file) for anything unreadable,
     ``ConfigError`` for a bad rename rule, ``FileNotFoundError`` for a missing file.
     """
-    path = existing_file(path)
+    path = Path(path)
     rules = [parse_rename(r) if isinstance(r, str) else _compiled(*r) for r in rename]
-    kind = sniff(path)
-    if kind == "safetensors":
-        tensors, meta = read_safetensors(path)
-        if specs_from_metadata(meta, path):  # already compressed: the names are the file format's
-            if rules:
-                raise ConfigError(f"--rename applies to dense checkpoints; {path} is already compressed")
-            return tensors, meta
-        obj: object = tensors
-    elif kind == "numpy-npz":
-        obj, meta = _read_npz(path), {}
-    elif kind == "torchscript":
-        obj, meta = _read_torchscript(path, trust_pickle), {}
+    if path.is_dir():
+        obj, meta, kind = read_model_directory(path, trust_pickle=trust_pickle)
     else:
-        obj, meta = _read_torch(path, trust_pickle), {}
+        path = existing_file(path)
+        obj, meta, kind = _read_file(path, trust_pickle)
+    if specs_from_metadata(meta, path):  # already compressed: the names are the file format's
+        if rules:
+            raise ConfigError(f"--rename applies to dense checkpoints; {path} is already compressed")
+        return obj, meta
     meta = {**{k: v for k, v in meta.items() if k not in READ_METADATA_KEYS}, "source_format": kind}  # no stale notes
     if isinstance(obj, nn.Module) and not rules:
         return obj, meta  # a trusted whole module: compressed as a module
@@ -98,6 +95,71 @@ def read_checkpoint(path: str | os.PathLike, *, trust_pickle: bool = False, key:
     if folded:
         meta["weight_norm_folded"] = json.dumps(folded)
     return state, meta
+
+
+def _read_file(path: Path, trust_pickle: bool) -> tuple[object, dict[str, str], str]:
+    """What one checkpoint file holds, its safetensors metadata ({} for other kinds) and its kind."""
+    kind = sniff(path)
+    if kind == "safetensors":
+        return (*read_safetensors(path), kind)
+    if kind == "numpy-npz":
+        return _read_npz(path), {}, kind
+    if kind == "torchscript":
+        return _read_torchscript(path, trust_pickle), {}, kind
+    return _read_torch(path, trust_pickle), {}, kind
+
+
+# The weights of a Hugging Face model directory, in the order transformers looks for them.
+DIRECTORY_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                     "pytorch_model.bin.index.json")
+
+
+def read_model_directory(path: str | os.PathLike, *, trust_pickle: bool = False
+                         ) -> tuple[object, dict[str, str], str]:
+    """The weights of a Hugging Face model directory: what it holds, its metadata and its kind.
+
+    The first of ``DIRECTORY_WEIGHTS`` present is read: one file (by content, as ``read_checkpoint``
+    reads files), or an index's ``weight_map`` with every shard (each must exist inside the
+    directory and hold exactly the keys the index maps to it; shards are read weights-only).
+    The kind is ``hf-directory/<file kind>`` or ``hf-directory/sharded``. Raises ``FormatError``
+    for a directory with no weights, a broken index or a missing or disagreeing shard.
+    """
+    path = Path(path)
+    found = next((path / name for name in DIRECTORY_WEIGHTS if (path / name).is_file()), None)
+    if found is None:
+        raise FormatError(f"{path} is a directory with no model weights (looked for {', '.join(DIRECTORY_WEIGHTS)})")
+    if found.name.endswith(".index.json"):
+        return _read_sharded(found), {}, "hf-directory/sharded"
+    obj, meta, kind = _read_file(found, trust_pickle)
+    return obj, meta, f"hf-directory/{kind}"
+
+
+def _read_sharded(index: Path) -> dict[str, Tensor]:
+    from .validate import load_json  # validate is light; imported here to keep this module's imports as they were
+
+    data = load_json(index.read_text(encoding="utf-8", errors="replace"), str(index), max_depth=8)
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise FormatError(f"{index} is a broken index: it needs a 'weight_map' object of tensor name -> shard file")
+    state: dict[str, Tensor] = {}
+    shards = sorted(set(weight_map.values()))
+    for shard in shards:  # every shard checked before any is read
+        if shard in ("", ".", "..") or "/" in shard or "\\" in shard:
+            raise FormatError(f"{index}: shard {shard[:80]!r} is not a file name inside {index.parent}")
+        if not (index.parent / shard).is_file():
+            raise FormatError(f"{index} maps tensors to shard {shard}, which is missing from {index.parent}")
+    for shard in shards:
+        obj, _, kind = _read_file(index.parent / shard, trust_pickle=False)
+        tensors = obj if kind == "safetensors" else select_state_dict(obj, None, index.parent / shard)
+        expected = {k for k, v in weight_map.items() if v == shard}
+        extra, missing = sorted(set(tensors) - expected), sorted(expected - set(tensors))
+        if extra or missing:
+            raise FormatError(f"{index.parent / shard} disagrees with {index.name}: "
+                              + "; ".join(filter(None, [missing and f"lacks {missing[:3]} the index maps to it",
+                                                        extra and f"holds {extra[:3]} the index does not map"])))
+        state.update(tensors)
+    return state
 
 
 def reading_metadata(meta: dict[str, str]) -> dict[str, str]:

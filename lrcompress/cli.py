@@ -9,20 +9,22 @@ import json
 import sys
 import warnings
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from . import summary
+from . import progress as progress_bars
 from .cli_bench import EPILOG as BENCH_EPILOG, bench
-from .cli_train import finetune, report, stdout_to_stderr, sweep, train
-from .config import CompressionConfig, RankValue, int_list
-from .convert import compress, compress_state_dict, merge_state_dict, unwrap
+from .cli_train import Progress, finetune, report, stdout_to_stderr, sweep, train
 from .errors import ConfigError, FormatError, LRCompressError, OutputExistsError
-from .checkpoints import read_checkpoint, reading_metadata
-from .io import existing_file, read_safetensors, specs_from_metadata, write_compressed, write_safetensors
-from .validate import check_compressed, shared_tensors
 from .version import __version__
+
+if TYPE_CHECKING:
+    from .config import RankValue
+
+# No module that imports torch is imported here: `lrcompress --help` and `--version` answer
+# without loading PyTorch (seconds). Each command imports what it needs in its body
+# (tests/test_cli_fast.py holds this).
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Shrink trained recurrent networks with low-rank (+ diagonal) factorizations.")
@@ -34,7 +36,8 @@ TrustPickle = Annotated[bool, typer.Option(
                            "(torch.jit.load). Both RUN CODE from the file: only for files you trust.")]
 Key = Annotated[Optional[str], typer.Option("--key", help="Entry of a checkpoint dict that holds the state dict.")]
 Patterns = Annotated[Optional[list[str]], typer.Option(
-    "--targets", "-t", help="Also factor nn.Linear layers matching this name pattern (repeatable, or comma list).")]
+    "--targets", "-t", help="Also factor nn.Linear layers with this name, dotted suffix or glob (repeatable, or "
+                            "comma list); 'all-linear': every nn.Linear except the output layer.")]
 Rename = Annotated[Optional[list[str]], typer.Option(
     "--rename", help="Rename checkpoint keys REGEX=REPLACEMENT (Python re.sub on each full key; the first unescaped "
                      "'=' splits; repeatable, applied in order), e.g. '^enc_w_(ih|hh)$=enc.weight_\\1_l0'.")]
@@ -45,12 +48,23 @@ Rename = Annotated[Optional[list[str]], typer.Option(
                     "lrcompress convert ckpt.pt --key model --rank 0.25 -o small.safetensors")
 def convert(
     path: Annotated[Path, typer.Argument(
-        help="Trained model: a state dict or checkpoint (torch, Lightning .ckpt, safetensors, .npz; by content).")],
+        help="Trained model: a state dict or checkpoint (torch, Lightning .ckpt, safetensors, .npz; by content), "
+             "or a Hugging Face model directory (single or sharded).")],
     rank: Annotated[Optional[str], typer.Option(
         "--rank", "-r", help="Rank: an int, a fraction of full rank (0.25) or energy=F.")] = None,
     energy: Annotated[Optional[float], typer.Option(
         help="Per matrix, the smallest rank keeping this share of the squared singular values.")] = None,
+    ratio: Annotated[Optional[float], typer.Option(
+        "--ratio", help="Whole-model budget: parameters before / after at least this; every target's rank is "
+                        "chosen for the least summed error (docs/calibration.md).")] = None,
+    params: Annotated[Optional[str], typer.Option(
+        "--params", help="Whole-model budget: at most this many parameters (200000, 200k, 1.5M).")] = None,
+    energy_scope: Annotated[Optional[str], typer.Option(
+        "--energy-scope", help="With --energy: 'matrix' (each matrix keeps the share, default) or 'model' "
+                               "(the largest singular values of all targets together).")] = None,
     diag: Annotated[bool, typer.Option("--diag", help="Low-rank plus diagonal (where blocks are square).")] = False,
+    diag_auto: Annotated[bool, typer.Option(
+        "--diag-auto", help="With --ratio/--params: a diagonal only where it pays for its parameters.")] = False,
     tied: Annotated[bool, typer.Option("--tied", help="Share one R factor across the gates of a weight.")] = False,
     include_input: Annotated[bool, typer.Option("--include-input", help="Also factor input matrices.")] = False,
     include_projection: Annotated[bool, typer.Option(
@@ -58,11 +72,18 @@ def convert(
     targets: Patterns = None,
     exclude: Annotated[Optional[list[str]], typer.Option(
         "--exclude", "-x", help="Never factor modules/weights matching this pattern (repeatable).")] = None,
+    targets_regex: Annotated[Optional[str], typer.Option(
+        "--targets-regex", help="Also factor nn.Linear layers whose full name matches this regex (re.fullmatch); "
+                                "instead of --targets.")] = None,
+    exclude_regex: Annotated[Optional[str], typer.Option(
+        "--exclude-regex", help="Never factor modules/weights whose full name matches this regex; "
+                                "instead of --exclude.")] = None,
     rank_for: Annotated[Optional[list[str]], typer.Option(
         "--rank-for", help="Per-target rank override PATTERN=RANK, e.g. '*weight_hh_l1=16' (repeatable).")] = None,
     svd: Annotated[str, typer.Option(help="SVD method: auto, exact or randomized.")] = "auto",
     diag_iters: Annotated[Optional[int], typer.Option(help="Most diagonal-fit iterations (default: until an iteration gains < 0.1%, at most 50 exact, 20 randomized).")] = None,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output file (default: <stem>.lr.safetensors).")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help=(
+        "Output file (default: <stem>.lr.safetensors); for a model directory, a directory (default: <dir>.lr)."))] = None,
     force: Force = False,
     as_json: Json = False,
     trust_pickle: TrustPickle = False,
@@ -70,33 +91,63 @@ def convert(
     rename: Rename = None,
     config_file: Annotated[Optional[Path], typer.Option(
         "--config", help="A JSON compression config (CompressionConfig.save) instead of the options above.")] = None,
+    calib: Annotated[Optional[Path], typer.Option(
+        "--calib", help="Calibration inputs (safetensors or torch file: a tensor, or a dict with --calib-key): "
+                        "data-aware fits and output errors. Runs the model, so it needs a pickled whole model "
+                        "(--trust-pickle).")] = None,
+    calib_key: Annotated[Optional[str], typer.Option(
+        "--calib-key", help="The entry of a --calib dict of tensors that holds the inputs.")] = None,
 ) -> None:
     """Factor the recurrent weights of a trained model and write a compressed safetensors file."""
-    options = dict(rank=None if rank is None else _rank_value(rank), energy=energy, diag=diag, tied=tied,
-                   include_input=include_input, include_projection=include_projection, targets=_split(targets),
-                   exclude=_split(exclude), ranks=_overrides(rank_for), svd=svd, diag_iters=diag_iters)
+    from .checkpoints import read_checkpoint, reading_metadata
+    from .config import CompressionConfig
+    from .convert import compress, compress_state_dict
+    from .io import existing_file, specs_from_metadata, write_compressed
+
+    if diag and diag_auto:
+        raise ConfigError("give --diag or --diag-auto, not both")
+    if calib_key is not None and calib is None:
+        raise ConfigError("--calib-key names an entry of the --calib file: give --calib too")
+    options = dict(rank=None if rank is None else _rank_value(rank), energy=energy, ratio=ratio,
+                   params=None if params is None else _count(params, "--params"), energy_scope=energy_scope,
+                   diag="auto" if diag_auto else diag, tied=tied,
+                   include_input=include_input, include_projection=include_projection, targets=_selection(targets, targets_regex, "targets"),
+                   exclude=_selection(exclude, exclude_regex, "exclude"), ranks=_overrides(rank_for), svd=svd, diag_iters=diag_iters)
     if config_file is not None:
-        given = [name for name, value in options.items() if value not in (None, False, (), {}, "auto")]
+        given = [name for name, value in options.items()
+                 if value not in (None, False, (), {}) and not (name == "svd" and value == "auto")]
         if given:  # one source of truth: a file plus flags would leave the result ambiguous
             raise ConfigError(f"--config {config_file} holds every compression option; drop "
                               f"{', '.join('--' + n.replace('_', '-') for n in given)} or --config")
         config = CompressionConfig.load(config_file)
-    else:
-        config = CompressionConfig(**options)
-    output = output or existing_file(path).with_name(f"{_stem(path)}.lr.safetensors")
-    _check_output(path, output, force)
-    loaded, meta = read_checkpoint(path, trust_pickle=trust_pickle, key=key, rename=rename or ())
-    if specs_from_metadata(meta, path):
-        raise FormatError(f"{path} is already compressed by lrcompress")
-    progress = not as_json
-    if isinstance(loaded, dict):
-        tensors, specs, report = compress_state_dict(loaded, config, progress=progress)
-        write_compressed(tensors, specs, output, force=force, metadata=reading_metadata(meta))
-    else:  # a trusted, pickled whole module
-        from .io import save_model
+    else:  # an option not given keeps the config's default
+        config = CompressionConfig(**{name: value for name, value in options.items() if value is not None})
+    progress = None  # a bar on stderr when it is a terminal (stdout stays pure JSON with --json)
+    if path.is_dir():  # a Hugging Face model directory in, a model directory out (docs/huggingface.md)
+        from .pretrained import convert_directory
 
-        report = compress(loaded, config=config, progress=progress)
-        save_model(loaded, output, force=force, metadata=reading_metadata(meta))
+        if calib is not None:
+            raise ConfigError(_NO_CALIBRATION.format(what=f"{path} (a model directory)"))
+
+        report, meta, output = convert_directory(path, output, config, force=force, progress=progress,
+                                                 trust_pickle=trust_pickle, key=key, rename=rename or ())
+    else:
+        output = output or existing_file(path).with_name(f"{_stem(path)}.lr.safetensors")
+        _check_output(path, output, force)
+        loaded, meta = read_checkpoint(path, trust_pickle=trust_pickle, key=key, rename=rename or ())
+        if specs_from_metadata(meta, path):
+            raise FormatError(f"{path} is already compressed by lrcompress")
+        if isinstance(loaded, dict):
+            if calib is not None:
+                raise ConfigError(_NO_CALIBRATION.format(what=f"{path} (a state dict)"))
+            tensors, specs, report = compress_state_dict(loaded, config, progress=progress)
+            write_compressed(tensors, specs, output, force=force, metadata=reading_metadata(meta))
+        else:  # a trusted, pickled whole module
+            from .io import save_model
+
+            data = None if calib is None else read_calibration(calib, calib_key)
+            report = compress(loaded, config=config, progress=progress, calibration=data)
+            save_model(loaded, output, force=force, metadata=reading_metadata(meta))
     folded = set(json.loads(meta.get("weight_norm_folded", "[]")))
     for row in report.targets:
         if row.name in folded:
@@ -110,7 +161,8 @@ def convert(
 
 @app.command(epilog="Examples:  lrcompress inspect model.pt  |  lrcompress inspect model.lr.safetensors --json")
 def inspect(
-    path: Annotated[Path, typer.Argument(help="A dense state dict or a compressed .safetensors file.")],
+    path: Annotated[Path, typer.Argument(
+        help="A dense state dict, a compressed .safetensors file, or a Hugging Face model directory.")],
     ranks: Annotated[str, typer.Option(help="Ranks at which to show the energy kept (dense files).")] = "8,16,32,64",
     include_input: Annotated[bool, typer.Option("--include-input", help="Also show input matrices.")] = False,
     targets: Patterns = None,
@@ -120,6 +172,12 @@ def inspect(
     rename: Rename = None,
 ) -> None:
     """Dense file: singular-value energy kept per rank, per matrix. Compressed file: its layers."""
+    from . import summary
+    from .checkpoints import read_checkpoint
+    from .config import int_list
+    from .convert import unwrap
+    from .validate import check_compressed, shared_tensors
+
     loaded, meta = read_checkpoint(path, trust_pickle=trust_pickle, key=key, rename=rename or ())
     # A trusted whole module: the names of the module it wraps, as convert (compress) sees them.
     tensors = loaded if isinstance(loaded, dict) else unwrap(loaded)[0].state_dict()
@@ -128,30 +186,41 @@ def inspect(
         result = summary.compressed_summary(tensors, specs, shared_tensors(tensors, meta, path))
     else:
         at = int_list(ranks, "--ranks")
-        result = summary.spectra(tensors, at, include_input=include_input, targets=_split(targets))
+        result = summary.spectra(tensors, at, include_input=include_input, targets=_split(targets), progress=None)
     typer.echo(json.dumps(result.to_dict()) if as_json else str(result))
 
 
 @app.command(epilog="Examples:  lrcompress merge model.lr.safetensors -o dense.safetensors  |  "
                     "lrcompress merge model.lr.safetensors --json")
 def merge(
-    path: Annotated[Path, typer.Argument(help="A compressed .safetensors file.")],
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output file (default: <stem>.dense.safetensors).")] = None,
+    path: Annotated[Path, typer.Argument(help="A compressed .safetensors file or model directory.")],
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help=(
+        "Output file (default: <stem>.dense.safetensors); for a model directory, a directory (default: "
+        "<dir>.dense)."))] = None,
     force: Force = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of text.")] = False,
 ) -> None:
     """Rebuild dense weights from a compressed file: a plain state dict any PyTorch code loads."""
-    output = output or existing_file(path).with_name(f"{_stem(path).removesuffix('.lr')}.dense.safetensors")
-    _check_output(path, output, force)
-    if path.suffix != ".safetensors":
-        raise FormatError(f"{path}: merge takes a compressed .safetensors file (from lrcompress convert)")
-    tensors, meta = read_safetensors(path)
-    specs = check_compressed(tensors, meta, path)  # every factor present, of the recorded shape, finite
-    if not specs:
-        raise FormatError(f"{path} is not an lrcompress file (no factorization in its metadata)")
-    merged = merge_state_dict(tensors, specs)
-    write_safetensors(merged, output, force=force,
-                      metadata={"merged_from": "lrcompress", "lrcompress_version": __version__})
+    from .convert import merge_state_dict
+    from .io import existing_file, read_safetensors, write_safetensors
+    from .validate import check_compressed
+
+    if path.is_dir():  # a compressed model directory: a dense one transformers loads (docs/huggingface.md)
+        from .pretrained import merge_model_directory
+
+        output, specs, merged = merge_model_directory(path, output, force=force)
+    else:
+        output = output or existing_file(path).with_name(f"{_stem(path).removesuffix('.lr')}.dense.safetensors")
+        _check_output(path, output, force)
+        if path.suffix != ".safetensors":
+            raise FormatError(f"{path}: merge takes a compressed .safetensors file (from lrcompress convert)")
+        tensors, meta = read_safetensors(path)
+        specs = check_compressed(tensors, meta, path)  # every factor present, of the recorded shape, finite
+        if not specs:
+            raise FormatError(f"{path} is not an lrcompress file (no factorization in its metadata)")
+        merged = merge_state_dict(tensors, specs)
+        write_safetensors(merged, output, force=force,
+                          metadata={"merged_from": "lrcompress", "lrcompress_version": __version__})
     if as_json:
         typer.echo(json.dumps({"output": str(output), "rebuilt": [s.name for s in specs], "tensors": len(merged)}))
     else:
@@ -162,10 +231,18 @@ app.command(epilog=BENCH_EPILOG)(bench)
 
 
 @app.callback(invoke_without_command=True)
-def _root(version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False) -> None:
+def _root(
+    ctx: typer.Context,
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+    quiet: Annotated[bool, typer.Option(
+        "--quiet", "-q", help="No progress bars or per-evaluation lines (bars are drawn only on a terminal "
+                              "anyway), e.g. lrcompress -q train recipe.toml.")] = False,
+) -> None:
     if version:
         typer.echo(f"lrcompress {__version__}")
         raise typer.Exit()
+    progress_bars.set_quiet(quiet)
+    ctx.call_on_close(lambda: progress_bars.set_quiet(False))  # a later in-process call starts loud
 
 
 def main() -> None:
@@ -215,6 +292,13 @@ def _split(values: Optional[list[str]]) -> tuple[str, ...]:
     return tuple(p.strip() for v in values or () for p in v.split(",") if p.strip())
 
 
+def _selection(values: Optional[list[str]], regex: Optional[str], name: str) -> tuple[str, ...] | str:
+    """``--targets`` (a list: names, suffixes, globs, or ``all-linear``) or ``--targets-regex`` (one regex)."""
+    if regex is not None and values:
+        raise ConfigError(f"give --{name} or --{name}-regex, not both")
+    return regex if regex is not None else _split(values)
+
+
 def _overrides(values: Optional[list[str]]) -> dict[str, RankValue]:
     out = {}
     for v in values or ():
@@ -228,11 +312,64 @@ def _overrides(values: Optional[list[str]]) -> dict[str, RankValue]:
     return out
 
 
+_NO_CALIBRATION = ("--calib runs the model, which {what} cannot do without the model's code: bare state dicts "
+                   "cannot be calibrated; load the model class and use the Python API "
+                   "(lrcompress.compress(model, ..., calibration=...)), or pass a pickled whole model you trust "
+                   "with --trust-pickle")
+
+
+def read_calibration(path: Path, key: str | None = None):
+    """The calibration inputs in ``path``: a tensor, or the tensor ``key`` of a dict of tensors.
+
+    Read as checkpoints are, never running code (safetensors, or ``torch.load(weights_only=True)``);
+    one batch for ``compress(calibration=...)``. Raises ``FormatError`` naming the file and what it holds.
+    """
+    from torch import Tensor
+
+    from .checkpoints import _read_file
+    from .io import existing_file
+
+    obj = _read_file(existing_file(path), False)[0]
+    if isinstance(obj, Tensor):
+        if key is not None:
+            raise FormatError(f"--calib-key {key!r}: {path} holds one tensor, not a dict")
+        return obj
+    if not isinstance(obj, dict):
+        raise FormatError(f"{path} holds a {type(obj).__name__}; --calib needs a tensor or a dict of tensors")
+    names = ", ".join(map(str, list(obj)[:8])) + (", ..." if len(obj) > 8 else "")
+    if key is None:
+        raise FormatError(f"{path} holds a dict ({names}): name the inputs with --calib-key")
+    if key not in obj:
+        raise FormatError(f"--calib-key {key!r} is not in {path} (it holds {names})")
+    if not isinstance(obj[key], Tensor):
+        raise FormatError(f"--calib-key {key!r} in {path} is a {type(obj[key]).__name__}, not a tensor")
+    return obj[key]
+
+
+_SUFFIXES = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9}
+
+
+def _count(text: str, option: str) -> int:
+    """``"200000"``, ``"200k"``, ``"1.5M"`` -> a positive int; anything else is a ConfigError."""
+    from fractions import Fraction
+
+    body, suffix = (text.strip()[:-1], text.strip()[-1].lower()) if text.strip()[-1:].isalpha() else (text.strip(), "")
+    try:
+        value = Fraction(body.replace("_", "")) * _SUFFIXES[suffix]
+    except (ValueError, KeyError, ZeroDivisionError):
+        value = None
+    if value is None or value.denominator != 1 or value < 1:
+        raise ConfigError(f"{option} must be a positive whole number such as 200000, 200k or 1.5M, got {text!r}")
+    return int(value)
+
+
 def _stem(path: Path) -> str:
     return path.name[: -len(path.suffix)] if path.suffix else path.name
 
 
 def _check_output(source: Path, output: Path, force: bool) -> None:
+    from .io import existing_file
+
     existing_file(source)
     if output.resolve() == source.resolve():
         raise LRCompressError(f"output {output} is the input file; the input is never modified")
@@ -251,20 +388,40 @@ app.command(epilog="Example:  lrcompress sweep runs/dense --ranks 4,8,16,24,48 -
 app.command(epilog="Example:  lrcompress report runs/sweep --csv sweep.csv --plot sweep.png")(report)
 
 
-@app.command(epilog="Example:  lrcompress demo --out runs/demo")
+@app.command(epilog="Examples:  lrcompress demo  |  lrcompress demo --text my_novel.txt --out runs/mine  |  "
+                    "lrcompress demo --task addition --json")
 def demo(
     out: Annotated[Path, typer.Option(
-        "--out", help="Demo folder: new, empty, or one an earlier demo made (its runs are replaced; other files "
-                      "are kept). Any other folder is refused.")] = Path("runs/demo"),
-    steps: Annotated[int, typer.Option(help="Training updates of the dense model.")] = 2000,
-    finetune_steps: Annotated[int, typer.Option(help="Fine-tuning updates per compressed model.")] = 400,
+        "--out", help="Demo folder: new, empty, or one an earlier demo made (its runs and plot are replaced; other "
+                      "files are kept). Any other folder is refused.")] = Path("runs/demo"),
+    task: Annotated[str, typer.Option(
+        help="text: a character-level GRU language model, in bits per character (the paper's Table 2 task); "
+             "addition: the synthetic addition task, in mean squared error.")] = "text",
+    text: Annotated[Optional[Path], typer.Option(
+        "--text", help="Your own UTF-8 text for --task text (default: the English help texts inside CPython, "
+                       "pydoc_data.topics, ~465,000 characters).")] = None,
+    steps: Annotated[Optional[int], typer.Option(
+        help="Training updates of the dense model (default: text 1000, addition 2000).")] = None,
+    finetune_steps: Annotated[Optional[int], typer.Option(
+        help="Fine-tuning updates per compressed model (default: text 150, addition 400).")] = None,
+    ranks: Annotated[Optional[str], typer.Option(
+        help="Ranks to compress at, comma-separated (default: text 4,16,32; addition 2,4,8).")] = None,
+    sets: Annotated[Optional[list[str]], typer.Option(
+        "--set", "-s", help="Override of the dense recipe SECTION.KEY=VALUE, e.g. model.hidden_size=64 "
+                            "(repeatable).")] = None,
+    progress: Progress = None,
     as_json: Annotated[bool, typer.Option(
-        "--json", help="Print the report rows and the folder as JSON; progress lines go to stderr.")] = False,
+        "--json", help="Print the folder, the plot and the report rows as JSON; progress lines go to stderr.")] = False,
 ) -> None:
-    """Train a small GRU on an embedded task, compress it at several ranks, fine-tune, report."""
-    from .demo import run_demo
+    """Train a small GRU (default: a character-level language model on text inside CPython), compress it at
+    several ranks with and without diagonal, fine-tune each, and report the metric against parameters."""
+    from .config import int_list
+    from .demo import PLOT, run_demo
 
+    chosen = None if ranks is None else tuple(int_list(ranks, "--ranks"))
     with stdout_to_stderr(as_json):  # with --json, the demo's narration goes to stderr
-        rows = run_demo(out, steps=steps, finetune_steps=finetune_steps, echo=typer.echo)
+        rows = run_demo(out, task=task, text=text, steps=steps, finetune_steps=finetune_steps, ranks=chosen,
+                        overrides=sets or (), progress=progress, echo=typer.echo)
     if as_json:
-        typer.echo(json.dumps({"out": str(out), "rows": rows}))
+        figure = out / PLOT
+        typer.echo(json.dumps({"out": str(out), "plot": str(figure) if figure.is_file() else None, "rows": rows}))

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
-import torch
 import typer
 
 from .errors import ConfigError, FormatError, LRCompressError
-from .io import read_safetensors
-from .validate import check_compressed
+from .progress import bar as progress_bar
+
+if TYPE_CHECKING:
+    import torch
+
+# torch loads inside the command (see cli.py): `lrcompress bench --help` stays fast.
 
 EPILOG = ("Examples:  lrcompress bench model.lr.safetensors --batch 1 --seq 200 --device cuda  |  "
           "lrcompress bench --synthetic gru:4096:64:diag --input 51 --seq 50")
@@ -31,7 +34,11 @@ def bench(
     as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of a table.")] = False,
 ) -> None:
     """Time each factored recurrent layer: dense nn module, rebuilt weights, factored loop."""
+    import torch
+
     from .execution.timing import recurrent_layers, synthetic_layer, time_layer
+    from .io import read_safetensors
+    from .validate import check_compressed
 
     if (path is None) == (synthetic is None):
         raise ConfigError("give either a compressed file or --synthetic KIND:HIDDEN:RANK")
@@ -52,7 +59,8 @@ def bench(
             typer.echo(f"note: not timed here: {', '.join(skipped)} (recurrent cells: use benchmarks/bench_cell.py)",
                        err=True)
     results = [time_layer(m, batch=batch, steps=seq, device=target, rounds=rounds, name=n or "<root>",
-                          threads=threads) for n, m in layers.items()]
+                          threads=threads)
+               for n, m in progress_bar(layers.items(), desc="timing", unit="layer", total=len(layers))]
     if as_json:
         typer.echo(json.dumps({"device": _device_name(target), "threads": threads or torch.get_num_threads(),
                                "layers": [r.to_dict() for r in results]}))
@@ -68,6 +76,8 @@ def bench(
 
 
 def _device(text: str) -> torch.device:
+    import torch
+
     try:
         device = torch.device(text)
     except RuntimeError:
@@ -80,6 +90,8 @@ def _device(text: str) -> torch.device:
 
 
 def _device_name(device: torch.device) -> str:
+    import torch
+
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
     return "cpu"

@@ -15,7 +15,6 @@ from typing import Annotated, Optional
 
 import typer
 
-from .config import int_list
 from .errors import ConfigError
 
 Sets = Annotated[Optional[list[str]], typer.Option(
@@ -27,7 +26,11 @@ Json = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON 
 Recipe = Annotated[Optional[Path], typer.Option(
     "--recipe", help="Recipe building the model, when SOURCE is a weights file rather than a run directory.")]
 Progress = Annotated[Optional[bool], typer.Option(
-    "--progress/--no-progress", help="Progress bar (default: only on a terminal).")]
+    "--progress/--no-progress", help="Progress bars on stderr (default: only on a terminal; lrcompress --quiet "
+                                     "silences them).")]
+TensorBoard = Annotated[Optional[Path], typer.Option(
+    "--tensorboard", help="Also log train loss, lr and metrics to TensorBoard event files in this folder "
+                          "(needs: pip install 'lrcompress[tensorboard]').")]
 
 
 def train(
@@ -40,6 +43,7 @@ def train(
     device: Device = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out where it stopped.")] = False,
     progress: Progress = None,
+    tensorboard: TensorBoard = None,
     as_json: Json = False,
 ) -> None:
     """Train the model of a recipe; writes a run directory (recipe, metrics, checkpoints, model)."""
@@ -47,7 +51,8 @@ def train(
 
     overrides = _overrides(sets, steps=steps, batch_size=batch_size, device=device)
     with stdout_to_stderr(as_json):
-        summary = train_recipe(recipe, out, overrides=overrides, resume=resume, progress=progress)
+        summary = train_recipe(recipe, out, overrides=overrides, resume=resume, progress=progress,
+                               tensorboard=tensorboard)
     _report_run(summary, as_json, f"lrcompress train {recipe} --out {summary['run_dir']} --resume")
 
 
@@ -67,6 +72,7 @@ def finetune(
     device: Device = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted fine-tuning in --out.")] = False,
     progress: Progress = None,
+    tensorboard: TensorBoard = None,
     as_json: Json = False,
 ) -> None:
     """Convert a trained model, evaluate it, fine-tune it with its recipe, evaluate again."""
@@ -75,7 +81,7 @@ def finetune(
     overrides = _overrides(sets, steps=steps, batch_size=batch_size, device=device)
     with stdout_to_stderr(as_json):
         summary = run_finetune(source, out, rank=_rank(rank), energy=energy, diag=diag, tied=tied, recipe=recipe,
-                               overrides=overrides, resume=resume, progress=progress)
+                               overrides=overrides, resume=resume, progress=progress, tensorboard=tensorboard)
     _report_run(summary, as_json, f"lrcompress finetune {source} --out {out} ... --resume")
 
 
@@ -92,9 +98,13 @@ def sweep(
     batch_size: BatchSize = None,
     device: Device = None,
     progress: Progress = None,
+    tensorboard: Annotated[Optional[Path], typer.Option(
+        "--tensorboard", help="Also log each point to TensorBoard, in DIR/<point name> (needs: pip install "
+                              "'lrcompress[tensorboard]').")] = None,
     as_json: Json = False,
 ) -> None:
     """Fine-tune at each rank; resumable (finished points are skipped). Then: lrcompress report OUT."""
+    from .config import int_list
     from .train.run import sweep as run_sweep
 
     overrides = _overrides(sets, steps=steps, batch_size=batch_size, device=device)
@@ -102,7 +112,7 @@ def sweep(
     echo = _echo_err if as_json else _echo
     with stdout_to_stderr(as_json):
         points = run_sweep(source, out, ranks=int_list(ranks, "--ranks"), diag=diag, both_diag=both_diag, tied=tied,
-                           recipe=recipe, overrides=overrides, progress=progress, echo=echo)
+                           recipe=recipe, overrides=overrides, progress=progress, echo=echo, tensorboard=tensorboard)
     if points and points[-1].get("stopped") == "interrupted":
         echo(f"interrupted; run the same command again to continue the sweep in {out}")
         sys.exit(130)  # typer.Exit codes are lost by cli.main (standalone_mode=False)
@@ -117,25 +127,37 @@ def report(
     as_json: Json = False,
     csv: Annotated[Optional[Path], typer.Option("--csv", help="Also write the table as CSV here.")] = None,
     plot: Annotated[Optional[Path], typer.Option(
-        "--plot", help="Also draw parameters vs. metric (PNG; needs matplotlib).")] = None,
-    force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite existing --csv / --plot files.")] = False,
+        "--plot", help="Also draw parameters vs. metric, the dense model as a point (PNG; needs matplotlib).")] = None,
+    curves: Annotated[Optional[Path], typer.Option(
+        "--curves", help="Also draw learning curves of the runs, --metric per update (PNG; needs matplotlib).")] = None,
+    metric: Annotated[Optional[str], typer.Option(
+        "--metric", help="Metric of --curves: a validation metric (mse, ce, bpc, accuracy, ...), train_loss or lr "
+                         "(default: the runs' headline metric).")] = None,
+    force: Annotated[bool, typer.Option(
+        "--force", "-f", help="Overwrite existing --csv / --plot / --curves files.")] = False,
 ) -> None:
     """Parameters, compression ratio, metric before/after fine-tuning and wall time, per run."""
     from .train import run
 
     rows = run.collect(path)
-    if csv is not None and plot is not None and csv.resolve() == plot.resolve():
-        raise ConfigError(f"--csv and --plot both name {csv}; give two files")
-    for output in (csv, plot):  # both checked before either is written: no half-done report
-        if output is not None:
-            run.check_report_output(output, force)
+    if metric is not None and curves is None:
+        raise ConfigError("--metric chooses what --curves draws; add --curves FILE.png")
+    outputs = {"--csv": csv, "--plot": plot, "--curves": curves}
+    named = [(flag, p) for flag, p in outputs.items() if p is not None]
+    for i, (flag, p) in enumerate(named):  # every output checked before any is written: no half-done report
+        for other, q in named[i + 1:]:
+            if p.resolve() == q.resolve():
+                raise ConfigError(f"{flag} and {other} both name {p}; give separate files")
+        run.check_report_output(p, force)
     if csv is not None:
         run.write_csv(rows, csv, force=force)
     if plot is not None:
         run.plot(rows, plot, force=force)
+    if curves is not None:
+        run.curves(path, curves, metric=metric, force=force)
     typer.echo(json.dumps(rows) if as_json else run.format_report(rows))
     if not as_json:
-        for written in (p for p in (csv, plot) if p is not None):
+        for _, written in named:
             typer.echo(f"wrote {written}")
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field, fields
 from fnmatch import fnmatchcase
 
@@ -99,6 +100,51 @@ def name_matches(pattern: str, name: str) -> bool:
     return name == pattern or name.endswith("." + pattern)
 
 
+ALL_LINEAR = "all-linear"  # peft's shorthand: every nn.Linear except the output layer
+Selection = tuple[str, ...] | str  # a list of names/suffixes/globs, or one full-match regex
+
+
+def selects(selection: Selection, name: str, prefix: str = "") -> bool:
+    """Whether a ``targets``/``exclude`` value selects ``name``, in peft's conventions: a tuple
+    of exact names, dotted suffixes or globs (``name_matches``), or one string matched with
+    ``re.fullmatch`` against ``name`` (or ``prefix + name``, a wrapper's prefix).
+    ``"all-linear"`` is resolved by type in ``targets.find_targets``, never matched here."""
+    if isinstance(selection, str):
+        if selection == ALL_LINEAR:
+            return False
+        return any(re.fullmatch(selection, n) for n in ((name, prefix + name) if prefix else (name,)))
+    return any(name_matches(p, name) for p in selection)
+
+
+def _selection(name: str, value) -> Selection:
+    """Check and normalise a ``targets``/``exclude`` value: a list becomes a tuple, a string stays
+    a regex (compiled here, so a bad one fails at once), ``["all-linear"]`` becomes ``"all-linear"``."""
+    if isinstance(value, str):
+        if value == ALL_LINEAR and name == "exclude":
+            raise ConfigError(f"exclude={ALL_LINEAR!r} is not allowed (it selects targets); "
+                              "to factor recurrent layers only, give no targets")
+        if value != ALL_LINEAR:
+            if not value.strip():
+                raise ConfigError(f"{name} regex must not be empty")
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ConfigError(f"{name} regex {value!r} is invalid: {exc}") from None
+        return value
+    try:
+        value = tuple(value)
+    except TypeError:
+        raise ConfigError(f"{name} must be a list of name patterns or one regex string, got {value!r}") from None
+    if not all(isinstance(p, str) and p.strip() for p in value):
+        raise ConfigError(f"{name} must be non-empty name patterns, got {value!r}")
+    if ALL_LINEAR in value:
+        if name == "exclude" or len(value) > 1:
+            raise ConfigError(f"{ALL_LINEAR!r} stands alone as {name} (use exclude to leave layers out), "
+                              f"got {list(value)!r}")
+        return ALL_LINEAR
+    return value
+
+
 @dataclass
 class CompressionConfig:
     """How to compress a model.
@@ -109,52 +155,86 @@ class CompressionConfig:
 
     rank: RankValue | None = None  # int, fraction of full rank, or "energy=F"
     energy: float | None = None  # shorthand for rank="energy=F": keep this share of s_i^2
-    diag: bool = False  # add a trainable diagonal where a block is square (paper eq. 5)
+    # A whole-model budget instead of a rank (lrcompress.budget chooses every target's rank):
+    ratio: float | None = None  # parameters before / after at least this (>= 1)
+    params: int | None = None  # at most this many parameters in the whole model
+    energy_scope: str = "matrix"  # energy per "matrix", or over all targets together ("model")
+    diag: bool | str = False  # add a trainable diagonal where a block is square (paper eq. 5); "auto": where it pays (budgets)
     tied: bool = False  # one R shared by the gates of a weight (the paper's tied variant)
     include_input: bool = False  # also factor input-to-hidden matrices (paper: recurrent only)
     include_projection: bool = False  # also factor LSTM proj_size matrices weight_hr
-    targets: tuple[str, ...] = ()  # extra nn.Linear modules, by name pattern (e.g. "*.gate")
-    exclude: tuple[str, ...] = ()  # modules or weights never to factor, by name pattern
+    # Name selections in peft's conventions (docs/targets.md): a list of exact names, dotted
+    # suffixes or globs; one string is a full-match regex; "all-linear" every Linear but the output layer.
+    targets: Selection = ()  # extra nn.Linear modules (e.g. ["*.gate"], "all-linear")
+    exclude: Selection = ()  # modules or weights never to factor
     ranks: dict[str, RankValue] = field(default_factory=dict)  # per-target overrides, first match wins
     svd: str = "auto"  # "exact", "randomized", or "auto" (randomized for large matrices)
     diag_iters: int | None = None  # most diagonal-fit iterations (None: stop below 0.1% gain; cap 50 exact, 20 randomized)
     seed: int = 0  # randomized-SVD seed, for reproducible fits
 
     def __post_init__(self) -> None:
-        if (self.rank is None) == (self.energy is None):
-            raise ConfigError("give exactly one of rank and energy")
-        self.rule()  # validates rank / energy
+        given = [n for n in ("rank", "energy", "ratio", "params") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise ConfigError(f"give exactly one of rank and energy (or a ratio or params budget), got "
+                              f"{' and '.join(given) if given else 'none'}")
+        self._check_budget()
+        if not self.budgeted:
+            self.rule()  # validates rank / energy
         for pattern, value in self.ranks.items():
             RankRule.parse(value, where=f"rank for {pattern!r}")
         for name in ("targets", "exclude"):
-            value = getattr(self, name)
-            if isinstance(value, str):
-                value = (value,)
-            value = tuple(value)
-            if not all(isinstance(p, str) and p.strip() for p in value):
-                raise ConfigError(f"{name} must be non-empty name patterns, got {value!r}")
-            setattr(self, name, value)
+            setattr(self, name, _selection(name, getattr(self, name)))
         if self.svd not in SVD_METHODS:
             raise ConfigError(f"svd must be one of {', '.join(SVD_METHODS)}, got {self.svd!r}")
         if self.diag_iters is not None and (isinstance(self.diag_iters, bool) or not isinstance(self.diag_iters, int)
                                             or self.diag_iters < 0):
             raise ConfigError(f"diag_iters must be a non-negative int, got {self.diag_iters!r}")
 
+    @property
+    def budgeted(self) -> bool:
+        """Whether a whole-model budget (``ratio`` or ``params``) chooses the ranks."""
+        return self.ratio is not None or self.params is not None
+
+    def _check_budget(self) -> None:
+        ratio, params = self.ratio, self.params
+        if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float))
+                                  or not math.isfinite(ratio) or ratio < 1):
+            raise ConfigError(f"ratio must be a number >= 1 (parameters before / after), got {ratio!r}")
+        if params is not None and (isinstance(params, bool) or not isinstance(params, int) or params < 1):
+            raise ConfigError(f"params must be a positive int (the whole model's parameter budget), got {params!r}")
+        if self.energy_scope not in ("matrix", "model"):
+            raise ConfigError(f"energy_scope must be 'matrix' or 'model', got {self.energy_scope!r}")
+        if self.energy_scope == "model" and (self.budgeted or self.rule().kind != "energy"):
+            raise ConfigError("energy_scope='model' needs an energy rank (energy=F), "
+                              f"got {'a budget' if self.budgeted else f'rank {self.rank!r}'}")
+        if self.diag not in (True, False, "auto") or (self.diag == "auto" and not self.budgeted):
+            want = "" if self.diag not in (True, False, "auto") else " ('auto' chooses diagonals within a ratio or params budget)"
+            raise ConfigError(f"diag must be true, false or 'auto'{want}, got {self.diag!r}")
+
     def rule(self) -> RankRule:
+        if self.budgeted:
+            raise ConfigError("a ratio or params budget chooses the ranks: there is no single rank rule")
         if self.energy is not None:
             return RankRule.parse(f"energy={self.energy}", where="energy")
         return RankRule.parse(self.rank, where="rank")
 
     def rule_for(self, *names: str) -> RankRule:
         """The rank rule of a target known by ``names`` (weight name, module name)."""
+        return self.override_for(*names) or self.rule()
+
+    def override_for(self, *names: str) -> RankRule | None:
+        """The per-pattern rank of a target known by ``names`` (first match), or None."""
         for pattern, value in self.ranks.items():
             if any(name_matches(pattern, n) for n in names):
                 return RankRule.parse(value, where=f"rank for {pattern!r}")
-        return self.rule()
+        return None
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["targets"], d["exclude"] = list(self.targets), list(self.exclude)
+        # a list stays a JSON list, a regex (or "all-linear") a JSON string: the kinds round-trip
+        for name in ("targets", "exclude"):
+            value = getattr(self, name)
+            d[name] = value if isinstance(value, str) else list(value)
         return d
 
     def to_json(self) -> str:

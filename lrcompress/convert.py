@@ -11,18 +11,20 @@ from __future__ import annotations
 import math
 import sys
 import warnings
+from collections.abc import Collection
 from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
-from tqdm.auto import tqdm
+from torch.nn.utils.rnn import PackedSequence
 
-from .config import CompressionConfig, RankValue, TargetSpec, name_matches
+from .config import CompressionConfig, RankValue, Selection, TargetSpec, name_matches
 from .errors import ConfigError, FormatError, RankError, TargetError
-from .factorize import Factors, compose, fit_low_rank, fit_low_rank_plus_diagonal, spectrum
+from .factorize import Factors, compose, fit_low_rank, fit_low_rank_plus_diagonal, weighted_spectrum
 from .nn.cells import FactoredCell, factored_cell_class
 from .nn.rnn import FactoredRNN, factored_class
+from .progress import bar as progress_bar
 from .parametrizations import factorization, low_rank, max_rank, random_factors
 from .report import Report, TargetReport
 from .targets import (Candidate, find_state_dict_targets, find_targets, recurrent_kind,
@@ -39,14 +41,31 @@ class Fit:
     note: str = ""
 
 
-def compress(model: nn.Module, rank: RankValue | None = None, *, energy: float | None = None, diag: bool = False,
-             tied: bool = False, include_input: bool = False, include_projection: bool = False,
-             targets: tuple[str, ...] | list[str] = (), exclude: tuple[str, ...] | list[str] = (),
+def compress(model: nn.Module, rank: RankValue | None = None, *, energy: float | None = None,
+             ratio: float | None = None, params: int | None = None, energy_scope: str = "matrix",
+             diag: bool | str = False, tied: bool = False, include_input: bool = False, include_projection: bool = False,
+             targets: Selection | list[str] = (), exclude: Selection | list[str] = (),
              ranks: dict[str, RankValue] | None = None, svd: str = "auto", diag_iters: int | None = None,
-             seed: int = 0, config: CompressionConfig | None = None, progress: bool = False) -> Report:
+             seed: int = 0, config: CompressionConfig | None = None, progress: bool | None = False,
+             calibration=None, forward=None) -> Report:
     """Replace the recurrent (and selected Linear) weights of ``model`` by SVD-fitted factors.
 
     In place; returns a ``Report``. Either pass the options or a ready ``config``.
+
+    The size: one of ``rank`` (per matrix: an int, a fraction of full rank or ``"energy=F"``),
+    ``energy`` (``energy_scope="matrix"``: per matrix; ``"model"``: the largest singular values of
+    all targets together), or a whole-model budget, ``ratio`` (parameters before / after at
+    least this) or ``params`` (at most this many), for which ``lrcompress.budget`` chooses every
+    target's rank, and with ``diag="auto"`` whether it takes a diagonal (docs/calibration.md).
+    ``ranks`` overrides win everywhere; under a budget their cost is taken off it first.
+
+    ``calibration``: inputs the model is run on (eval mode, no grad) before anything changes:
+    a tensor, an iterable of batches or a ``DataLoader``; ``forward(model, batch)`` when
+    ``model(batch)`` is not the call. Every fit then minimises the error of the target's output
+    over that data (``lrcompress.calibration``), budgets and energies weigh errors the same way,
+    and the report gives each target's and the whole model's ``output_error``. The model's
+    outputs on all of the calibration data are kept (on CPU) to compare the compressed model's
+    against: memory as large as those outputs.
 
     A wrapper (``nn.DataParallel``/``DistributedDataParallel`` ``.module``, ``torch.compile``'s
     ``._orig_mod``, nested) is compressed through the module it wraps: report names are that
@@ -54,40 +73,138 @@ def compress(model: nn.Module, rank: RankValue | None = None, *, energy: float |
     reachable under several names (tied weights, a module registered twice) is refused
     (``TargetError`` naming every owner) rather than silently untied. PyTorch weight norm on a
     target is folded into its dense weight, once every check has passed, and then factored.
+    ``targets``/``exclude`` follow peft's conventions (docs/targets.md): a list of exact names,
+    dotted suffixes or globs; one string is a ``re.fullmatch`` regex; ``targets="all-linear"``
+    selects every ``nn.Linear`` except the output layer (``targets.all_linear_names``).
+    ``progress``: a bar over the targets on stderr (``None``: only when stderr is a terminal;
+    see ``lrcompress.progress``).
 
     >>> model = torch.nn.GRU(8, 32)
     >>> print(compress(model, rank=4, diag=True).ratio > 1)
     True
     """
     if config is None:
-        config = CompressionConfig(rank=rank, energy=energy, diag=diag, tied=tied, include_input=include_input,
-                                   include_projection=include_projection, targets=tuple(targets),
-                                   exclude=tuple(exclude), ranks=dict(ranks or {}), svd=svd,
+        config = CompressionConfig(rank=rank, energy=energy, ratio=ratio, params=params, energy_scope=energy_scope,
+                                   diag=diag, tied=tied, include_input=include_input,
+                                   include_projection=include_projection, targets=targets,
+                                   exclude=exclude, ranks=dict(ranks or {}), svd=svd,
                                    diag_iters=diag_iters, seed=seed)
     model, prefix = unwrap(model)
     config = _without_prefix(config, prefix)
     before = count_params(model)
     modules = dict(model.named_modules())
-    candidates = find_targets(model, config)
+    candidates = find_targets(model, config, prefix=prefix)
     _check_unshared(_owners(model.named_parameters(remove_duplicate=False), id), candidates)
     normed = {c.name: (modules[c.module], c.weight) for c in candidates
               if weight_norm_kind(modules[c.module], c.weight)}
     for c in candidates:
         _check_adoptable_but_weight_norm(modules[c.module], c.module, normed)
-    fits = fit_targets(candidates, _current_weights(model, candidates), config, progress=progress)
+    moments, reference = None, None
+    if calibration is not None:  # measured on the untouched model
+        from .calibration import collect_second_moments
+        from .whitening import whitening
+
+        calibration, reference = calibration_batches(calibration), []
+        found = collect_second_moments(model, calibration, [c.name for c in candidates], progress=progress,
+                                       forward=_recording(forward, reference))  # the dense outputs, same pass
+        moments = {name: whitening(m.C) for name, m in found.items()}  # factored once, used by spectra and fits
+    weights = _current_weights(model, candidates)
+    fits = fit_targets(candidates, weights, config, progress=progress, moments=moments, params_before=before)
     for module, weight in normed.values():  # every check passed: only now change the model
         _fold_weight_norm(module, weight)
     for f in fits:
         if f.spec.name in normed:
             f.note = "; ".join(filter(None, [f.note, "weight norm folded"]))
     apply(model, [f.spec for f in fits], {f.spec.name: f.factors for f in fits})
+    from .pretrained import record_config
+
+    record_config(model, config)  # for save_pretrained's lrcompress_config.json
     rows = [TargetReport.of(f.spec, f.factors.rel_error, f.note, fit=f.factors) for f in fits]
-    return Report(rows, before, count_params(model), config.to_dict())
+    report = Report(rows, before, count_params(model), config.to_dict())
+    if reference is not None:
+        report.output_error = output_error(reference, model_outputs(model, calibration, forward))
+    return report
 
 
-def decide(candidates: list[Candidate], weights: dict[str, Tensor],
-           config: CompressionConfig) -> list[tuple[TargetSpec, str]]:
-    """Check every candidate and fix its rank, diagonal and tying; raises before any fitting."""
+def calibration_batches(data) -> list:
+    """The calibration batches as a list: the same batches, in the same order, at every pass.
+
+    ``compress`` runs the data twice (statistics and the dense outputs, then the compressed
+    outputs): a one-shot iterator would be empty the second time, and a shuffling ``DataLoader``
+    would compare outputs of different inputs. A tensor, ``PackedSequence`` or dict is one batch.
+    """
+    from .calibration import _batches  # the one place that tells a batch from an iterable of batches
+
+    return list(_batches(data))
+
+
+def model_outputs(model: nn.Module, batches: list, forward=None) -> list[Tensor]:
+    """The model's output on every batch (eval mode, no grad; modes restored), kept on CPU.
+
+    The output is ``forward(model, batch)``, else ``model(batch)`` called as
+    ``calibration.collect_second_moments`` calls it; a tuple gives its first tensor, a
+    ``PackedSequence`` its data, a transformers ``ModelOutput`` its ``logits``.
+    """
+    modes = {m: m.training for m in model.modules()}
+    outputs: list[Tensor] = []
+    run = _recording(forward, outputs)
+    try:
+        model.eval()
+        with torch.no_grad():
+            for batch in batches:
+                run(model, batch)
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
+    return outputs
+
+
+def _recording(forward, outputs: list[Tensor]):
+    """A ``forward(model, batch)`` that runs the batch as calibration does and appends its output (CPU) to ``outputs``."""
+    from .calibration import run_batch
+
+    def run(model: nn.Module, batch):
+        out = run_batch(model, batch, forward)
+        outputs.append(_output_tensor(out).detach().cpu())
+        return out
+
+    return run
+
+
+def output_error(reference: list[Tensor], outputs: list[Tensor]) -> float:
+    """Relative Frobenius error ``||Y - Y_ref||_F / ||Y_ref||_F`` over all batches, in float64."""
+    num = den = 0.0
+    for ref, out in zip(reference, outputs, strict=True):
+        if out.shape != ref.shape:
+            raise ConfigError(f"the compressed model's output has shape {tuple(out.shape)}, the dense model's "
+                              f"{tuple(ref.shape)}: cannot compare them")
+        ref64 = ref.double()
+        num += float(((out.double() - ref64) ** 2).sum())
+        den += float((ref64 ** 2).sum())
+    return math.sqrt(num / den) if den > 0 else math.sqrt(num)
+
+
+def _output_tensor(out) -> Tensor:
+    if isinstance(out, Tensor):
+        return out
+    if isinstance(out, PackedSequence):
+        return out.data
+    if isinstance(getattr(out, "logits", None), Tensor):  # transformers' ModelOutput
+        return out.logits
+    if isinstance(out, (tuple, list)) and out:
+        return _output_tensor(out[0])
+    raise ConfigError(f"cannot measure the output error of a model returning {type(out).__name__}: "
+                      "pass forward= returning a tensor")
+
+
+def decide(candidates: list[Candidate], weights: dict[str, Tensor], config: CompressionConfig, *,
+           moments: dict[str, Tensor] | None = None, params_before: int | None = None) -> list[tuple[TargetSpec, str]]:
+    """Check every candidate and fix its rank, diagonal and tying; raises before any fitting.
+
+    ``moments``: each target's input second moment (calibration), which weighs the spectra an
+    energy rank or a budget reads. ``params_before``: the whole model's parameter count, which a
+    ``ratio``/``params`` budget needs (the parameters outside the targets count in it).
+    """
     decided = []
     for c in candidates:  # sparse, integer/bool/complex, empty, NaN/Inf: one line before any SVD
         check_weight(c.name, weights[c.name])
@@ -95,18 +212,28 @@ def decide(candidates: list[Candidate], weights: dict[str, Tensor],
         if not any(name_matches(pattern, n) for c in candidates for n in c.scopes):
             raise TargetError(f"rank pattern {pattern!r} matches no target (targets: "
                               f"{', '.join(c.name for c in candidates[:5])}{', ...' if len(candidates) > 5 else ''})")
+    moments = moments or {}
+    model_wide = config.budgeted or config.energy_scope == "model"
+    fixed = {}  # rank per target from a per-matrix rule: every target, or the overrides under a model-wide rule
     for c in candidates:
-        rule = config.rule_for(*c.scopes)
+        rule = config.override_for(*c.scopes) if model_wide else config.rule_for(*c.scopes)
+        if rule is None:
+            continue
         tied = config.tied and c.gates > 1
         full = max_rank(c.gates, c.rows, c.cols, tied)
         blocks = _blocks(weights[c.name], c.gates)
-        rank = rule.resolve(full, spectrum(blocks, tied=tied) if rule.kind == "energy" else None)
+        s = weighted_spectrum(blocks, moments.get(c.name), tied=tied) if rule.kind == "energy" else None
+        fixed[c.name] = rank = rule.resolve(full, s)
         where = f"{c.name} ({c.layer} {c.role}, {c.gates} block(s) of {c.rows}x{c.cols}{', tied' if tied else ''})"
         if not 1 <= rank <= full:
             raise RankError(f"rank {rule} is impossible for {where}: must be 1..{full}")
-        diag = config.diag and c.rows == c.cols
+    # Under a budget even fully overridden ranks go through it: it checks they fit and picks diagonals.
+    planned = _plan(candidates, weights, config, moments, fixed, params_before) if model_wide else {}
+    for c in candidates:
+        tied = config.tied and c.gates > 1
+        rank, diag = planned.get(c.name) or (fixed[c.name], config.diag is True and c.rows == c.cols)
         notes = []
-        if config.diag and not diag:
+        if config.diag is True and not diag:
             notes.append(f"no diagonal: {c.rows}x{c.cols} blocks are not square")
         spec = TargetSpec(c.module, c.weight, c.layer, c.role, c.gates, c.rows, c.cols, rank, diag, tied)
         if spec.factored_params >= spec.dense_params:
@@ -117,18 +244,58 @@ def decide(candidates: list[Candidate], weights: dict[str, Tensor],
     return decided
 
 
+def _plan(candidates: list[Candidate], weights: dict[str, Tensor], config: CompressionConfig,
+          moments: dict[str, Tensor], fixed: dict[str, int], params_before: int | None) -> dict[str, tuple[int, bool]]:
+    """Rank and diagonal of every target under a model-wide rule: a ratio/params budget or energy over all targets.
+
+    Each target's error curve is its (weighted) spectrum; with a diagonal, the spectrum of
+    ``W - diag(W)`` (``lrcompress.budget`` says why). Overrides (``fixed``) keep their rank.
+    """
+    from .budget import Target, allocate, budget_for, energy_ranks, options, step_gains
+
+    targets = []
+    for c in candidates:
+        tied = config.tied and c.gates > 1
+        blocks = _blocks(weights[c.name], c.gates)
+        C = moments.get(c.name)
+        gains = step_gains(weighted_spectrum(blocks, C, tied=tied))
+        diag_gains = None
+        if config.diag is not False and c.rows == c.cols and config.budgeted:
+            hollow = blocks - torch.diag_embed(torch.diagonal(blocks, dim1=-2, dim2=-1))
+            diag_gains = step_gains(weighted_spectrum(hollow, C, tied=tied))
+        targets.append(Target(c.name, c.gates, c.rows, c.cols, tied, options(gains, diag_gains, config.diag),
+                              fixed.get(c.name)))
+    if not config.budgeted:  # energy_scope="model"
+        ranks = energy_ranks(targets, config.rule().value)
+        return {c.name: (ranks[c.name], config.diag is True and c.rows == c.cols) for c in candidates}
+    if params_before is None:
+        raise ConfigError("a ratio or params budget needs the whole model's parameter count")
+    budget = budget_for(params_before, ratio=config.ratio, params=config.params)
+    asked = f"ratio {config.ratio:g}" if config.ratio is not None else f"params={config.params:,}"
+    untouched = params_before - sum(c.gates * c.rows * c.cols for c in candidates)
+    choices = allocate(targets, budget, untouched=untouched, asked=asked)
+    return {name: (choice.rank, choice.diag) for name, choice in choices.items()}
+
+
 def fit_targets(candidates: list[Candidate], weights: dict[str, Tensor], config: CompressionConfig, *,
-                progress: bool = False) -> list[Fit]:
-    """Decide every target, then fit its factors (a pure step: nothing is modified)."""
-    decided = decide(candidates, weights, config)
+                progress: bool | None = False, moments: dict[str, Tensor] | None = None,
+                params_before: int | None = None) -> list[Fit]:
+    """Decide every target, then fit its factors (a pure step: nothing is modified).
+
+    ``moments``: input second moments by target name; a target with one gets the fit weighted by
+    it (``factorize``'s ``C``). ``params_before``: see ``decide``.
+    """
+    decided = decide(candidates, weights, config, moments=moments, params_before=params_before)
+    moments = moments or {}
     fits = []
-    for spec, note in tqdm(decided, desc="factoring", unit="weight", disable=None if progress else True, leave=False):
+    for spec, note in progress_bar(decided, progress=progress, desc="factoring", unit="weight"):
         blocks = _blocks(weights[spec.name], spec.gates)
+        C = moments.get(spec.name)
         if spec.diag:
             f = fit_low_rank_plus_diagonal(blocks, spec.rank, tied=spec.tied, method=config.svd,
-                                           max_iter=config.diag_iters, seed=config.seed)
+                                           max_iter=config.diag_iters, seed=config.seed, C=C)
         else:
-            f = fit_low_rank(blocks, spec.rank, tied=spec.tied, method=config.svd, seed=config.seed)
+            f = fit_low_rank(blocks, spec.rank, tied=spec.tied, method=config.svd, seed=config.seed, C=C)
         fits.append(Fit(spec, f, note))
     return fits
 
@@ -172,6 +339,9 @@ def apply(model: nn.Module, specs: list[TargetSpec], factors: dict[str, Factors]
                 module._parameters[name] = original
             module.__class__ = cls
         raise
+    from .pretrained import guard  # local: pretrained imports io, which imports this module
+
+    guard(model)  # a Hugging Face model's own save_pretrained would drop the factors
     return model
 
 
@@ -190,6 +360,9 @@ def merge(model: nn.Module) -> nn.Module:
         elif isinstance(module, FactoredCell) and not parametrize.is_parametrized(module):
             module.__class__ = module._dense_class
             module.__dict__.pop("_lrc_acceleration", None)  # a plain cell has nothing to accelerate
+    from .pretrained import release
+
+    release(model)  # dense again: transformers' own save_pretrained is right again
     return model
 
 
@@ -231,17 +404,25 @@ def factored_state_dict(model: nn.Module) -> dict[str, Tensor]:
 
 
 def compress_state_dict(tensors: dict[str, Tensor], config: CompressionConfig, *,
-                        progress: bool = False) -> tuple[dict[str, Tensor], list[TargetSpec], Report]:
+                        progress: bool | None = False, linear: Collection[str] | None = None,
+                        calibration=None) -> tuple[dict[str, Tensor], list[TargetSpec], Report]:
     """Compress a bare state dict (no model class): factors replace the selected weights.
 
     Report totals count every stored value, since a state dict does not tell parameters from
     buffers; keys sharing one storage (tied weights) count once. A selected weight that shares
-    its storage with another key raises ``TargetError``.
+    its storage with another key raises ``TargetError``. ``linear``: the model's ``nn.Linear``
+    names for ``targets="all-linear"`` (``targets.all_linear_names``; a state dict cannot tell).
+    A ``ratio``/``params`` budget counts every stored value too. ``calibration`` is refused
+    (``ConfigError``): without the model's code nothing can run the data.
     """
-    candidates = find_state_dict_targets(tensors, config)
+    if calibration is not None:
+        raise ConfigError("bare state dicts cannot be calibrated: load the model class and use the Python API "
+                          "(lrcompress.compress(model, ..., calibration=...))")
+    candidates = find_state_dict_targets(tensors, config, linear=linear)
     # torch.load keeps tied weights as two keys over one storage: never untie them either.
     _check_unshared(_owners(tensors.items(), storage_key), candidates)
-    fits = fit_targets(candidates, {c.name: tensors[c.name] for c in candidates}, config, progress=progress)
+    fits = fit_targets(candidates, {c.name: tensors[c.name] for c in candidates}, config, progress=progress,
+                       params_before=_numel(tensors))
     done = {f.spec.name for f in fits}
     out = {k: v for k, v in tensors.items() if k not in done}
     for f in fits:
@@ -382,7 +563,10 @@ def _without_prefix(config: CompressionConfig, prefix: str) -> CompressionConfig
     def strip(pattern: str) -> str:
         return pattern[len(prefix):] if pattern.startswith(prefix) and len(pattern) > len(prefix) else pattern
 
-    return replace(config, targets=tuple(map(strip, config.targets)), exclude=tuple(map(strip, config.exclude)),
+    def strip_all(selection):  # a regex (or "all-linear") stays: find_targets tries it with the prefix too
+        return selection if isinstance(selection, str) else tuple(map(strip, selection))
+
+    return replace(config, targets=strip_all(config.targets), exclude=strip_all(config.exclude),
                    ranks={strip(k): v for k, v in config.ranks.items()})
 
 

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from .config import CompressionConfig, TargetSpec
 from .factorize import rank_for_energy
+from .progress import bar as progress_bar
 from .report import format_table
 from .targets import find_state_dict_targets
 from .validate import check_weight
@@ -38,8 +39,11 @@ class Spectra:
 
 
 def spectra(tensors: dict[str, Tensor], ranks: list[int], *, include_input: bool = False,
-            targets: tuple[str, ...] = ()) -> Spectra:
+            targets: tuple[str, ...] = (), progress: bool | None = False) -> Spectra:
     """Singular-value energy of every recurrent (and selected) matrix of a dense state dict.
+
+    ``progress``: a bar over the matrices (exact SVDs, slow for large ones) on stderr; ``None``
+    draws it when stderr is a terminal (``lrcompress.progress``).
 
     Raises ``WeightError`` (one line) for a sparse, non-floating, empty or non-finite matrix: an
     SVD of those either fails deep inside LAPACK or returns meaningless numbers.
@@ -49,7 +53,7 @@ def spectra(tensors: dict[str, Tensor], ranks: list[int], *, include_input: bool
     for c in candidates:  # every matrix checked before any SVD
         check_weight(c.name, tensors[c.name], action="analyse")
     rows = []
-    for c in candidates:
+    for c in progress_bar(candidates, progress=progress, desc="spectra", unit="matrix"):
         blocks = tensors[c.name].detach().double().reshape(c.gates, c.rows, c.cols)
         s = torch.linalg.svdvals(blocks)
         names = GATE_NAMES.get((c.layer, c.gates), "-" * c.gates) if c.role != "projection" else "-"

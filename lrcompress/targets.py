@@ -2,7 +2,8 @@
 
 Recurrent layers (``nn.GRU``/``nn.LSTM``/``nn.RNN``), recurrent cells (``nn.GRUCell``/
 ``nn.LSTMCell``/``nn.RNNCell``) and ``lrcompress.nn.Highway`` layers are found by type; other
-``nn.Linear`` layers by name pattern. In a bare state dict a recurrent layer is recognised from
+``nn.Linear`` layers by name (``config.targets``: names, suffixes or globs; one regex; or
+``"all-linear"``, every Linear but the output layer, see ``all_linear_names``). In a bare state dict a recurrent layer is recognised from
 its ``<prefix>.weight_hh_l<k>[_reverse]`` keys, a cell from ``<prefix>.weight_hh`` next to
 ``<prefix>.weight_ih``: the gate count (3 GRU, 4 LSTM, 1 RNN) follows from the shapes, an LSTM
 with ``proj_size`` from ``weight_hr_l<k>``.
@@ -11,6 +12,7 @@ with ``proj_size`` from ``weight_hr_l<k>``.
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from torch import Tensor, nn
@@ -18,7 +20,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import _WeightNorm as _TorchWeightNorm
 from torch.nn.utils.weight_norm import WeightNorm as _WeightNormHook
 
-from .config import CompressionConfig, name_matches
+from .config import ALL_LINEAR, CompressionConfig, selects
 from .errors import FormatError, TargetError
 from .nn.highway import Highway
 
@@ -56,12 +58,19 @@ class Candidate:
         return [self.name] + [".".join(parts[:k]) for k in range(len(parts), 0, -1)]
 
 
-def find_targets(model: nn.Module, config: CompressionConfig) -> list[Candidate]:
-    """Candidates in ``model``; raises ``TargetError`` when none, or a pattern matches nothing."""
+def find_targets(model: nn.Module, config: CompressionConfig, *, prefix: str = "") -> list[Candidate]:
+    """Candidates in ``model``; raises ``TargetError`` when none, or a pattern matches nothing.
+
+    ``prefix``: a wrapper's key prefix (``"module."``) that a regex in ``targets``/``exclude``
+    may also be written with (list patterns are stripped of it by the caller).
+    """
     modules = dict(model.named_modules())
-    _check_patterns(config, modules)
-    linear = {name for name, m in modules.items() if isinstance(m, nn.Linear)
-              and any(name_matches(p, name) for p in config.targets)}
+    _check_patterns(config, modules, prefix)
+    if config.targets == ALL_LINEAR:
+        linear = set(all_linear_names(model))
+    else:
+        linear = {name for name, m in modules.items() if name and isinstance(m, nn.Linear)
+                  and selects(config.targets, name, prefix)}
     for name, m in modules.items():
         if isinstance(m, Highway):
             linear |= {_join(name, "proposal"), _join(name, "gate")}
@@ -77,7 +86,7 @@ def find_targets(model: nn.Module, config: CompressionConfig) -> list[Candidate]
             found += _rnn_candidates(name, layer, gates, shapes, config)
         elif name in linear:
             found.append(Candidate(name, "weight", "linear", "linear", 1, *m.weight.shape))
-    found = [c for c in found if not _excluded(c, config)]
+    found = [c for c in found if not _excluded(c, config, prefix)]
     for c in found:  # weight norm is allowed: compress folds it
         owner = modules[c.module]
         if parametrize.is_parametrized(owner, c.weight) and not weight_norm_kind(owner, c.weight):
@@ -85,6 +94,41 @@ def find_targets(model: nn.Module, config: CompressionConfig) -> list[Candidate]
     if not found:
         raise TargetError(_none_found(config))
     return found
+
+
+def all_linear_names(model: nn.Module) -> list[str]:
+    """What ``targets="all-linear"`` selects (peft's shorthand): every ``nn.Linear`` of ``model``
+    except its output layer, in module order.
+
+    The output layer of a Hugging Face ``PreTrainedModel`` (any model with
+    ``get_output_embeddings``) is the module that method returns (the LM head) and the
+    ``classifier``/``score`` head (its last Linear when the head is a block), as peft decides;
+    of any other model, the last ``nn.Linear`` in module order. GPT-2-style
+    ``transformers.pytorch_utils.Conv1D`` layers (a transposed Linear) are not supported:
+    a model holding them raises ``TargetError`` naming them.
+    """
+    named = [(n, m) for n, m in model.named_modules() if n]
+    conv1d = [n for n, m in named if type(m).__name__ == "Conv1D" and type(m).__module__.startswith("transformers")]
+    if conv1d:
+        raise TargetError(f"targets={ALL_LINEAR!r}: {', '.join(conv1d[:3])}{', ...' if len(conv1d) > 3 else ''} "
+                          f"are transformers Conv1D layers (GPT-2 style), which lrcompress does not factor")
+    linear = [n for n, m in named if isinstance(m, nn.Linear)]
+    return [n for n in linear if n not in _output_layers(model, named, linear)]
+
+
+def _output_layers(model: nn.Module, named: list[tuple[str, nn.Module]], linear: list[str]) -> set[str]:
+    get_output = getattr(model, "get_output_embeddings", None)
+    if not callable(get_output):  # a plain module: its last Linear
+        return set(linear[-1:])
+    heads = [get_output()] + [getattr(model, attr, None) for attr in ("classifier", "score")]
+    out = set()
+    for head in heads:
+        if not isinstance(head, nn.Module):
+            continue
+        names = [n for n, m in named if m is head]
+        inner = [n for n in linear if names and (n in names or n.startswith(names[0] + "."))]
+        out |= set(inner[-1:])  # a Linear head itself, or the last Linear of a head block
+    return out
 
 
 def weight_norm_kind(module: nn.Module, name: str) -> str | None:
@@ -102,8 +146,14 @@ def weight_norm_kind(module: nn.Module, name: str) -> str | None:
     return "hook" if any(isinstance(h, _WeightNormHook) and h.name == name for h in hooks) else None
 
 
-def find_state_dict_targets(tensors: dict[str, Tensor], config: CompressionConfig) -> list[Candidate]:
-    """Candidates in a bare state dict, recognised by key names and shapes."""
+def find_state_dict_targets(tensors: dict[str, Tensor], config: CompressionConfig, *,
+                            linear: Collection[str] | None = None) -> list[Candidate]:
+    """Candidates in a bare state dict, recognised by key names and shapes.
+
+    A state dict does not tell an ``nn.Linear`` from an ``nn.Embedding``: ``targets="all-linear"``
+    needs ``linear``, the module names ``all_linear_names`` gives for the model (e.g. built on
+    the meta device from its config); without it, it raises ``TargetError``.
+    """
     prefixes = sorted({m.group("prefix") or "" for k in tensors if (m := HH_KEY.match(k))})
     found: list[Candidate] = []
     for prefix in prefixes:
@@ -121,15 +171,21 @@ def find_state_dict_targets(tensors: dict[str, Tensor], config: CompressionConfi
         layer, gates = _infer_cell(prefix, shapes)
         found += _rnn_candidates(prefix, layer, gates, shapes, config)
     linear_modules = {k.rpartition(".")[0] for k, t in tensors.items() if k.endswith(".weight") and t.dim() == 2}
-    for pattern in config.targets:
-        if not any(name_matches(pattern, m) for m in linear_modules):
-            raise TargetError(f"target pattern {pattern!r} matches no 2-D '<module>.weight' key")
-    for mod in sorted(linear_modules):
-        if any(name_matches(p, mod) for p in config.targets):
-            found.append(Candidate(mod, "weight", "linear", "linear", 1, *tensors[_join(mod, "weight")].shape))
-    for pattern in config.exclude:
-        if not any(name_matches(pattern, n) for c in found for n in c.scopes):
-            raise TargetError(f"exclude pattern {pattern!r} matches no target")
+    if config.targets == ALL_LINEAR:
+        if linear is None:
+            raise TargetError(f"targets={ALL_LINEAR!r} needs the model's layer types: a bare state dict does not "
+                              "tell nn.Linear from nn.Embedding; name the layers (targets list or regex)")
+        selected = linear_modules & set(linear)
+    else:
+        for pattern in _patterns(config.targets):
+            if not any(selects(pattern, m) for m in linear_modules):
+                raise TargetError(f"{_what('target', pattern)} matches no 2-D '<module>.weight' key")
+        selected = {m for m in linear_modules if selects(config.targets, m)}
+    for mod in sorted(selected):
+        found.append(Candidate(mod, "weight", "linear", "linear", 1, *tensors[_join(mod, "weight")].shape))
+    for pattern in _patterns(config.exclude):
+        if not any(selects(pattern, n) for c in found for n in c.scopes):
+            raise TargetError(f"{_what('exclude', pattern)} matches no target")
     found = [c for c in found if not _excluded(c, config)]
     if not found:
         raise TargetError(_none_found(config))
@@ -207,31 +263,44 @@ def _rnn_candidates(module: str, layer: str, gates: int, shapes: dict[str, tuple
     return out
 
 
-def _check_patterns(config: CompressionConfig, modules: dict[str, nn.Module]) -> None:
-    for pattern in config.targets:
-        hits = [n for n in modules if n and name_matches(pattern, n)]
+def _patterns(selection) -> list:
+    """The parts of a selection checked one by one: each list pattern, or the one regex."""
+    if selection == ALL_LINEAR:
+        return []
+    return [selection] if isinstance(selection, str) else [(p,) for p in selection]
+
+
+def _what(kind: str, pattern) -> str:
+    return f"{kind} regex {pattern!r}" if isinstance(pattern, str) else f"{kind} pattern {pattern[0]!r}"
+
+
+def _check_patterns(config: CompressionConfig, modules: dict[str, nn.Module], prefix: str = "") -> None:
+    for pattern in _patterns(config.targets):
+        hits = [n for n in modules if n and selects(pattern, n, prefix)]
         if not hits:
-            raise TargetError(f"target pattern {pattern!r} matches no module")
+            raise TargetError(f"{_what('target', pattern)} matches no module")
         for n in hits:
             if not isinstance(modules[n], (nn.Linear, nn.RNNBase, nn.RNNCellBase, Highway)):
-                raise TargetError(f"target pattern {pattern!r} matches {n} ({type(modules[n]).__name__}), "
+                raise TargetError(f"{_what('target', pattern)} matches {n} ({type(modules[n]).__name__}), "
                                   "which is not an nn.Linear, RNN layer or cell, or Highway layer")
     weights = {_join(n, w) for n, m in modules.items() for w, _ in m.named_parameters(recurse=False)}
     weights |= {_join(n, w) for n, m in modules.items() if parametrize.is_parametrized(m) for w in m.parametrizations}
-    for pattern in config.exclude:
-        if not any(n and name_matches(pattern, n) for n in modules) and not any(name_matches(pattern, w) for w in weights):
-            raise TargetError(f"exclude pattern {pattern!r} matches no module or weight")
+    for pattern in _patterns(config.exclude):
+        if not any(n and selects(pattern, n, prefix) for n in modules) and not any(
+                selects(pattern, w, prefix) for w in weights):
+            raise TargetError(f"{_what('exclude', pattern)} matches no module or weight")
 
 
-def _excluded(c: Candidate, config: CompressionConfig) -> bool:
+def _excluded(c: Candidate, config: CompressionConfig, prefix: str = "") -> bool:
     # Excluding a module excludes everything in it (a Highway's Linears, a wrapper's RNN).
-    return any(name_matches(p, n) for p in config.exclude for n in c.scopes)
+    return any(selects(config.exclude, n, prefix) for n in c.scopes)
 
 
 def _none_found(config: CompressionConfig) -> str:
-    extra = f" and no nn.Linear matching {list(config.targets)}" if config.targets else ""
+    shown = config.targets if isinstance(config.targets, str) else list(config.targets)
+    extra = f" and no nn.Linear matching {shown!r}" if config.targets else ""
     return (f"no targets found: no nn.GRU/nn.LSTM/nn.RNN layer, GRU/LSTM/RNN cell or Highway layer{extra}"
-            f" (after exclusions {list(config.exclude)})")
+            f" (after exclusions {config.exclude if isinstance(config.exclude, str) else list(config.exclude)!r})")
 
 
 def _join(module: str, name: str) -> str:

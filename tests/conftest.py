@@ -8,7 +8,9 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -181,3 +183,18 @@ def run(monkeypatch, capsys):
 
     monkeypatch.setenv("COLUMNS", "200")  # tables and help unwrapped
     return lambda *args: invoke(monkeypatch, capsys, *args)
+
+
+# The project's shared data folder (MNIST, PTB), when the checkout sits beside one.
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture
+def data_env(monkeypatch):
+    """Point LRCOMPRESS_DATA at the shared data when it is not set; None when there is none."""
+    if os.environ.get("LRCOMPRESS_DATA"):
+        return os.environ["LRCOMPRESS_DATA"]
+    if SHARED_DATA.is_dir():
+        monkeypatch.setenv("LRCOMPRESS_DATA", str(SHARED_DATA))
+        return str(SHARED_DATA)
+    return None

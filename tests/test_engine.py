@@ -3,6 +3,7 @@ optimisers against hand-written references, clipping, weight norm and the max-no
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import signal
@@ -15,10 +16,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from lrcompress import load_model, save_model
 from lrcompress.errors import ConfigError, OutputExistsError
 from lrcompress.nn import LowRankGRU
-from lrcompress.train import (Adafactor, Batch, RMSProp, Schedule, Stabiliser, TrainConfig, clip_gradients_, evaluate,
-                              fit, load_checkpoint, max_row_norm_, remove_weight_norm, save_checkpoint, weight_norm)
+from lrcompress.train import (Batch, Stabiliser, TrainConfig, build_optimizer, build_rmsprop, evaluate, fit,
+                              load_checkpoint, max_row_norm_, remove_weight_norm, save_checkpoint, weight_norm)
 from lrcompress.train.models import SequenceModel
-from lrcompress.train.optim import second_moment
 from lrcompress.train.recipe import RECIPE_DEFAULTS
 from lrcompress.train.stabilisers import WeightNorm, constrained_matrices, row_norms
 from lrcompress.train.tasks import Task, build_task
@@ -219,7 +219,7 @@ def test_nan_gradient_is_recovered_and_counted(policy, tmp_path):
         for i, (k, p) in enumerate(before.items()):
             g = 0.1 * p
             acc = 0.9 * opt_before[i]["square_avg"] + 0.1 * g * g
-            assert torch.allclose(after[k], p - 1e-2 * g / torch.sqrt(acc + 1e-8), atol=1e-7), k
+            assert torch.allclose(after[k], p - 1e-2 * g / (torch.sqrt(acc) + 1e-8), atol=1e-7), k
 
 
 def _optimizer_tensors(optimizer) -> list[dict]:
@@ -244,6 +244,27 @@ def test_early_stopping_and_plateau_halving():
     assert result.metric == "flat" and result.higher_is_better  # first metric_fn value; not a loss name
     assert result.stopped == "early_stopping" and result.steps == 20 and result.best_step == 5
     assert [r["lr"] for r in result.history] == [1e-3, 1e-3, 1e-3, 5e-4]
+
+
+def test_plateau_scheduler_state_survives_resume(tmp_path):
+    """ReduceLROnPlateau's state (best score, evaluations without improvement) is in the
+    checkpoint: a run cut between two halvings and resumed lowers the lr at the same steps."""
+    cfg = {"steps": 12, "eval_every": 2, "lr_schedule": "plateau", "plateau_patience": 2, "lr": 1e-2}
+
+    def run(run_dir, *, resume=False, cut=None):
+        torch.manual_seed(0)
+        return fit(TinyNet(dropout=0.0), addition_loader(96, 0), nn.functional.mse_loss, recipe=cfg,
+                   metric_fn=lambda out, y: {"flat": 1.0}, val_loader=addition_loader(16, 1, shuffle=False),
+                   run_dir=run_dir, resume=resume, progress=False,
+                   on_step=(lambda loop: loop.stop() if loop.step == cut else None))
+
+    full = run(tmp_path / "full")
+    assert [r["lr"] for r in full.history] == [1e-2, 1e-2, 1e-2, 5e-3, 5e-3, 2.5e-3]  # two bad evaluations: x0.5
+    run(tmp_path / "cut", cut=5)  # after the 2nd evaluation (step 4): one bad evaluation counted
+    state = load_checkpoint(tmp_path / "cut" / "last.safetensors").trainer["schedule"]
+    assert state["num_bad_epochs"] == 1 and state["best"] == 1.0
+    resumed = run(tmp_path / "cut", resume=True)
+    assert [r["lr"] for r in resumed.history] == [r["lr"] for r in full.history]
 
 
 def test_train_config_defaults_are_the_recipe_defaults():
@@ -288,49 +309,94 @@ def test_checkpoint_round_trip_restores_model_and_optimizer(tmp_path):
 
 # -- optimisers -------------------------------------------------------------------------------
 
-def test_rmsprop_equals_the_papers_update():
-    torch.manual_seed(0)
-    p = nn.Parameter(torch.randn(4, 3, dtype=torch.float64))
-    opt = RMSProp([p], lr=0.01)
-    w, acc = p.detach().clone(), torch.full((4, 3), 1e-3, dtype=torch.float64)
-    for _ in range(5):
-        g = torch.randn(4, 3, dtype=torch.float64)
-        p.grad = g.clone()
-        opt.step()
-        acc = 0.9 * acc + 0.1 * g * g  # Theano code: acc starts at 1e-3, step g / sqrt(acc + eps)
-        w = w - 0.01 * g / torch.sqrt(acc + 1e-8)
-    assert torch.allclose(p.detach(), w, rtol=0, atol=1e-14)
+def _authors_rmsprop(w, grads, *, lr, eps, acc0=1e-3):
+    """The authors' Theano RMSProp in float64: acc from 1e-3, decay 0.9, step g / sqrt(acc + eps)."""
+    acc = torch.full_like(w, acc0)
+    for g in grads:
+        acc = 0.9 * acc + 0.1 * g * g
+        w = w - lr * g / torch.sqrt(acc + eps)
+    return w
 
 
-def test_adafactor_second_moment_follows_the_factored_formula():
+@pytest.mark.parametrize("foreach", [False, True])
+def test_rmsprop_equals_the_papers_update(foreach):
     torch.manual_seed(0)
-    p = nn.Parameter(torch.randn(2, 5, 3, dtype=torch.float64))  # two stacked gate blocks
-    opt = Adafactor([p], lr=0.01)
-    row, col = torch.zeros(2, 5, dtype=torch.float64), torch.zeros(2, 3, dtype=torch.float64)
-    for t in (1, 2, 3):
-        g = torch.randn(2, 5, 3, dtype=torch.float64)
-        p.grad = g.clone()
-        before = p.detach().clone()
-        opt.step()
+    grads = [torch.randn(4, 3, dtype=torch.float64) for _ in range(5)]
+    start = torch.randn(4, 3, dtype=torch.float64)
+    for eps in (0.0, 1e-8):  # the paper's two settings (1e-8: the memory task)
+        p = nn.Parameter(start.clone())
+        opt = build_rmsprop([p], lr=0.01, eps=eps)
+        opt.param_groups[0]["foreach"] = foreach
+        for g in grads:
+            p.grad = g.clone()
+            opt.step()
+        assert type(opt) is torch.optim.RMSprop
+        reference = _authors_rmsprop(start, grads, lr=0.01, eps=eps)
+        if eps == 0:  # the same formula
+            assert torch.allclose(p.detach(), reference, rtol=0, atol=1e-14)
+        else:  # torch's sqrt(acc) + eps against their sqrt(acc + eps): a relative ~eps/sqrt(acc) per step
+            step = (reference - start).abs().max()
+            assert 0 < (p.detach() - reference).abs().max() < 1e-5 * step
+
+
+def test_rmsprop_start_survives_state_dict_round_trip():
+    torch.manual_seed(0)
+    a, b = nn.Parameter(torch.randn(3, 2)), nn.Parameter(torch.randn(2))
+    opt = build_rmsprop([a, b], lr=0.01)
+    a.grad = torch.randn(3, 2)  # b has no gradient yet: no state, as in torch
+    opt.step()
+    assert torch.allclose(opt.state[a]["square_avg"], 0.9e-3 + 0.1 * a.grad ** 2) and b not in opt.state
+    a2, b2 = nn.Parameter(a.detach().clone()), nn.Parameter(b.detach().clone())
+    again = build_rmsprop([a2, b2], lr=0.5)
+    again.load_state_dict(copy.deepcopy(opt.state_dict()))  # lr and accumulator start come with the groups
+    assert again.param_groups[0]["lr"] == 0.01 and again.param_groups[0]["initial_accumulator"] == 1e-3
+    for p, q in ((a, a2), (b, b2)):
+        p.grad = q.grad = torch.ones_like(p)
+    opt.step()
+    again.step()
+    for p, q in ((a, a2), (b, b2)):
+        assert torch.equal(p, q)
+    assert torch.allclose(again.state[b2]["square_avg"], torch.full((2,), 0.9e-3 + 0.1))  # started at 1e-3
+
+
+def _shazeer_stern(w, grads, *, max_step=1e-2, eps1=1e-30, eps2=1e-3):
+    """Adafactor, algorithms 4 and 5 with relative step and update clipping at 1, in float64,
+    factored over the last two dimensions of a 3-d tensor (batch of matrices)."""
+    row, col = torch.zeros(w.shape[:-1], dtype=w.dtype), torch.zeros(w.shape[:-2] + w.shape[-1:], dtype=w.dtype)
+    for t, g in enumerate(grads, 1):
         beta = 1 - t ** -0.8
-        for b in range(2):
-            sq = g[b] ** 2 + 1e-30
-            row[b] = beta * row[b] + (1 - beta) * sq.sum(1)
-            col[b] = beta * col[b] + (1 - beta) * sq.sum(0)
-        v = torch.stack([torch.outer(row[b], col[b]) / row[b].sum() for b in range(2)])
+        sq = g * g + eps1
+        row = beta * row + (1 - beta) * sq.sum(-1)
+        col = beta * col + (1 - beta) * sq.sum(-2)
+        v = row.unsqueeze(-1) * col.unsqueeze(-2) / row.sum(-1, keepdim=True).unsqueeze(-1)
         u = g / v.sqrt()
         u = u / max(1.0, float(u.pow(2).mean().sqrt()))
-        assert torch.allclose(opt.state[p]["row"], row) and torch.allclose(opt.state[p]["col"], col)
-        assert torch.allclose(second_moment(row, col), v)
-        assert torch.allclose(p.detach(), before - 0.01 * u, atol=1e-12)
+        alpha = min(max_step, t ** -0.5) * max(eps2, float(w.pow(2).mean().sqrt()))
+        w = w - alpha * u
+    return w, row
 
 
-@pytest.mark.parametrize("lr, reach", [(None, 0.25), (0.05, 1e-6)])  # None: the paper's relative step
-def test_adafactor_decreases_a_quadratic(lr, reach):
+def test_adafactor_follows_shazeer_and_stern():
+    torch.manual_seed(0)
+    start = torch.randn(2, 5, 3, dtype=torch.float64)  # two stacked gate blocks: factored per block
+    grads = [torch.randn(2, 5, 3, dtype=torch.float64) for _ in range(4)]
+    p = nn.Parameter(start.clone())
+    opt = build_optimizer([p], "adafactor", lr=0.0)  # 0: the paper's relative step, capped at 1e-2
+    for g in grads:
+        p.grad = g.clone()
+        opt.step()
+    reference, row = _shazeer_stern(start, grads)
+    assert type(opt) is torch.optim.Adafactor
+    assert torch.allclose(p.detach(), reference, rtol=0, atol=1e-12)
+    assert torch.allclose(opt.state[p]["row_var"].squeeze(-1) * 3, row)  # torch keeps row means, not sums
+
+
+@pytest.mark.parametrize("lr", [0.0, 0.05])  # 0: the paper's cap 1e-2 of the relative step; 0.05: a larger cap
+def test_adafactor_decreases_a_quadratic(lr):
     torch.manual_seed(0)
     target = torch.randn(6, 4)
     p, b = nn.Parameter(torch.randn(6, 4)), nn.Parameter(torch.randn(4))  # factored, and not
-    opt = Adafactor([p, b], lr=lr)
+    opt = build_optimizer([p, b], "adafactor", lr=lr)
     losses = []
     for _ in range(200):
         loss = (p - target).pow(2).sum() + (b - 1).pow(2).sum()
@@ -338,36 +404,48 @@ def test_adafactor_decreases_a_quadratic(lr, reach):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert losses[-1] < reach * losses[0]
-    assert "row" in opt.state[p] and "sq" in opt.state[b]
+    assert losses[-1] < 0.25 * losses[0]
+    assert "row_var" in opt.state[p] and "variance" in opt.state[b]
 
 
-def test_onecycle_schedule_equals_torch_onecycle():
-    p = nn.Parameter(torch.zeros(1))
-    opt = torch.optim.SGD([p], lr=0.02)
-    reference = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.02, total_steps=50, cycle_momentum=False)
-    schedule = Schedule("onecycle", total_steps=50)
-    for step in range(50):
-        assert math.isclose(opt.param_groups[0]["lr"], 0.02 * schedule.factor(step), rel_tol=1e-12)
-        opt.step()
-        reference.step()
+def test_onecycle_schedule_follows_the_cosine_formula():
+    """The lr of each update under fit's onecycle: cosine warm-up from lr/25 to lr over the first
+    30% of the updates, then cosine decay to lr/25e4 (OneCycleLR's phase ends at 0.3 T - 1, T - 1)."""
+    seen = []
+    fit(TinyNet(dropout=0.0), addition_loader(160, 0), nn.functional.mse_loss, progress=False,
+        recipe={"steps": 20, "eval_every": 0, "epochs": 2, "lr": 0.02, "lr_schedule": "onecycle"},
+        on_step=lambda loop: seen.append(loop.optimizer.param_groups[0]["lr"]))
+
+    def cosine(start, end, fraction):
+        return end + (start - end) * (1 + math.cos(math.pi * fraction)) / 2
+
+    total, peak, last = 20, 0.3 * 20 - 1, 20 - 1
+    expected = [0.02 * (cosine(1 / 25, 1.0, s / peak) if s <= peak
+                        else cosine(1.0, 1 / 25e4, (s - peak) / (last - peak))) for s in range(1, total)]
+    # after update s, on_step sees the lr of update s + 1
+    assert len(seen) == total and seen[:-1] == pytest.approx(expected, rel=1e-9)
 
 
 # -- stabilisers ------------------------------------------------------------------------------
 
 def test_clipping_modes():
     a, b = nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(2))
-    a.grad, b.grad = torch.tensor([3.0, -0.5, 0.25]), torch.tensor([0.0, -4.0])
-    clip_gradients_([a, b], "element", 1.0)
-    assert a.grad.tolist() == [1.0, -0.5, 0.25] and b.grad.tolist() == [0.0, -1.0]
-    a.grad, b.grad = torch.tensor([3.0, 0.0, 0.0]), torch.tensor([0.0, 4.0])  # norm 5
-    clip_gradients_([a, b], "norm", 1.0)
-    assert torch.allclose(a.grad, torch.tensor([0.6, 0.0, 0.0])) and torch.allclose(b.grad, torch.tensor([0.0, 0.8]))
-    a.grad, b.grad = torch.tensor([0.3, 0.0, 0.0]), torch.tensor([0.0, 0.4])  # below the threshold: unchanged
-    clip_gradients_([a, b], "norm", 1.0)
-    assert a.grad.tolist() == pytest.approx([0.3, 0.0, 0.0]) and b.grad.tolist() == pytest.approx([0.0, 0.4])
+    holder = nn.ParameterList([a, b])
+
+    def clipped(mode, ga, gb):
+        a.grad, b.grad = torch.tensor(ga), torch.tensor(gb)
+        assert Stabiliser(holder, clip=mode, clip_value=1.0).before_step()
+        return a.grad.tolist(), b.grad.tolist()
+
+    assert clipped("element", [3.0, -0.5, 0.25], [0.0, -4.0]) == ([1.0, -0.5, 0.25], [0.0, -1.0])
+    ga, gb = clipped("norm", [3.0, 0.0, 0.0], [0.0, 4.0])  # norm 5 -> 1 (torch: 1 / (5 + 1e-6))
+    assert ga == pytest.approx([0.6, 0.0, 0.0], rel=1e-6) and gb == pytest.approx([0.0, 0.8], rel=1e-6)
+    assert clipped("norm", [0.3, 0.0, 0.0], [0.0, 0.4]) == (pytest.approx([0.3, 0.0, 0.0]), pytest.approx([0.0, 0.4]))
+    a.grad, b.grad = torch.tensor([float("inf"), 0.0, 0.0]), torch.tensor([0.0, 1.0])  # clamping would hide it
+    stab = Stabiliser(holder, clip="element", clip_value=1.0, nan_policy="skip")
+    assert not stab.before_step() and stab.nan_events == 1
     with pytest.raises(ConfigError, match="clip"):
-        clip_gradients_([a], "value", 1.0)
+        Stabiliser(holder, clip="value")
 
 
 def test_stabiliser_skips_non_finite_gradients_in_a_users_loop():

@@ -96,7 +96,8 @@ def test_sweep_and_report_json(run, dense_run, tmp_path):
 
 
 def test_demo_json_rows_and_folder(run, tmp_path):
-    result = run("demo", "--out", tmp_path / "demo", "--steps", "2", "--finetune-steps", "2", "--json")
+    result = run("demo", "--task", "addition", "--out", tmp_path / "demo", "--steps", "2", "--finetune-steps", "2",
+                 "--json")
     doc = document(result)
     assert doc["out"] == str(tmp_path / "demo")
     rows = doc["rows"]

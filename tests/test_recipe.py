@@ -154,17 +154,6 @@ def test_required_recipes_exist():
     assert set(REQUIRED) <= set(ALL)
 
 
-@pytest.fixture
-def data_env(monkeypatch):
-    """Point LRCOMPRESS_DATA at the shared data when it is not set; None when there is none."""
-    if os.environ.get("LRCOMPRESS_DATA"):
-        return os.environ["LRCOMPRESS_DATA"]
-    if SHARED_DATA.is_dir():
-        monkeypatch.setenv("LRCOMPRESS_DATA", str(SHARED_DATA))
-        return str(SHARED_DATA)
-    return None
-
-
 def count(model: torch.nn.Module, where: str) -> int:
     return sum(p.numel() for name, p in model.named_parameters() if where in name)
 

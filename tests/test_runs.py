@@ -143,10 +143,10 @@ def test_sweep_is_resumable_and_reported(dense_run, tmp_path, monkeypatch):
 def test_report_plot(dense_run, tmp_path, monkeypatch, capsys):
     out = tmp_path / "sweep"
     cli("sweep", str(dense_run), "--ranks", "1", "--out", str(out), "--steps", "5")
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
-    assert run_main(monkeypatch, ["report", str(out), "--plot", str(tmp_path / "p.png")]) == 2
-    assert "pip install 'lrcompress[plot]'" in capsys.readouterr().err
-    monkeypatch.delitem(sys.modules, "matplotlib")
+    with monkeypatch.context() as patch:  # restores an already imported matplotlib (and its pyplot) after
+        patch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+        assert run_main(monkeypatch, ["report", str(out), "--plot", str(tmp_path / "p.png")]) == 2
+        assert "pip install 'lrcompress[plot]'" in capsys.readouterr().err
     pytest.importorskip("matplotlib")
     cli("report", str(out), "--plot", str(tmp_path / "p.png"))
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

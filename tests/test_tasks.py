@@ -105,6 +105,32 @@ def test_synthetic_sets_are_fixed_by_the_data_seed():
     assert not torch.equal(v7[:8], all_batches(a, "train", 8, shuffle=False)[0].x)
 
 
+def test_batches_are_a_dataloader_in_the_seeded_order():
+    """batches() is a DataLoader over the split's Dataset; its order is the permutation drawn
+    from (seed, epoch, split), recomputed here with numpy; the Dataset also serves a user's
+    own DataLoader, whose (x, y) pairs fit() accepts."""
+    from torch.utils.data import DataLoader
+
+    from lrcompress.train import fit
+
+    task = build_task({"name": "addition", "length": 6, "train_size": 10, "valid_size": 3, "test_size": 3})
+    loader = task.batches("train", 4, seed=3, epoch=2)
+    assert isinstance(loader, DataLoader) and len(loader) == 3
+    order = np.random.default_rng([3, 2, 1]).permutation(10)  # split code 1: train
+    data = task.dataset("train")
+    expected = torch.stack([data[int(i)][0] for i in order])
+    assert torch.equal(torch.cat([b.x for b in loader]), expected)
+    assert torch.equal(torch.cat([b.x for b in loader]), expected)  # re-iterable: the same pass again
+    state = torch.get_rng_state()
+    list(task.batches("train", 4, seed=3, epoch=2))
+    assert torch.equal(torch.get_rng_state(), state)  # reading data leaves dropout's random draws alone
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 1))
+    result = fit(model, DataLoader(data, batch_size=5, shuffle=True), torch.nn.functional.mse_loss,
+                 recipe={"epochs": 2}, progress=False)
+    assert result.steps == 4 and math.isfinite(result.best["loss"])
+
+
 def test_endless_stream():
     task = build_task({"name": "addition", "length": 10, "train_size": 0, "steps_per_epoch": 3})
     assert task.steps_per_epoch(4) == 3 and task.num_examples("train") == 0

@@ -4,7 +4,8 @@ One safetensors file, written atomically (temporary file + rename), holds the mo
 dict (``model.*``), the optimiser's state tensors (``optim.<index>.<key>``), the random-number
 generators (``rng.*``: now, and at the start of the current epoch, so the epoch's data order can
 be replayed) and any carried recurrent state (``carry.<i>``); the metadata holds the rest as
-JSON (step, epoch, schedule, scaler, counters, optimiser hyper-parameters).
+JSON (step, epoch, the learning-rate scheduler's ``state_dict``, scaler, counters, the
+optimiser's parameter groups: hyper-parameters, OneCycleLR's lr bounds, RMSProp's accumulator start).
 
     >>> save_checkpoint(path, model, optimizer, trainer={"step": 10})   # doctest: +SKIP
     >>> ckpt = load_checkpoint(path); ckpt.restore(model, optimizer)     # doctest: +SKIP

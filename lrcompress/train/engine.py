@@ -28,19 +28,22 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from torch.optim.lr_scheduler import ReduceLROnPlateau
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
 from ..io import write_text_atomic
+from ..progress import bar as progress_bar, is_quiet
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, save_weights, seed_everything, set_rng_state
 from .distributed import Distributed, unwrap
 from .models import set_dropout
 from .objective import Data, Objective, StatefulForward, as_batch, forward, run_evaluation
-from .optim import Schedule, build_optimizer
+from .optim import build_optimizer, build_scheduler
 from .recipe import check_train
 from .rundir import check_run_dir, claim_run_dir
 from .stabilisers import Stabiliser, has_weight_norm, weight_norm
 from .tasks_base import Batch
+from .tensorboard import TensorBoardLog, require as require_tensorboard
 
 
 @dataclass
@@ -125,13 +128,15 @@ def fit(model: nn.Module, train_loader: Data, loss_fn: Callable | None = None, *
         recipe: TrainConfig | dict | None = None, val_loader: Data | None = None, test_loader: Data | None = None,
         metric_fn: Callable | None = None, metric: str | None = None, higher_is_better: bool | None = None,
         task=None, run_dir: str | Path | None = None, resume: bool = False,
-        optimizer: torch.optim.Optimizer | None = None, steps_per_epoch: int | None = None,
+        optimizer: torch.optim.Optimizer | None = None, scheduler=None, steps_per_epoch: int | None = None,
         on_step: Callable[["Loop"], None] | None = None, progress: bool | None = None, restore_best: bool = True,
-        shard: bool = True, summary: dict | None = None) -> FitResult:
+        shard: bool = True, summary: dict | None = None, tensorboard: str | Path | None = None) -> FitResult:
     """Train ``model`` and return a ``FitResult``.
 
     - ``train_loader``: an iterable of ``(x, y)`` or ``Batch`` (re-iterated each epoch), or a
-      function ``epoch -> iterable``. ``val_loader``/``test_loader``: an iterable or a function
+      function ``epoch -> iterable``. Items may also be dicts of named tensors (a Hugging
+      Face collator's output): the model then runs as ``model(**batch)``, and ``loss_fn`` may be
+      left out when the model returns its loss (``output.loss`` or ``output["loss"]``). ``val_loader``/``test_loader``: an iterable or a function
       of no argument.
     - ``loss_fn(model(x), y) -> scalar``; ``metric_fn(model(x), y) -> float | dict`` (batch
       means), ``metric`` names the one that picks the best checkpoint (default: the first
@@ -141,7 +146,17 @@ def fit(model: nn.Module, train_loader: Data, loss_fn: Callable | None = None, *
       without ``steps`` and ``epochs``, one epoch).
     - ``run_dir``: where ``metrics.jsonl``, ``last.safetensors``, ``best.safetensors`` and
       ``summary.json`` go; ``resume=True`` continues from ``last.safetensors``.
+    - ``optimizer``/``scheduler``: your own (any torch optimiser and LR scheduler) instead of
+      the recipe's; the scheduler steps after every update (skipped ones included), a
+      ``ReduceLROnPlateau`` after every evaluation with the headline validation metric (else
+      the training loss) as it is, so its ``mode`` decides the direction.
     - ``on_step(loop)``: called after every update (``loop.step``, ``loop.model``, ``loop.stop()``).
+    - ``progress``: bars for the updates and evaluation passes on stderr (``None``: only when
+      stderr is a terminal; ``lrcompress.progress.set_quiet`` silences them and the
+      per-evaluation lines).
+    - ``tensorboard``: a folder for TensorBoard event files (train loss and lr per update,
+      validation metrics per evaluation, test metrics at the end); needs the ``tensorboard``
+      package (``pip install 'lrcompress[tensorboard]'``, else ``ConfigError``).
     - Under ``torchrun`` each rank trains on its slice of every batch (``shard=False`` when
       your loader already shards).
     """
@@ -152,7 +167,8 @@ def fit(model: nn.Module, train_loader: Data, loss_fn: Callable | None = None, *
     config = recipe if isinstance(recipe, TrainConfig) else TrainConfig.from_dict(recipe)
     objective = Objective(loss_fn, metric_fn, task=task, metric=metric, higher_is_better=higher_is_better)
     loop = Loop(model, config, objective, train_loader, val_loader, test_loader, run_dir=run_dir, optimizer=optimizer,
-                steps_per_epoch=steps_per_epoch, on_step=on_step, progress=progress, shard=shard)
+                scheduler=scheduler, steps_per_epoch=steps_per_epoch, on_step=on_step, progress=progress, shard=shard,
+                tensorboard=tensorboard)
     try:
         return loop.run(resume=resume, restore_best=restore_best, summary=summary or {})
     finally:
@@ -161,8 +177,10 @@ def fit(model: nn.Module, train_loader: Data, loss_fn: Callable | None = None, *
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Data, loss_fn: Callable | None = None, *, metric_fn: Callable | None = None,
-             task=None, device: torch.device | str | None = None) -> dict[str, float]:
+             task=None, device: torch.device | str | None = None, progress: bool | None = False) -> dict[str, float]:
     """Metrics of ``model`` over ``data`` (means over examples), without training.
+
+    ``progress``: a bar over the batches on stderr (``None``: when stderr is a terminal).
 
     >>> evaluate(model, val_loader, torch.nn.functional.cross_entropy)   # doctest: +SKIP
     {'loss': 0.41}
@@ -170,7 +188,7 @@ def evaluate(model: nn.Module, data: Data, loss_fn: Callable | None = None, *, m
     objective = Objective(loss_fn, metric_fn, task=task)
     device = torch.device(device) if device is not None else _model_device(model)
     model = StatefulForward(model) if objective.stateful else model
-    return run_evaluation(model, data, objective, device, Distributed(), nullcontext)
+    return run_evaluation(model, counted(data, progress), objective, device, Distributed(), nullcontext)
 
 
 class Loop:
@@ -178,14 +196,17 @@ class Loop:
 
     def __init__(self, model: nn.Module, config: TrainConfig, objective: Objective, train_loader: Data,
                  val_loader: Data | None, test_loader: Data | None, *, run_dir, optimizer, steps_per_epoch,
-                 on_step, progress, shard):
+                 on_step, progress, shard, tensorboard=None, scheduler=None):
         self.config, self.objective = config, objective
         self.train_loader, self.val_loader, self.test_loader = train_loader, val_loader, test_loader
         self.dist = Distributed.setup(config.device)
         self.device = self.dist.device(config.device)
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.on_step, self.shard = on_step, shard
-        self.show = progress if progress is not None else None  # None: tqdm decides (TTY only)
+        self.show = progress  # None: bars only when stderr is a terminal (lrcompress.progress)
+        self.tensorboard_dir, self.board = tensorboard, None  # the writer opens in run()
+        if tensorboard is not None:
+            require_tensorboard()  # before any work: one line naming the extra
         self.model = model.to(self.device)
         if config.dropout or config.recurrent_dropout:  # the recipe's rates replace the model's
             set_dropout(model, dropout=config.dropout or None, recurrent_dropout=config.recurrent_dropout or None)
@@ -196,7 +217,6 @@ class Loop:
         self.optimizer = optimizer or build_optimizer(
             [p for p in model.parameters() if p.requires_grad], config.optimizer, lr=config.lr,
             weight_decay=config.weight_decay, rmsprop_alpha=config.rmsprop_alpha, rmsprop_eps=config.rmsprop_eps)
-        self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         self.stabiliser = Stabiliser(model, self.optimizer, clip=config.clip, clip_value=config.clip_value,
                                      nan_policy=config.nan_policy, max_row_norm=config.max_row_norm)
         # a stateful model runs forward_stateful; DDP must wrap the module whose forward is called
@@ -205,9 +225,14 @@ class Loop:
         self.autocast, self.scaler = self._amp()
         self.epoch_length = steps_per_epoch if steps_per_epoch is not None else _length(train_loader)
         self.total_steps = self._total_steps()
-        # best checkpoint, plateau and early stopping follow a score where higher is better
-        self.schedule = Schedule(config.lr_schedule, total_steps=self.total_steps, patience=config.plateau_patience,
-                                 factor=config.plateau_factor, higher_is_better=True)
+        # torch's schedulers: onecycle steps after every update; plateau after every evaluation, on
+        # the score that also picks the best checkpoint and stops early (higher is better)
+        if scheduler is not None and config.lr_schedule != "constant":
+            raise ConfigError(f"give a scheduler or train.lr_schedule={config.lr_schedule!r}, not both")
+        self.own_scheduler = scheduler is None  # the recipe's plateau follows the score, a user's the metric
+        self.scheduler = scheduler if scheduler is not None else build_scheduler(
+            self.optimizer, config.lr_schedule, total_steps=self.total_steps, patience=config.plateau_patience,
+            factor=config.plateau_factor)
         # progress through the data and the run
         self.step = self.epoch = self.batch_in_epoch = 0
         self.best_score: float | None = None
@@ -236,6 +261,13 @@ class Loop:
 
     # -- the run ----------------------------------------------------------------------------
     def run(self, *, resume: bool, restore_best: bool, summary: dict) -> FitResult:
+        try:
+            return self._run(resume=resume, restore_best=restore_best, summary=summary)
+        finally:
+            if self.board is not None:
+                self.board.close()
+
+    def _run(self, *, resume: bool, restore_best: bool, summary: dict) -> FitResult:
         self._prepare_dir(resume)
         start = time.perf_counter()
         resumed = resume and self.run_dir is not None and (self.run_dir / "last.safetensors").is_file()
@@ -245,9 +277,10 @@ class Loop:
             # the same on every rank, so shuffling loaders yield the same batches everywhere
             seed_everything(self.config.seed)
         self.stabiliser.remember()
-        bar = tqdm(total=self.total_steps or None, initial=self.step, desc="train", unit="update",
-                   disable=(not self.dist.main) or (None if self.show is None else not self.show), leave=False,
-                   dynamic_ncols=True)
+        if self.tensorboard_dir is not None and self.dist.main:
+            self.board = TensorBoardLog(self.tensorboard_dir, purge_step=self.step if resumed else None)
+        bar = progress_bar(total=self.total_steps or None, initial=self.step, desc="train", unit="update",
+                           progress=self.show if self.dist.main else False)
         previous = self._install_signal_handlers()
         try:
             stopped = self._train(bar, resumed, start)
@@ -268,6 +301,8 @@ class Loop:
             result.val = self._evaluate(self.val_loader)
         if self.test_loader is not None:
             result.test = self._evaluate(self.test_loader)
+            if self.board is not None:
+                self.board.final("test", result.test, self.step)
         result.wall_time = self.wall_before + time.perf_counter() - start
         if self.run_dir is not None and self.dist.main:
             write_json(self.run_dir / "summary.json", {**result.to_dict(), **summary})
@@ -301,6 +336,8 @@ class Loop:
         self.step += 1
         self.batch_in_epoch += 1
         bar.update(1)
+        if self.board is not None:  # one host sync per update, only when asked for
+            self.board.update(self.step, float(self.last_loss), self.optimizer.param_groups[0]["lr"])
         if self.on_step is not None:
             self.on_step(self)
         if self.config.eval_every and self.step % self.config.eval_every == 0:
@@ -345,7 +382,6 @@ class Loop:
 
     # -- one update -------------------------------------------------------------------------
     def _update(self, batch: Batch) -> None:
-        self.schedule.apply(self.optimizer, self.base_lrs, self.step)
         batch = (self.dist.shard(batch) if self.shard else batch).to(self.device, non_blocking=True)
         self.train_model.train()
         with self.autocast():
@@ -367,13 +403,32 @@ class Loop:
                 self.optimizer.step()
                 self.stabiliser.after_step()
         self.optimizer.zero_grad(set_to_none=True)
-        value = loss.detach().double()
+        self._advance_schedule()
+        value = self.last_loss = loss.detach().double()
         finite = torch.isfinite(value)
         self.loss_sum += torch.where(finite, value, torch.zeros_like(value))
         self.loss_count += finite.double()
 
+    def _advance_schedule(self) -> None:
+        """Step a per-update scheduler (skipped updates count too), never past its last step."""
+        sched = self.scheduler
+        if sched is None or isinstance(sched, ReduceLROnPlateau):
+            return
+        if sched.last_epoch < getattr(sched, "total_steps", math.inf):  # OneCycleLR refuses more
+            sched.step()
+
+    def _observe_plateau(self, score: float, value: float) -> bool:
+        """Feed a plateau scheduler the evaluation score (the recipe's, higher is better) or the
+        metric's value (a user's scheduler, whose mode says which way); True when it lowered the lr."""
+        if not isinstance(self.scheduler, ReduceLROnPlateau):
+            return False
+        before = [g["lr"] for g in self.optimizer.param_groups]
+        self.scheduler.step(score if self.own_scheduler else value)
+        return [g["lr"] for g in self.optimizer.param_groups] != before
+
     # -- evaluation and checkpoints ---------------------------------------------------------
     def _evaluate(self, data: Data) -> dict[str, float]:
+        data = counted(data, self.show if self.dist.main else False)
         return run_evaluation(self.forward_model, data, self.objective, self.device, self.dist, self.autocast,
                          shard=self.shard)
 
@@ -385,7 +440,7 @@ class Loop:
                   "train_loss": train_loss, "nan_events": self.nan_events}
         if self.scaler is not None:
             record["amp_overflows"] = self.amp_overflows
-        score = -train_loss  # without validation data, the training loss decides
+        score, value = -train_loss, train_loss  # without validation data, the training loss decides
         if self.val_loader is not None:
             val = self._evaluate(self.val_loader)
             record["val"] = val
@@ -406,15 +461,19 @@ class Loop:
             self.bad_evals += 1
         if math.isfinite(score):
             self.stabiliser.remember()
-        if self.schedule.observe(score) and self.dist.main:
+        if self._observe_plateau(score, value) and self.dist.main:
             bar.write(f"step {self.step}: no improvement for {self.config.plateau_patience} evaluations; "
-                      f"learning rate x{self.config.plateau_factor}")
+                      f"learning rate x{self.config.plateau_factor}" if self.own_scheduler else
+                      f"step {self.step}: the scheduler lowered the learning rate to "
+                      f"{self.optimizer.param_groups[0]['lr']:.3g}")
         self.history.append(record)
+        if self.board is not None:
+            self.board.evaluation(record)
         if self.run_dir is not None and self.dist.main:
             with open(self.run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
         bar.set_postfix_str(_postfix(record, self.objective.metric))
-        if self.show is not False and self.dist.main:  # one line per evaluation, also in logs
+        if self.show is not False and self.dist.main and not is_quiet():  # one line per evaluation, also in logs
             bar.write(_log_line(record))
             sys.stdout.flush()  # visible at once in logs too
         patience = self.config.early_stopping_patience
@@ -429,7 +488,8 @@ class Loop:
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
             "best_score": self.best_score, "best_step": self.best_step, "best_metrics": self.best_metrics,
             "bad_evals": self.bad_evals, "nan_events": self.nan_events, "amp_overflows": self.amp_overflows,
-            "wall_time": self.wall_before + time.perf_counter() - start, "schedule": self.schedule.state_dict(),
+            "wall_time": self.wall_before + time.perf_counter() - start,
+            "schedule": self.scheduler.state_dict() if self.scheduler is not None else {},
             "loss_sum": float(self.loss_sum), "loss_count": float(self.loss_count), "metric": self.objective.metric,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "config": self.config.to_dict()}
@@ -450,7 +510,8 @@ class Loop:
         self.best_score, self.best_step, self.best_metrics = t["best_score"], t["best_step"], t["best_metrics"]
         self.bad_evals, self.amp_overflows, self.wall_before = t["bad_evals"], t["amp_overflows"], t["wall_time"]
         self.stabiliser.nan_events = t["nan_events"]
-        self.schedule.load_state_dict(t["schedule"])
+        if self.scheduler is not None and "last_epoch" in t["schedule"]:  # not an empty (constant) state
+            self.scheduler.load_state_dict(t["schedule"])
         self.loss_sum.fill_(t["loss_sum"])
         self.loss_count.fill_(t["loss_count"])
         self.objective.metric = self.objective.metric or t.get("metric")
@@ -519,6 +580,15 @@ class Loop:
     def _restore_signal_handlers(previous) -> None:
         for s, h in (previous or {}).items():
             signal.signal(s, h)
+
+
+def counted(data: Data, progress: bool | None) -> Callable[[], Iterator]:
+    """``data`` (an iterable, or a function returning one) as a function whose batches pass
+    through an evaluation bar: a long test pass (psMNIST: minutes) is not silent."""
+    def batches():
+        items = data() if callable(data) and not hasattr(data, "__iter__") else data
+        return progress_bar(items, progress=progress, desc="evaluate", unit="batch")
+    return batches
 
 
 def _length(data) -> int:

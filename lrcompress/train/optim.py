@@ -1,245 +1,156 @@
-"""Optimisers: the paper's RMSProp, Adam (torch's), and Adafactor with factored second moments.
+"""Optimisers and learning-rate schedules: PyTorch's, set up as the paper and the recipes need.
 
-``RMSProp`` is the authors' update: the accumulator starts at 1e-3 (not 0, so the first steps
-are not huge), decays by 0.9, and the step is ``lr * g / sqrt(acc + eps)``. ``Adafactor``
-follows Shazeer & Stern (2018): for a matrix it keeps only row and column sums of the squared
-gradients and rebuilds the second moment as their outer product over the total.
+- ``rmsprop``: ``torch.optim.RMSprop`` with the authors' accumulator start. Their Theano code
+  (the uRNN code they built on) starts the squared-gradient average at 1e-3, not 0, so the
+  first steps are not huge; ``build_rmsprop`` fills that state in before a parameter's first
+  step (a step pre-hook; torch only creates state when it finds none). Decay 0.9.
+- ``adafactor``: ``torch.optim.Adafactor`` (Shazeer & Stern 2018) with the paper's relative
+  step size ``min(1e-2, 1/sqrt(t)) * max(eps2, RMS(p))``.
+- ``adam``: ``torch.optim.Adam``.
+- schedules: ``torch.optim.lr_scheduler.OneCycleLR`` (stepped after every update) and
+  ``ReduceLROnPlateau`` (stepped after every evaluation, on a score where higher is better).
+
+One difference from the authors' RMSProp remains: their step is ``lr g / sqrt(acc + eps)``,
+torch's ``lr g / (sqrt(acc) + eps)``. With the paper's eps (0, or 1e-8 on the memory task) and
+an accumulator that starts at 1e-3, the two steps differ by a relative ~eps / sqrt(acc), under
+1e-6 in practice; with ``eps = 0`` they are the same formula (tests check both).
 
     >>> opt = build_optimizer(torch.nn.Linear(4, 4).parameters(), "rmsprop", lr=1e-3)
+    >>> type(opt).__name__
+    'RMSprop'
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 
 import torch
-from torch import Tensor
 
 from ..errors import ConfigError
 
 OPTIMIZERS = ("rmsprop", "adam", "adafactor")
+SCHEDULES = ("constant", "plateau", "onecycle")
+INITIAL_ACCUMULATOR = 1e-3  # the authors' start of RMSProp's squared-gradient average
+ADAFACTOR_MAX_STEP = 1e-2  # Shazeer & Stern's cap of the relative step size
+ADAFACTOR_EPS = (1e-30, 1e-3)  # Shazeer & Stern's eps1 (squared gradients), eps2 (parameter scale)
 
 
-class PerParameter(torch.optim.Optimizer):
-    """An optimiser whose update treats each parameter on its own: ``step`` evaluates the closure
-    and calls ``update(p, group, state)`` for every parameter that has a gradient.
+def build_rmsprop(params: Iterable, *, lr: float = 1e-3, alpha: float = 0.9, eps: float = 1e-8,
+                  initial_accumulator: float = INITIAL_ACCUMULATOR,
+                  weight_decay: float = 0.0) -> torch.optim.RMSprop:
+    """The authors' RMSProp as a ``torch.optim.RMSprop``: ``acc = alpha acc + (1 - alpha) g^2``,
+    ``p -= lr g / (sqrt(acc) + eps)``, ``acc`` starting at ``initial_accumulator`` (their
+    Theano code: alpha 0.9, start 1e-3; eps 0, 1e-8 on the memory task).
 
-    >>> class Sgd(PerParameter):
-    ...     def update(self, p, group, state): p.sub_(p.grad, alpha=group["lr"])
+    The start value is kept in each parameter group (``initial_accumulator``), so it survives
+    ``state_dict``/``load_state_dict`` and groups added later; a registered step pre-hook fills
+    the state of each parameter that has a gradient and no state yet. The result is a plain
+    ``RMSprop`` (usable with ``transformers.Trainer(optimizers=(opt, None))``).
+    Raises ``ConfigError`` on a value outside its range.
+
+    >>> opt = build_rmsprop(torch.nn.Linear(2, 2).parameters(), lr=1e-3)
     """
-
-    def update(self, p: Tensor, group: dict, state: dict) -> None:
-        raise NotImplementedError
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    self.update(p, group, self.state[p])
-        return loss
+    for name, value, high in (("lr", lr, None), ("alpha", alpha, 1.0), ("eps", eps, None),
+                              ("initial_accumulator", initial_accumulator, None), ("weight_decay", weight_decay, None)):
+        if not (value >= 0 and (high is None or value < high)):
+            raise ConfigError(f"RMSProp {name} must be >= 0{f' and < {high}' if high else ''}, got {value!r}")
+    optimizer = torch.optim.RMSprop(params, lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay)
+    start_accumulator(optimizer, initial_accumulator)
+    return optimizer
 
 
-class RMSProp(PerParameter):
-    """``acc = alpha acc + (1 - alpha) g^2;  p -= lr g / sqrt(acc + eps)``, ``acc`` starting at
-    ``initial_accumulator`` (the paper's Theano code: alpha 0.9, acc 1e-3, eps 1e-8).
+def start_accumulator(optimizer: torch.optim.RMSprop, value: float = INITIAL_ACCUMULATOR) -> torch.optim.RMSprop:
+    """Make ``optimizer`` start each parameter's ``square_avg`` at ``value`` instead of 0."""
+    optimizer.defaults["initial_accumulator"] = value
+    for group in optimizer.param_groups:
+        group["initial_accumulator"] = value
+    optimizer.register_step_pre_hook(_fill_accumulators)
+    return optimizer
 
-    ``weight_decay`` adds ``wd * p`` to the gradient (L2), as ``torch.optim.RMSprop`` does.
 
-    >>> opt = RMSProp(torch.nn.Linear(2, 2).parameters(), lr=1e-3)
+def _fill_accumulators(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    # torch.optim.RMSprop._init_group creates state only when it finds none ("if len(state) == 0"),
+    # on every path (single-tensor and foreach); the keys below are the ones it would create.
+    for group in optimizer.param_groups:
+        start = group.get("initial_accumulator")
+        if start is None:
+            continue
+        for p in group["params"]:
+            if p.grad is None or optimizer.state.get(p):
+                continue
+            state = optimizer.state[p]
+            state["step"] = (torch.zeros((), dtype=torch.float32, device=p.device) if group.get("capturable")
+                             else torch.zeros((), dtype=torch.float32))
+            state["square_avg"] = torch.full_like(p, start, memory_format=torch.preserve_format)
+            if group.get("momentum", 0) > 0:
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if group.get("centered"):
+                state["grad_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+def build_adafactor(params: Iterable, *, max_step: float = ADAFACTOR_MAX_STEP,
+                    weight_decay: float = 0.0) -> torch.optim.Adafactor:
+    """Shazeer & Stern's Adafactor (algorithms 4 and 5, relative step, update clipping at 1) as
+    ``torch.optim.Adafactor``: factored second moments over the last two dimensions (leading
+    ones, such as a GRU's stacked gates, are a batch), ``beta2_t = 1 - t^-0.8``, step size
+    ``min(max_step, 1/sqrt(t)) * max(1e-3, RMS(p))``.
+
+    Differences from the paper that torch's implementation brings (see its documentation):
+    eps1 (1e-30) floors the second-moment estimate instead of being added to ``g^2``;
+    ``weight_decay`` is decoupled and scaled by ``max_step``, not by the step size.
+
+    >>> opt = build_adafactor(torch.nn.Linear(8, 8).parameters())
     """
-
-    def __init__(self, params, lr: float = 1e-3, alpha: float = 0.9, eps: float = 1e-8,
-                 initial_accumulator: float = 1e-3, weight_decay: float = 0.0):
-        for name, value, low, high in (("lr", lr, 0.0, math.inf), ("alpha", alpha, 0.0, 1.0),
-                                       ("eps", eps, 0.0, math.inf), ("initial_accumulator", initial_accumulator,
-                                                                     0.0, math.inf),
-                                       ("weight_decay", weight_decay, 0.0, math.inf)):
-            if not low <= value < high:
-                raise ConfigError(f"RMSProp {name} must be in [{low}, {high}), got {value!r}")
-        super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps, initial_accumulator=initial_accumulator,
-                                      weight_decay=weight_decay))
-
-    def update(self, p: Tensor, group: dict, state: dict) -> None:
-        g = p.grad
-        if group["weight_decay"]:
-            g = g.add(p, alpha=group["weight_decay"])
-        if not state:
-            state["step"] = torch.zeros((), dtype=torch.float32)
-            state["square_avg"] = torch.full_like(p, group["initial_accumulator"],
-                                                  memory_format=torch.preserve_format)
-        state["step"] += 1
-        acc = state["square_avg"]
-        acc.mul_(group["alpha"]).addcmul_(g, g, value=1 - group["alpha"])
-        p.addcdiv_(g, acc.add(group["eps"]).sqrt_(), value=-group["lr"])
-
-
-class Adafactor(PerParameter):
-    """Adafactor (Shazeer & Stern 2018, algorithms 4 and 5, with update clipping).
-
-    Tensors of 2 or more dimensions keep factored second moments over their last two
-    dimensions (leading dimensions, such as a GRU's stacked gates, are a batch): row sums
-    ``R`` and column sums ``C`` of ``g^2 + eps1``; the estimate is ``V = R C^T / sum(R)``.
-    Vectors keep the full ``V``. The decay is ``beta2_t = 1 - t^decay_rate``; the update
-    ``U = g / sqrt(V)`` is divided by ``max(1, RMS(U) / clip_threshold)``.
-
-    Step size: ``lr=None`` uses the paper's relative step ``min(1e-2, 1/sqrt(t))`` times
-    ``max(eps2, RMS(p))``; a number is used as it is (times ``max(eps2, RMS(p))`` only with
-    ``scale_parameter=True``). ``beta1`` adds momentum on the clipped update; ``weight_decay``
-    is decoupled (``p -= lr_t * wd * p``).
-
-    >>> opt = Adafactor(torch.nn.Linear(8, 8).parameters())
-    """
-
-    def __init__(self, params, lr: float | None = None, *, eps: tuple[float, float] = (1e-30, 1e-3),
-                 clip_threshold: float = 1.0, decay_rate: float = -0.8, beta1: float | None = None,
-                 weight_decay: float = 0.0, scale_parameter: bool | None = None):
-        if lr is not None and not lr > 0:
-            raise ConfigError(f"Adafactor lr must be positive or None (relative step), got {lr!r}")
-        if not decay_rate < 0:
-            raise ConfigError(f"Adafactor decay_rate must be negative, got {decay_rate!r}")
-        if beta1 is not None and not 0 <= beta1 < 1:
-            raise ConfigError(f"Adafactor beta1 must be in [0, 1) or None, got {beta1!r}")
-        if scale_parameter is None:
-            scale_parameter = lr is None
-        super().__init__(params, dict(lr=lr, eps=tuple(eps), clip_threshold=clip_threshold, decay_rate=decay_rate,
-                                      beta1=beta1, weight_decay=weight_decay, scale_parameter=scale_parameter))
-
-    @staticmethod
-    def factored(p: Tensor) -> bool:
-        return p.dim() >= 2
-
-    def update(self, p: Tensor, group: dict, state: dict) -> None:
-        eps1, eps2 = group["eps"]
-        g = p.grad if p.grad.dtype == torch.float64 else p.grad.float()  # half-precision: in float32
-        if not state:
-            state["step"] = torch.zeros((), dtype=torch.float32)
-            if self.factored(p):
-                state["row"] = g.new_zeros(g.shape[:-1])
-                state["col"] = g.new_zeros(g.shape[:-2] + g.shape[-1:])
-            else:
-                state["sq"] = torch.zeros_like(g)
-            if group["beta1"] is not None:
-                state["exp_avg"] = torch.zeros_like(g)
-        state["step"] += 1
-        t = float(state["step"])
-        beta2 = 1.0 - t ** group["decay_rate"]
-        g2 = g * g + eps1
-        if self.factored(p):
-            row, col = state["row"], state["col"]
-            row.mul_(beta2).add_(g2.sum(dim=-1), alpha=1 - beta2)
-            col.mul_(beta2).add_(g2.sum(dim=-2), alpha=1 - beta2)
-            update = g / second_moment(row, col).sqrt()
-        else:
-            state["sq"].mul_(beta2).add_(g2, alpha=1 - beta2)
-            update = g / state["sq"].sqrt()
-        update.div_((rms(update) / group["clip_threshold"]).clamp_(min=1.0))
-        if group["beta1"] is not None:
-            update = state["exp_avg"].mul_(group["beta1"]).add_(update, alpha=1 - group["beta1"])
-        step_size = min(1e-2, 1.0 / math.sqrt(t)) if group["lr"] is None else group["lr"]
-        if group["scale_parameter"]:
-            step_size = rms(p.to(g.dtype)).clamp(min=eps2) * step_size
-        if group["weight_decay"]:
-            p.sub_(p * (step_size * group["weight_decay"]))
-        p.sub_((update * step_size).to(p.dtype))
-
-
-def second_moment(row: Tensor, col: Tensor) -> Tensor:
-    """Adafactor's factored estimate ``R C^T / (1^T R)`` (batched over leading dimensions)."""
-    return row.unsqueeze(-1) * col.unsqueeze(-2) / row.sum(dim=-1, keepdim=True).unsqueeze(-1)
-
-
-def rms(x: Tensor) -> Tensor:
-    return x.pow(2).mean().sqrt()
+    if not max_step > 0:
+        raise ConfigError(f"Adafactor's maximum relative step must be positive, got {max_step!r}")
+    return torch.optim.Adafactor(params, lr=max_step, beta2_decay=-0.8, eps=ADAFACTOR_EPS, d=1.0,
+                                 weight_decay=weight_decay)
 
 
 def build_optimizer(params: Iterable, name: str, *, lr: float, weight_decay: float = 0.0,
                     rmsprop_alpha: float = 0.9, rmsprop_eps: float = 1e-8) -> torch.optim.Optimizer:
-    """The optimiser a recipe names. For ``adafactor``, ``lr=0`` selects the relative step size.
+    """The optimiser a recipe names. For ``adafactor``, ``lr`` caps the relative step size
+    (torch's meaning) and ``lr=0`` selects the paper's cap, 1e-2.
 
     >>> build_optimizer(torch.nn.Linear(2, 2).parameters(), "adam", lr=1e-3).__class__.__name__
     'Adam'
     """
     if name == "rmsprop":
-        return RMSProp(params, lr=lr, alpha=rmsprop_alpha, eps=rmsprop_eps, weight_decay=weight_decay)
+        return build_rmsprop(params, lr=lr, alpha=rmsprop_alpha, eps=rmsprop_eps, weight_decay=weight_decay)
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     if name == "adafactor":
-        return Adafactor(params, lr=lr or None, weight_decay=weight_decay)
+        return build_adafactor(params, max_step=lr or ADAFACTOR_MAX_STEP, weight_decay=weight_decay)
     raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
 
 
-SCHEDULES = ("constant", "plateau", "onecycle")
+def build_scheduler(optimizer: torch.optim.Optimizer, kind: str = "constant", *, total_steps: int = 0,
+                    patience: int = 3, factor: float = 0.5):
+    """The learning-rate schedule a recipe names, or ``None`` for ``constant``.
 
+    - ``onecycle``: ``OneCycleLR`` peaking at each group's current lr (cosine warm-up from
+      lr/25 over the first 30% of ``total_steps``, then cosine decay to lr/25e4; no momentum
+      cycling). Step it after every update.
+    - ``plateau``: ``ReduceLROnPlateau`` on a score where *higher is better*: the lr is
+      multiplied by ``factor`` once ``patience`` evaluations in a row did not strictly improve
+      on the best score (torch's ``patience`` counts the evaluations tolerated, so it is
+      ``patience - 1`` here; threshold 0, no floor). Step it with the score after every evaluation.
 
-class Schedule:
-    """The learning rate of each update, as a factor of the recipe's: ``constant``; ``plateau``
-    (multiply by ``factor`` after ``patience`` evaluations without improvement, the paper's
-    halving); ``onecycle`` (cosine warm-up from lr/25 to lr over the first 30% of
-    ``total_steps``, then cosine decay to lr/25e4, as ``torch``'s OneCycleLR).
-
-    >>> Schedule("onecycle", total_steps=100).factor(29)
-    1.0
+    Raises ``ConfigError`` for an unknown kind, a ``onecycle`` without a known number of
+    updates, or a plateau ``factor``/``patience`` out of range.
     """
-
-    WARMUP, START, END = 0.3, 1 / 25, 1 / 25e4
-
-    def __init__(self, kind: str = "constant", *, total_steps: int = 0, patience: int = 3, factor: float = 0.5,
-                 higher_is_better: bool = False):
-        if kind not in SCHEDULES:
-            raise ConfigError(f"lr_schedule must be one of {', '.join(SCHEDULES)}, got {kind!r}")
-        if kind == "onecycle" and total_steps < 4:
+    if kind not in SCHEDULES:
+        raise ConfigError(f"lr_schedule must be one of {', '.join(SCHEDULES)}, got {kind!r}")
+    if kind == "onecycle":
+        if total_steps < 4:
             raise ConfigError("lr_schedule 'onecycle' needs a known number of updates: set train.steps "
                               "(or train.epochs with a data source of known length)")
-        if kind == "plateau" and not (0 < factor < 1 and patience >= 1):
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups],
+                                                   total_steps=total_steps, cycle_momentum=False)
+    if kind == "plateau":
+        if not (0 < factor < 1 and patience >= 1):
             raise ConfigError(f"plateau needs 0 < plateau_factor < 1 and plateau_patience >= 1, "
                               f"got {factor!r} and {patience!r}")
-        self.kind, self.total_steps, self.patience, self.plateau_factor = kind, total_steps, patience, factor
-        self.higher_is_better = higher_is_better
-        self.scale, self.best, self.bad = 1.0, None, 0
-
-    def factor(self, step: int) -> float:
-        """Factor for the update that follows ``step`` completed updates."""
-        if self.kind != "onecycle":
-            return self.scale
-        peak, last = self.WARMUP * self.total_steps - 1, self.total_steps - 1  # OneCycleLR's phase ends
-        if step <= peak:
-            return _cosine(self.START, 1.0, step / peak)
-        return _cosine(1.0, self.END, min(1.0, (step - peak) / (last - peak)))
-
-    def observe(self, value: float) -> bool:
-        """Feed an evaluation result; returns True when the plateau schedule lowered the rate."""
-        if self.kind != "plateau":
-            return False
-        better = value == value and (self.best is None or (value > self.best if self.higher_is_better
-                                                           else value < self.best))
-        if better:
-            self.best, self.bad = value, 0
-            return False
-        self.bad += 1
-        if self.bad < self.patience:
-            return False
-        self.scale *= self.plateau_factor
-        self.bad = 0
-        return True
-
-    def apply(self, optimizer: torch.optim.Optimizer, base_lrs: list, step: int) -> None:
-        f = self.factor(step)
-        for group, base in zip(optimizer.param_groups, base_lrs):
-            if base is not None:  # Adafactor's relative step has no lr to scale
-                group["lr"] = base * f
-
-    def state_dict(self) -> dict:
-        return {"scale": self.scale, "best": self.best, "bad": self.bad}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.scale, self.best, self.bad = state["scale"], state["best"], state["bad"]
-
-
-def _cosine(start: float, end: float, fraction: float) -> float:
-    return end + (start - end) * (1 + math.cos(math.pi * fraction)) / 2
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=factor, patience=patience - 1,
+                                                          threshold=0.0, threshold_mode="abs", eps=0.0)
+    return None

@@ -10,11 +10,10 @@ is complete; ``dump_recipe`` writes it back as TOML.
 
 from __future__ import annotations
 
-import json
-import math
-import re
 import sys
 from pathlib import Path
+
+import tomli_w
 
 from ..errors import ConfigError
 from .fields import check_fields, check_range
@@ -72,7 +71,6 @@ META_DEFAULTS: dict = {
     "deviations": "",  # deliberate differences from the paper's setup, and why
     "notes": "",
 }
-BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> dict:
@@ -159,7 +157,8 @@ def check_train(train: dict) -> dict:
 
 
 def dump_recipe(recipe: dict) -> str:
-    """TOML text of a recipe (sections in the usual order; ``None`` values are left out).
+    """TOML text of a recipe (``tomli_w``; sections in the usual order, ``None`` values left out).
+    Raises ``ConfigError`` for a section that is not a table or a value TOML cannot hold.
 
     >>> print(dump_recipe({"task": {"name": "copy", "lag": 5}}))
     [task]
@@ -168,35 +167,20 @@ def dump_recipe(recipe: dict) -> str:
     <BLANKLINE>
     """
     order = [s for s in SECTIONS if s in recipe] + [s for s in recipe if s not in SECTIONS]
-    blocks = []
+    tables = {}
     for section in order:
         values = recipe[section]
         if not isinstance(values, dict):
             raise ConfigError(f"recipe section {section!r} must be a table, got {values!r}")
-        lines = [f"[{_key(section)}]"]
-        lines += [f"{_key(k)} = {_literal(v, f'{section}.{k}')}" for k, v in values.items() if v is not None]
-        blocks.append("\n".join(lines) + "\n")
-    return "\n".join(blocks)
-
-
-def _key(key: str) -> str:
-    return key if BARE_KEY.match(key) else json.dumps(key)
-
-
-def _literal(value, where: str) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return repr(value)
-    if isinstance(value, str):
-        # JSON string escapes (\" \\ \n \uXXXX ...) are all valid in TOML basic strings.
-        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_literal(v, where) for v in value) + "]"
-    raise ConfigError(f"{where}: cannot write {type(value).__name__} value {value!r} as TOML")
+        tables[section] = {k: v for k, v in values.items() if v is not None}
+    try:
+        return tomli_w.dumps(tables)
+    except TypeError:
+        for section, values in tables.items():  # name the value tomli_w refused
+            for key, value in values.items():
+                try:
+                    tomli_w.dumps({"value": value})
+                except TypeError:
+                    raise ConfigError(f"{section}.{key}: cannot write {type(value).__name__} value {value!r} "
+                                      "as TOML") from None
+        raise

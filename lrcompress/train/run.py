@@ -20,7 +20,7 @@ from torch import nn
 
 from ..convert import compress, count_params
 from ..errors import ConfigError, FormatError, LRCompressError, OutputExistsError
-from ..io import load_model, read_safetensors, save_model, write_atomic, write_text_atomic
+from ..io import load_model, read_safetensors, save_model, write_text_atomic
 from ..validate import check_compressed, load_json
 from .checkpoint import load_checkpoint
 from ..report import format_table
@@ -30,6 +30,8 @@ from .rundir import check_run_dir, claim_run_dir
 from .recipe import apply_overrides, check_recipe, dump_recipe, load_recipe
 from .stabilisers import remove_weight_norm
 from .tasks import build_task
+from .tensorboard import require as require_tensorboard
+from ..progress import bar as progress_bar
 
 MODEL_FILE, RECIPE_FILE, SUMMARY_FILE = "model.safetensors", "recipe.toml", "summary.json"
 FINETUNE_FILE = "finetune.json"
@@ -37,12 +39,16 @@ FINETUNE_FILE = "finetune.json"
 
 def train_recipe(recipe: str | os.PathLike | dict, out: str | os.PathLike | None = None, *,
                  overrides: list[str] | tuple[str, ...] = (), resume: bool = False,
-                 progress: bool | None = None) -> dict:
+                 progress: bool | None = None, tensorboard: str | os.PathLike | None = None) -> dict:
     """Train the model of a recipe (a path or a recipe dict) into run directory ``out``.
 
     With ``resume`` and an existing run in ``out``, the run's own ``recipe.toml`` is used
     (``overrides`` still apply, e.g. more steps). Returns the summary (also in summary.json).
+    ``progress``: bars on stderr (``None``: on a terminal); ``tensorboard``: a folder for
+    TensorBoard event files (``fit``'s argument).
     """
+    if tensorboard is not None:
+        require_tensorboard()
     recipe = _recipe(recipe, overrides)
     out = Path(out) if out is not None else Path("runs") / (recipe["meta"]["name"] or "run")
     _check_out(out, resume)
@@ -52,21 +58,24 @@ def train_recipe(recipe: str | os.PathLike | dict, out: str | os.PathLike | None
     _claim(out)
     _write_text(out / RECIPE_FILE, dump_recipe(recipe))
     extra = {"kind": "train", "recipe": recipe["meta"]["name"], "params": count_params(model)}
-    result = _fit(model, task, recipe, out, resume=resume, progress=progress, summary=extra)
+    result = _fit(model, task, recipe, out, resume=resume, progress=progress, summary=extra, tensorboard=tensorboard)
     return _finish(model, result, out, extra)
 
 
 def finetune(source: str | os.PathLike, out: str | os.PathLike, *, rank=None, energy: float | None = None,
              diag: bool = False, tied: bool = False, recipe: str | os.PathLike | None = None,
              overrides: list[str] | tuple[str, ...] = (), resume: bool = False,
-             progress: bool | None = None) -> dict:
+             progress: bool | None = None, tensorboard: str | os.PathLike | None = None) -> dict:
     """Convert a trained model at ``rank`` (or ``energy``), evaluate it, fine-tune it, evaluate again.
 
     ``source`` is a run directory (its ``recipe.toml`` and ``model.safetensors``), or a state
     dict file with ``recipe`` naming the recipe that builds its model. The fine-tuning follows
     the recipe's ``[train]`` section with ``overrides`` (e.g. ``train.steps=2000``). The summary
     holds the metrics of the dense model, of the converted one before fine-tuning, and after.
+    ``progress`` and ``tensorboard`` as in ``train_recipe``.
     """
+    if tensorboard is not None:
+        require_tensorboard()
     source, out = Path(source), Path(out)
     _check_apart(source, out)
     _check_out(out, resume)
@@ -82,10 +91,11 @@ def finetune(source: str | os.PathLike, out: str | os.PathLike, *, rank=None, en
     eval_data = _eval_data(task, recipe)
     if state is None:
         state = {"source": str(source), "weights": str(weights), "rank": rank, "energy": energy, "diag": diag,
-                 "tied": tied, "dense": _metrics(model, task, eval_data)}
-    conversion = compress(model, None if energy is not None else rank, energy=energy, diag=diag, tied=tied)
+                 "tied": tied, "dense": _metrics(model, task, eval_data, progress)}
+    conversion = compress(model, None if energy is not None else rank, energy=energy, diag=diag, tied=tied,
+                          progress=progress)
     if "converted" not in state:
-        state["converted"] = _metrics(model, task, eval_data)
+        state["converted"] = _metrics(model, task, eval_data, progress)
         state["conversion"] = conversion.to_dict()
     _claim(out)
     _write_text(out / RECIPE_FILE, dump_recipe(recipe))
@@ -94,16 +104,21 @@ def finetune(source: str | os.PathLike, out: str | os.PathLike, *, rank=None, en
              "energy": energy, "diag": diag, "tied": tied, "params_dense": conversion.params_before,
              "params": conversion.params_after, "ratio": conversion.ratio, "dense": state["dense"],
              "converted": state["converted"]}
-    result = _fit(model, task, recipe, out, resume=resume, progress=progress, summary=extra)
+    result = _fit(model, task, recipe, out, resume=resume, progress=progress, summary=extra, tensorboard=tensorboard)
     return _finish(model, result, out, extra)
 
 
 def sweep(source: str | os.PathLike, out: str | os.PathLike, *, ranks: list[int], diag: bool = False,
           both_diag: bool = False, tied: bool = False, recipe: str | os.PathLike | None = None,
-          overrides: list[str] | tuple[str, ...] = (), progress: bool | None = None, echo=print) -> list[dict]:
+          overrides: list[str] | tuple[str, ...] = (), progress: bool | None = None, echo=print,
+          tensorboard: str | os.PathLike | None = None) -> list[dict]:
     """``finetune`` at every rank (with and without diagonal when ``both_diag``), one run
     directory per point under ``out``. Resumable: finished points are skipped, an interrupted
-    one continues. ``echo`` gets one line per point. Returns the points' summaries."""
+    one continues. ``echo`` gets one line per point; a bar counts the points ("point 3 of 8").
+    With ``tensorboard``, each point logs to ``tensorboard/<point name>``. Returns the points'
+    summaries."""
+    if tensorboard is not None:
+        require_tensorboard()
     if not ranks or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in ranks):
         raise ConfigError(f"ranks must be positive ints, got {ranks!r}")
     out = Path(out)
@@ -113,19 +128,24 @@ def sweep(source: str | os.PathLike, out: str | os.PathLike, *, ranks: list[int]
     _claim(out)
     _save_json(out / "sweep.json", {"source": str(source), "ranks": list(ranks), "diag": diag,
                                      "both_diag": both_diag, "tied": tied, "overrides": list(overrides)})
+    plan = [(r, d) for r in ranks for d in ((False, True) if both_diag else (diag,))]
     points = []
-    for rank, d in [(r, d) for r in ranks for d in ((False, True) if both_diag else (diag,))]:
-        where = out / point_name(rank, d, tied)
-        summary = _read_json(where / SUMMARY_FILE)
-        if summary is not None and summary.get("stopped") != "interrupted":
-            echo(f"{where.name}: done earlier, skipped; " + point_line(summary))
-        else:
-            summary = finetune(source, where, rank=rank, diag=d, tied=tied, recipe=recipe, overrides=overrides,
-                               resume=True, progress=progress)
-            echo(f"{where.name}: " + point_line(summary))
-        points.append(summary)
-        if summary.get("stopped") == "interrupted":
-            break
+    with progress_bar(total=len(plan), progress=progress, desc="sweep", unit="point") as bar:
+        for i, (rank, d) in enumerate(plan, 1):
+            where = out / point_name(rank, d, tied)
+            bar.set_description(f"point {i} of {len(plan)} ({where.name})")
+            summary = _read_json(where / SUMMARY_FILE)
+            if summary is not None and summary.get("stopped") != "interrupted":
+                echo(f"{where.name}: done earlier, skipped; " + point_line(summary))
+            else:
+                board = None if tensorboard is None else Path(tensorboard) / where.name
+                summary = finetune(source, where, rank=rank, diag=d, tied=tied, recipe=recipe, overrides=overrides,
+                                   resume=True, progress=progress, tensorboard=board)
+                echo(f"{where.name}: " + point_line(summary))
+            points.append(summary)
+            bar.update(1)
+            if summary.get("stopped") == "interrupted":
+                break
     return points
 
 
@@ -150,13 +170,15 @@ def build(recipe: dict) -> tuple:
     return task, build_model(recipe["model"], task)
 
 
-def _fit(model: nn.Module, task, recipe: dict, out: Path, *, resume: bool, progress, summary: dict) -> FitResult:
+def _fit(model: nn.Module, task, recipe: dict, out: Path, *, resume: bool, progress, summary: dict,
+         tensorboard=None) -> FitResult:
     config = TrainConfig.from_dict(recipe["train"])
     seed, size = config.seed, config.batch_size
     return fit(model, lambda epoch: task.batches("train", size, seed=seed, epoch=epoch), task=task, recipe=config,
                val_loader=_split(task, "valid", _eval_size(task, size)),
                test_loader=_split(task, "test", _eval_size(task, size)), run_dir=out, resume=resume,
-               steps_per_epoch=task.steps_per_epoch(size), progress=progress, summary=summary)
+               steps_per_epoch=task.steps_per_epoch(size), progress=progress, summary=summary,
+               tensorboard=tensorboard)
 
 
 def _finish(model: nn.Module, result: FitResult, out: Path, extra: dict) -> dict:
@@ -172,8 +194,8 @@ def _eval_data(task, recipe: dict) -> dict:
     return {"val": _split(task, "valid", size), "test": _split(task, "test", size)}
 
 
-def _metrics(model: nn.Module, task, data: dict) -> dict:
-    return {name: evaluate(model, batches, task=task) for name, batches in data.items()}
+def _metrics(model: nn.Module, task, data: dict, progress: bool | None = False) -> dict:
+    return {name: evaluate(model, batches, task=task, progress=progress) for name, batches in data.items()}
 
 
 def _split(task, split: str, size: int):
@@ -282,16 +304,22 @@ def collect(path: str | os.PathLike) -> list[dict]:
     Raises ``FormatError`` naming the file when a ``summary.json`` is damaged (not JSON, too
     deep, not a run summary, a value of the wrong type).
     """
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"no such run or sweep directory: {path}")
-    runs = [path] if (path / SUMMARY_FILE).is_file() else [p for p in path.iterdir() if (p / SUMMARY_FILE).is_file()]
-    if not runs:
-        raise LRCompressError(f"{path} holds no finished run (no summary.json in it or its subdirectories)")
-    rows = [row(p.name, _read_summary(p / SUMMARY_FILE), p / SUMMARY_FILE) for p in runs]
+    rows = [row(p.name, _read_summary(p / SUMMARY_FILE), p / SUMMARY_FILE) for p in run_dirs(path)]
     if len(rows) > 1:
         rows.sort(key=lambda r: (r["rank"] is not None, r["rank"] or 0, bool(r["diag"]), r["run"]))
     return rows
+
+
+def run_dirs(path: str | os.PathLike) -> list[Path]:
+    """The finished runs (folders with a ``summary.json``) of a run or sweep directory, by name."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"no such run or sweep directory: {path}")
+    runs = [path] if (path / SUMMARY_FILE).is_file() else \
+        sorted(p for p in path.iterdir() if (p / SUMMARY_FILE).is_file())
+    if not runs:
+        raise LRCompressError(f"{path} holds no finished run (no summary.json in it or its subdirectories)")
+    return runs
 
 
 def _read_summary(path: Path) -> dict:
@@ -368,53 +396,47 @@ def check_report_output(path: str | os.PathLike, force: bool) -> Path:
 
 
 def plot(rows: list[dict], path: str | os.PathLike, *, force: bool = False) -> Path:
-    """Parameters against the metric, before and after fine-tuning (needs matplotlib).
+    """Parameters against the metric, before and after fine-tuning, the dense model as a point
+    (``plots.sweep_figure``; needs matplotlib). Written atomically in the format of the file's
+    extension (PNG without one); an existing file is replaced only with ``force``."""
+    from . import plots
 
-    Written atomically in the format of the file's extension (PNG without one); an existing
-    file is replaced only with ``force``.
-    """
     path = check_report_output(path, force)
+    return plots.save_figure(plots.sweep_figure(rows), path, force=force)
+
+
+def curves(path: str | os.PathLike, output: str | os.PathLike, *, metric: str | None = None,
+           force: bool = False) -> Path:
+    """Learning curves (``metric`` per update, one line per run) of a run or sweep directory's
+    runs, from their ``metrics.jsonl`` (``plots.curves_figure``; default metric: the runs'
+    headline metric on validation data)."""
+    from . import plots
+
+    output = check_report_output(output, force)
+    dirs = run_dirs(path)
+    runs = {d.name: _read_records(d / "metrics.jsonl") for d in dirs}
+    if metric is None:
+        headline = [_read_summary(d / SUMMARY_FILE).get("metric") for d in dirs]
+        metric = next((m for m in headline if isinstance(m, str)), None)
+    return plots.save_figure(plots.curves_figure(runs, metric), output, force=force)
+
+
+def _read_records(path: Path) -> list[dict]:
+    """The evaluation records of ``metrics.jsonl`` (a line cut short by a kill ends them)."""
+    records = []
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise LRCompressError("plotting needs matplotlib: pip install 'lrcompress[plot]'") from None
-    points = [r for r in rows if r["params"] and r["after"] is not None]
-    if not points:
-        raise LRCompressError("nothing to plot: no run has a parameter count and a metric")
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for diag, marker in ((False, "o"), (True, "s")):
-        group = sorted((r for r in points if bool(r["diag"]) == diag), key=lambda r: r["params"])
-        if not group:
-            continue
-        label = "low-rank + diagonal" if diag else "low-rank"
-        line, = ax.plot([r["params"] for r in group], [r["after"] for r in group], marker=marker,
-                        label=f"{label}, fine-tuned")
-        before = [(r["params"], r["before"]) for r in group if r["before"] is not None]
-        if before:
-            ax.plot(*zip(*before), marker=marker, linestyle=":", alpha=0.5, color=line.get_color(),
-                    label=f"{label}, converted")
-        for r in group:
-            ax.annotate(str(r["rank"]), (r["params"], r["after"]), textcoords="offset points", xytext=(3, 3),
-                        fontsize=7)
-    dense = [r["dense"] for r in points if r["dense"] is not None]
-    if dense:
-        ax.axhline(dense[0], color="grey", linestyle="--", label="dense")
-    ax.set_xscale("log")
-    ax.set_xlabel("parameters")
-    ax.set_ylabel(f"{points[0]['split']} {points[0]['metric']}")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    kind = path.suffix[1:].lower() or "png"
-    try:
-        return write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format=kind), force=force)
-    except ValueError as exc:  # matplotlib: an extension it cannot write
-        raise LRCompressError(f"cannot write {path}: {str(exc).splitlines()[0]}") from None
-    finally:
-        plt.close(fig)
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return records
+    for line in lines:
+        try:
+            record = load_json(line, str(path), max_depth=MAX_JSON_DEPTH)
+        except FormatError:
+            break
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+    return records
 
 
-__all__ = ["build", "collect", "finetune", "format_report", "plot", "point_name", "row", "sweep", "train_recipe",
-           "write_csv"]
+__all__ = ["build", "collect", "curves", "finetune", "format_report", "plot", "point_name", "row", "run_dirs", "sweep",
+           "train_recipe", "write_csv"]

@@ -1,13 +1,16 @@
 """The paper's training stabilisers, as plain functions and one hook object for any loop.
 
-- gradient clipping, element-wise (``clamp(g, -c, c)``) or by global norm (``g c / max(|g|, c)``);
-- non-finite detection *before* the update, from the global gradient norm (one ``.item()``),
+- gradient clipping, element-wise (``torch.nn.utils.clip_grad_value_``: ``clamp(g, -c, c)``) or
+  by global norm (``clip_grads_with_norm_``: ``g * min(1, c / (|g| + 1e-6))``);
+- non-finite detection *before* the update, from the global gradient norm
+  (``torch.nn.utils.get_total_norm``, one ``.item()``, reused by norm clipping),
   with a recovery policy: ``skip`` the update, ``decay`` (the authors' code: every gradient
   becomes ``0.1 * parameter``, a weight-decay step), or ``restore`` the last good state;
 - weight normalisation (Salimans & Kingma) of the factor matrices and of the input matrices
   of factored recurrent layers: trainable row scales, except fixed ones on the ``R``
   projections (appendix A.2);
-- the row max-norm constraint on the same matrices (10 in the paper), after each update.
+- the row max-norm constraint on the same matrices (10 in the paper), after each update
+  (``Tensor.renorm_``).
 
 In your own loop::
 
@@ -27,7 +30,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
+from torch.nn.utils import clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, get_total_norm, parametrize
 
 from ..errors import ConfigError
 from ..nn.rnn import FactoredRNN
@@ -36,39 +39,6 @@ from ..parametrizations import LowRank
 CLIP_MODES = ("none", "element", "norm")
 NAN_POLICIES = ("skip", "decay", "restore", "none")
 DECAY_FACTOR = 0.1  # the authors' pseudo-gradient: 0.1 * parameter
-
-
-def grad_norm(params: Iterable[Tensor]) -> Tensor:
-    """Global L2 norm of the gradients, as a tensor (no host sync); NaN/Inf propagate."""
-    return _norm_of([p.grad for p in params if p.grad is not None])
-
-
-def _norm_of(grads: list[Tensor]) -> Tensor:
-    if not grads:
-        return torch.zeros(())
-    norms = [torch.linalg.vector_norm(g.detach(), dtype=torch.float32) for g in grads]
-    return torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
-
-
-def clip_gradients_(params: Iterable[Tensor], mode: str, value: float = 1.0, norm: Tensor | None = None) -> None:
-    """Clip gradients in place: ``element`` clamps each entry to ``[-value, value]``; ``norm``
-    rescales all by ``value / max(norm, value)`` (pass ``norm`` if already computed)."""
-    if mode not in CLIP_MODES:
-        raise ConfigError(f"clip must be one of {', '.join(CLIP_MODES)}, got {mode!r}")
-    grads = [p.grad for p in params if p.grad is not None]
-    if mode == "none" or not grads:
-        return
-    if not value > 0:
-        raise ConfigError(f"clip_value must be positive, got {value!r}")
-    if mode == "element":
-        for g in grads:
-            g.clamp_(-value, value)
-        return
-    if norm is None:
-        norm = _norm_of(grads)
-    scale = (value / norm.clamp(min=value)).to(grads[0].dtype)
-    for g in grads:
-        g.mul_(scale.to(g.device))
 
 
 def decay_gradients_(params: Iterable[Tensor], factor: float = DECAY_FACTOR) -> None:
@@ -110,7 +80,8 @@ class Stabiliser:
 
     def check(self) -> bool:
         """Whether the gradients are finite (computes the global norm; one host sync)."""
-        self.last_norm = grad_norm(self.params())
+        grads = [p.grad for p in self.params() if p.grad is not None]
+        self.last_norm = get_total_norm(grads) if grads else torch.zeros(())
         return math.isfinite(self.last_norm.item())
 
     def before_step(self) -> bool:
@@ -126,7 +97,15 @@ class Stabiliser:
 
     def clip_(self) -> None:
         """Clip the gradients (by global norm: reusing the norm ``check`` computed)."""
-        clip_gradients_(self.params(), self.clip, self.clip_value, self.last_norm)
+        params = [p for p in self.params() if p.grad is not None]
+        if self.clip == "none" or not params:
+            return
+        if self.clip == "element":
+            clip_grad_value_(params, self.clip_value)
+        elif self.last_norm is not None:
+            clip_grads_with_norm_(params, self.clip_value, self.last_norm)
+        else:  # nan_policy "none": no check computed the norm
+            clip_grad_norm_(params, self.clip_value)
 
     def recover(self, params: list[Tensor]) -> bool:
         if self.nan_policy == "decay":
@@ -134,7 +113,10 @@ class Stabiliser:
             return True
         if self.nan_policy == "restore" and self._good is not None:
             self.model.load_state_dict(self._good["model"])
+            lrs = [g["lr"] for g in self.optimizer.param_groups]  # the schedule's, not part of the state
             self.optimizer.load_state_dict(copy.deepcopy(self._good["optimizer"]))
+            for group, lr in zip(self.optimizer.param_groups, lrs):
+                group["lr"] = lr
         for p in params:
             p.grad = None
         return False
@@ -240,7 +222,9 @@ def _normalised(owner: nn.Module, attr: str) -> bool:
 def max_row_norm_(model: nn.Module, max_norm: float = 10.0) -> None:
     """Clip the row norms of the matrices of ``constrained_matrices`` at ``max_norm``, in place.
 
-    For a weight-normalised matrix the row norm is its scale, which is clamped instead.
+    Rows are ``Tensor.renorm_(2, 0, max_norm)`` of the matrix seen as (rows, last dimension),
+    which scales a longer row to ``max_norm / (norm + 1e-7)`` times itself. For a
+    weight-normalised matrix the row norm is its scale, which is clamped instead.
     """
     for _, owner, attr, _ in constrained_matrices(model):
         if _normalised(owner, attr):
@@ -249,4 +233,4 @@ def max_row_norm_(model: nn.Module, max_norm: float = 10.0) -> None:
             scale.clamp_(-max_norm, max_norm)
         else:
             t = getattr(owner, attr)
-            t.mul_((max_norm / row_norms(t)).clamp_(max=1.0).unsqueeze(-1))
+            t.view(-1, t.shape[-1]).renorm_(2, 0, max_norm)  # a view: the rows of t change in place

@@ -7,6 +7,8 @@ name           what                                                   output    
 ``addition``   addition task of length T                              last        mse
 ``mnist``      (permuted) sequential MNIST, or flat for highway nets  last        accuracy
 ``ptb_char``   character-level Penn Treebank language modelling       sequence    bpc
+``text``       character-level LM on any UTF-8 text (default: CPython  sequence    bpc
+               ``pydoc_data.topics``, no download)
 =============  =====================================================  ==========  =========
 
     >>> task = build_task({"name": "addition", "length": 20, "train_size": 1000})
@@ -20,11 +22,12 @@ from ..errors import ConfigError
 from .tasks_base import IGNORE, SPLITS, Batch, Task
 from .tasks_data import MissingDataError, MnistTask, PtbCharTask, find_data_file, read_idx, read_mnist
 from .tasks_synthetic import AdditionTask, CopyTask, SyntheticTask
+from .tasks_text import TextTask
 
-TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (CopyTask, AdditionTask, MnistTask, PtbCharTask)}
+TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (CopyTask, AdditionTask, MnistTask, PtbCharTask, TextTask)}
 
 __all__ = ["IGNORE", "SPLITS", "TASKS", "AdditionTask", "Batch", "CopyTask", "MissingDataError", "MnistTask",
-           "PtbCharTask", "SyntheticTask", "Task", "build_task", "check_task", "find_data_file", "read_idx",
+           "PtbCharTask", "SyntheticTask", "Task", "TextTask", "build_task", "check_task", "find_data_file", "read_idx",
            "read_mnist", "task_class"]
 
 

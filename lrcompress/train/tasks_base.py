@@ -3,18 +3,24 @@ its three kinds of output (a class, a real value, a symbol at every step).
 
 ``evaluate`` returns *sums* over a batch (and a ``count``) so that an evaluation over many
 batches is exact: add the dicts up, then call ``finalize`` once for the means.
+
+Data reaches the loop through ``torch.utils.data``: a task's ``batches`` is a ``DataLoader``
+over a ``TaskData`` (a map-style ``Dataset`` whose ``data[indices]`` is a whole ``Batch``, built
+in one vectorised step) with a sampler of index lists, ``EpochOrder`` cut by ``BatchSampler``.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar, Iterator
+from collections.abc import Iterable
+from typing import ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
 from ..errors import ConfigError
 from .fields import check_fields
@@ -88,7 +94,10 @@ class Task:
         """Range checks of the settings (types are already checked)."""
 
     def batches(self, split: str, batch_size: int, *, seed: int, epoch: int = 0,
-                shuffle: bool = True) -> Iterator[Batch]:
+                shuffle: bool = True) -> Iterable[Batch]:
+        """One pass over ``split`` (a ``DataLoader`` of ``Batch``es), its order fixed by
+        ``(seed, epoch)``; ``shuffle=False``: the split's own order. Raises ``ConfigError``
+        on an unknown split or a batch size below 1."""
         raise NotImplementedError
 
     def num_examples(self, split: str) -> int:
@@ -125,6 +134,52 @@ def epoch_order(size: int, *, seed: int, epoch: int, split: str, shuffle: bool) 
     if not shuffle:
         return np.arange(size)
     return np.random.default_rng([seed, epoch, SPLIT_CODES[split]]).permutation(size)
+
+
+class EpochOrder(Sampler[int]):
+    """The example order of one pass (``epoch_order``) as a ``torch.utils.data.Sampler``."""
+
+    def __init__(self, size: int, *, seed: int, epoch: int, split: str, shuffle: bool):
+        self.size, self.seed, self.epoch, self.split, self.shuffle = size, seed, epoch, split, shuffle
+
+    def __iter__(self):
+        return iter(epoch_order(self.size, seed=self.seed, epoch=self.epoch, split=self.split,
+                                shuffle=self.shuffle).tolist())
+
+    def __len__(self) -> int:
+        return self.size
+
+
+class TaskData(Dataset):
+    """The examples of one split as a map-style ``Dataset``: ``data[i]`` is example ``i`` as
+    ``(x, y)`` tensors (so a plain ``DataLoader(data, batch_size=32, shuffle=True)`` works, its
+    pairs accepted by ``fit``), and ``data[[i, j, ...]]`` is the ``Batch`` of those examples,
+    built at once (what ``batch_loader`` asks for). Subclasses implement ``batch`` and ``__len__``."""
+
+    def batch(self, indices) -> Batch:
+        raise NotImplementedError
+
+    def __getitem__(self, index):
+        if isinstance(index, (list, tuple, np.ndarray)):
+            return self.batch(index)
+        one = self.batch([index])
+        return one.x[0], one.y[0]
+
+
+def batch_loader(data: Dataset, batches: Iterable | None = None) -> DataLoader:
+    """A ``DataLoader`` yielding ``data[item]`` for each item of ``batches`` (lists of indices,
+    e.g. a ``BatchSampler``; ``None``: ``data[0], data[1], ...``, for data whose items are
+    batches already). Its own generator keeps the global random state untouched, so the
+    model's random draws (dropout) do not depend on how the data is read."""
+    return DataLoader(data, sampler=batches, batch_size=None, generator=torch.Generator())
+
+
+def shuffled_batches(data: Dataset, batch_size: int, *, seed: int, epoch: int, split: str,
+                     shuffle: bool) -> DataLoader:
+    """``batch_loader`` over ``data`` in ``epoch_order``, ``batch_size`` examples at a time
+    (the last batch may be smaller)."""
+    order = EpochOrder(len(data), seed=seed, epoch=epoch, split=split, shuffle=shuffle)
+    return batch_loader(data, BatchSampler(order, batch_size, drop_last=False))
 
 
 def _safe(num: float, den: float) -> float:

@@ -18,15 +18,17 @@ import gzip
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import ClassVar, Iterator
+from typing import ClassVar
 
 import numpy as np
 import torch
 from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ConfigError, FormatError
 from .fields import check_range
-from .tasks_base import IGNORE, Batch, Classification, Task, check_split, epoch_order, sequence_nll
+from .tasks_base import (IGNORE, Batch, Classification, Task, TaskData, batch_loader, check_split, sequence_nll,
+                         shuffled_batches)
 
 DATA_ENV = "LRCOMPRESS_DATA"
 MNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -185,14 +187,14 @@ class MnistTask(Classification, Task):
     def steps_per_epoch(self, batch_size: int) -> int:
         return -(-len(self.arrays("train")[0]) // batch_size)
 
+    def dataset(self, split: str) -> "Images":
+        """The images of ``split`` as a ``torch.utils.data.Dataset`` (files read now)."""
+        return Images(self, *self.arrays(split))
+
     def batches(self, split: str, batch_size: int, *, seed: int, epoch: int = 0,
-                shuffle: bool = True) -> Iterator[Batch]:
+                shuffle: bool = True) -> DataLoader:
         check_split(split, batch_size)
-        images, labels = self.arrays(split)
-        order = epoch_order(len(images), seed=seed, epoch=epoch, split=split, shuffle=shuffle)
-        for start in range(0, len(images), batch_size):
-            idx = order[start:start + batch_size]
-            yield Batch(self.inputs(images[idx]), torch.from_numpy(labels[idx]))
+        return shuffled_batches(self.dataset(split), batch_size, seed=seed, epoch=epoch, split=split, shuffle=shuffle)
 
     def inputs(self, images: np.ndarray) -> Tensor:
         """(B, 784) uint8 images as float inputs in [0, 1], permuted and laid out."""
@@ -200,6 +202,20 @@ class MnistTask(Classification, Task):
         if self.permutation is not None:
             x = x[:, torch.from_numpy(self.permutation)]
         return x.unsqueeze(-1) if self.spec["layout"] == "sequence" else x
+
+
+class Images(TaskData):
+    """MNIST images and labels of one split; a batch holds the task's inputs (``MnistTask.inputs``)."""
+
+    def __init__(self, task: MnistTask, images: np.ndarray, labels: np.ndarray):
+        self.task, self.images, self.labels = task, images, labels
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def batch(self, indices) -> Batch:
+        idx = np.asarray(indices, dtype=np.int64)
+        return Batch(self.task.inputs(self.images[idx]), torch.from_numpy(self.labels[idx]))
 
 
 def read_char_lines(path: Path) -> list[list[str]]:
@@ -319,14 +335,13 @@ class PtbCharTask(Task):
         return -(-len(self.lines("train")) // batch_size)
 
     def batches(self, split: str, batch_size: int, *, seed: int, epoch: int = 0,
-                shuffle: bool = True) -> Iterator[Batch]:
+                shuffle: bool = True) -> DataLoader:
         check_split(split, batch_size)
         if self.stateful:
-            yield from self._windows(split, batch_size, seed=seed, epoch=epoch, shuffle=shuffle)
-        else:
-            yield from self._sentences(split, batch_size, seed=seed, epoch=epoch, shuffle=shuffle)
+            return self._windows(split, batch_size, seed=seed, epoch=epoch, shuffle=shuffle)
+        return self._sentences(split, batch_size, seed=seed, epoch=epoch, shuffle=shuffle)
 
-    def _windows(self, split: str, batch_size: int, *, seed: int, epoch: int, shuffle: bool) -> Iterator[Batch]:
+    def _windows(self, split: str, batch_size: int, *, seed: int, epoch: int, shuffle: bool) -> DataLoader:
         data, seq_len = self.stream(split), self.spec["seq_len"]
         per_stream = len(data) // batch_size
         if per_stream < 2:
@@ -336,11 +351,9 @@ class PtbCharTask(Task):
         if shuffle and split == "train":
             rng = np.random.default_rng([seed, epoch, 1])
             offset = int(rng.integers(0, min(seq_len, per_stream - 1)))
-        for start in range(offset, per_stream - 1, seq_len):
-            stop = min(start + seq_len, per_stream - 1)
-            yield Batch(streams[:, start:stop].contiguous(), streams[:, start + 1:stop + 1].contiguous())
+        return batch_loader(Windows(streams, seq_len, offset))  # in order: the state runs on
 
-    def _sentences(self, split: str, batch_size: int, *, seed: int, epoch: int, shuffle: bool) -> Iterator[Batch]:
+    def _sentences(self, split: str, batch_size: int, *, seed: int, epoch: int, shuffle: bool) -> DataLoader:
         lines = self.lines(split)
         if shuffle:
             rng = np.random.default_rng([seed, epoch, 2])
@@ -353,21 +366,7 @@ class PtbCharTask(Task):
         else:
             order = sorted(range(len(lines)), key=lambda j: len(lines[j]))
             groups = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-        start = self.vocab.ids[EOL]
-        for group in groups:
-            yield self._padded([lines[j] for j in group], start)
-
-    @staticmethod
-    def _padded(lines: list[np.ndarray], start: int) -> Batch:
-        longest = max(len(line) for line in lines)
-        x = torch.zeros(len(lines), longest, dtype=torch.long)
-        y = torch.full((len(lines), longest), IGNORE, dtype=torch.long)
-        for i, line in enumerate(lines):
-            ids = torch.from_numpy(line)
-            x[i, 0] = start
-            x[i, 1:len(line)] = ids[:-1]
-            y[i, :len(line)] = ids
-        return Batch(x, y, torch.tensor([len(line) for line in lines]))
+        return batch_loader(Sentences(lines, self.vocab.ids[EOL]), [list(map(int, g)) for g in groups])
 
     def loss(self, logits: Tensor, batch: Batch) -> Tensor:
         return sequence_nll(logits, batch.y)
@@ -379,3 +378,46 @@ class PtbCharTask(Task):
     def finalize(self, sums: dict[str, float]) -> dict[str, float]:
         ce = sums["nll"] / sums["count"] if sums["count"] else float("nan")
         return {"bpc": ce / LN2, "ppl": float(2.0 ** (ce / LN2)), "ce": ce}
+
+
+class Windows(Dataset):
+    """Consecutive windows of ``batch_size`` parallel symbol streams: item ``k`` is the batch
+    x = ``streams[:, t:t + seq_len]``, y = the symbols one step later, ``t = offset + k seq_len``
+    (the last window may be shorter). Read in order, each window continues the previous one."""
+
+    def __init__(self, streams: Tensor, seq_len: int, offset: int = 0):
+        self.streams, self.seq_len, self.offset = streams, seq_len, offset
+        self.last = streams.shape[1] - 1  # the last symbol is only ever a target
+
+    def __len__(self) -> int:
+        return max(0, -(-(self.last - self.offset) // self.seq_len))
+
+    def __getitem__(self, k: int) -> Batch:
+        if not 0 <= k < len(self):
+            raise IndexError(k)
+        start = self.offset + k * self.seq_len
+        stop = min(start + self.seq_len, self.last)
+        return Batch(self.streams[:, start:stop].contiguous(), self.streams[:, start + 1:stop + 1].contiguous())
+
+
+class Sentences(TaskData):
+    """Lines as independent sequences starting from the symbol ``start`` (end of line): a batch
+    pads them to the longest, targets ``IGNORE`` beyond each line's length."""
+
+    def __init__(self, lines: list[np.ndarray], start: int):
+        self.lines, self.start = lines, start
+
+    def __len__(self) -> int:
+        return len(self.lines)
+
+    def batch(self, indices) -> Batch:
+        lines = [self.lines[j] for j in indices]
+        longest = max(len(line) for line in lines)
+        x = torch.zeros(len(lines), longest, dtype=torch.long)
+        y = torch.full((len(lines), longest), IGNORE, dtype=torch.long)
+        for i, line in enumerate(lines):
+            ids = torch.from_numpy(line)
+            x[i, 0] = self.start
+            x[i, 1:len(line)] = ids[:-1]
+            y[i, :len(line)] = ids
+        return Batch(x, y, torch.tensor([len(line) for line in lines]))

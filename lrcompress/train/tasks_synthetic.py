@@ -4,25 +4,29 @@ Every example is a pure function of ``(task seed, split, index)``: example ``i``
 drawn from its own generator, so a split is a fixed data set (the paper's 100,000 training and
 10,000 validation/test examples by default) whatever the batch size, and the training seed
 only decides the order. ``train_size = 0`` trains on an endless stream of fresh examples
-instead, ``steps_per_epoch`` batches per epoch.
+instead, ``steps_per_epoch`` batches per epoch. ``task.dataset(split)`` is a split as a
+``torch.utils.data.Dataset``; ``task.batches(...)`` a ``DataLoader`` over it in the seeded order.
 
     >>> task = CopyTask({"lag": 5, "train_size": 100})
-    >>> batch = next(task.batches("train", 4, seed=0))
+    >>> batch = next(iter(task.batches("train", 4, seed=0)))
     >>> batch.x.shape, batch.y.shape
     (torch.Size([4, 25, 10]), torch.Size([4, 25]))
 """
 
 from __future__ import annotations
 
-from typing import ClassVar, Iterator
+from typing import ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
 
+from ..errors import ConfigError
 from .fields import check_range
-from .tasks_base import SPLIT_CODES, Batch, Regression, Task, check_split, epoch_order, sequence_nll
+from .tasks_base import (SPLIT_CODES, Batch, Regression, Task, TaskData, batch_loader, check_split, sequence_nll,
+                         shuffled_batches)
 
 STREAM_CODE = 4  # generator namespace of the endless training stream
 
@@ -69,18 +73,49 @@ class SyntheticTask(Task):
             return self.spec["steps_per_epoch"]
         return super().steps_per_epoch(batch_size)
 
+    def dataset(self, split: str) -> "Examples":
+        """The examples of ``split`` (a fixed-size one) as a ``torch.utils.data.Dataset``."""
+        check_split(split, 1)
+        if self.spec[f"{split}_size"] == 0:
+            raise ConfigError(f"the {split} split is an endless stream (task.{split}_size = 0): use batches()")
+        return Examples(self, split)
+
     def batches(self, split: str, batch_size: int, *, seed: int, epoch: int = 0,
-                shuffle: bool = True) -> Iterator[Batch]:
+                shuffle: bool = True) -> DataLoader:
         check_split(split, batch_size)
-        size = self.spec[f"{split}_size"]
-        if size == 0:  # the endless training stream: fresh examples, drawn batch by batch
-            for step in range(self.spec["steps_per_epoch"]):
-                rng = np.random.default_rng([self.spec["seed"], STREAM_CODE, seed, epoch, step])
-                yield self.to_batch(*self.generate(rng, batch_size))
-            return
-        order = epoch_order(size, seed=seed, epoch=epoch, split=split, shuffle=shuffle)
-        for start in range(0, size, batch_size):
-            yield self.examples(split, order[start:start + batch_size])
+        if self.spec[f"{split}_size"] == 0:  # the endless training stream: fresh examples, batch by batch
+            return batch_loader(FreshBatches(self, batch_size, seed=seed, epoch=epoch))
+        return shuffled_batches(self.dataset(split), batch_size, seed=seed, epoch=epoch, split=split, shuffle=shuffle)
+
+
+class Examples(TaskData):
+    """The examples of one split of a ``SyntheticTask``, each a pure function of its index."""
+
+    def __init__(self, task: SyntheticTask, split: str):
+        self.task, self.split = task, split
+
+    def __len__(self) -> int:
+        return self.task.spec[f"{self.split}_size"]
+
+    def batch(self, indices) -> Batch:
+        return self.task.examples(self.split, indices)
+
+
+class FreshBatches(Dataset):
+    """One epoch of the endless training stream: item ``step`` is a whole batch of fresh
+    examples, drawn from a generator seeded by (task seed, training seed, epoch, step)."""
+
+    def __init__(self, task: SyntheticTask, batch_size: int, *, seed: int, epoch: int):
+        self.task, self.batch_size, self.seed, self.epoch = task, batch_size, seed, epoch
+
+    def __len__(self) -> int:
+        return self.task.spec["steps_per_epoch"]
+
+    def __getitem__(self, step: int) -> Batch:
+        if not 0 <= step < len(self):
+            raise IndexError(step)
+        rng = np.random.default_rng([self.task.spec["seed"], STREAM_CODE, self.seed, self.epoch, step])
+        return self.task.to_batch(*self.task.generate(rng, self.batch_size))
 
 
 class CopyTask(SyntheticTask):

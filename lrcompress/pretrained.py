@@ -1,0 +1,542 @@
+"""Model directories in the Hugging Face layout: ``save_pretrained`` / ``from_pretrained`` and the CLI's directories.
+
+A compressed model directory holds
+
+- ``config.json``: the model's Hugging Face config (when it has one), plus a ``transformers_weights``
+  entry that makes ``transformers``' own ``from_pretrained`` refuse the directory loudly instead of
+  loading random weights where the factors are (transformers >= 4.51 reads that entry; older
+  versions refuse the safetensors file, whose metadata ``format`` is ``lrcompress``, not ``pt``);
+- ``model.safetensors``: the lrcompress format (docs/format.md): factors, dense rest, records;
+- ``lrcompress_config.json``: the compression config, the target records and the counts;
+- ``README.md``: a model card (source, ranks, parameters before/after, metrics).
+
+``model.safetensors`` is written last, after the old one is removed, so a crash never leaves a
+directory that looks complete. transformers is never imported here: models are duck-typed
+(a ``.config`` with ``to_dict``), and Hugging Face classes come from the caller. See docs/huggingface.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .config import ALL_LINEAR, CompressionConfig, TargetSpec
+from .convert import count_params, factored_specs, factored_state_dict, merge_state_dict, unwrap
+from .errors import FormatError, LRCompressError, OutputExistsError, TargetError
+from .io import (FORMAT, FORMAT_VERSION, load_model, read_safetensors, specs_from_metadata, write_compressed,
+                 write_safetensors, write_text_atomic)
+from .report import Report
+from .validate import check_compressed, load_json
+from .version import __version__
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+LRC_CONFIG_NAME = "lrcompress_config.json"
+CARD_NAME = "README.md"
+OUR_FILES = (CONFIG_NAME, LRC_CONFIG_NAME, CARD_NAME, WEIGHTS_NAME)
+# transformers >= 4.51 loads the file a config's "transformers_weights" names and refuses any name
+# that is no *.safetensors: the refusal quotes this text, so the user learns what to call instead.
+HF_REFUSAL = ("lrcompress factored weights -- load this directory with lrcompress.from_pretrained(cls, directory); "
+              "transformers would fill the factored weights with random values")
+_CARD_MARK = "<!-- lrcompress model card -->"
+_ATTR_CONFIG = "_lrcompress_config"  # the CompressionConfig (dict) compress() used, recorded on the model
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def save_pretrained(model: nn.Module, directory: str | os.PathLike, *, force: bool = False,
+                    metrics: dict[str, dict[str, float]] | None = None, source: str | None = None,
+                    config: CompressionConfig | dict | None = None) -> Path:
+    """Write ``model`` as a model directory that ``from_pretrained`` reads back exactly.
+
+    ``directory`` gets ``config.json`` (when ``model.config`` is a Hugging Face config),
+    ``model.safetensors`` (lrcompress format), ``lrcompress_config.json`` and a model card
+    ``README.md``. ``metrics``: ``{stage: {metric: value}}``, e.g. ``{"dense": {"accuracy": 0.91},
+    "fine-tuned": {"accuracy": 0.90}}``, shown in the card as a table. ``source``: where the
+    model came from (a hub name, a path), shown in the card. ``config``: the compression config,
+    by default the one ``compress`` recorded on the model.
+
+    An existing directory is used only when it is empty or was written by lrcompress, or with
+    ``force`` (then only these four files are replaced; other files stay). Raises
+    ``OutputExistsError`` otherwise, ``LRCompressError`` when it cannot be written.
+
+    >>> lrc.save_pretrained(model, "small-dir")   # doctest: +SKIP
+    """
+    inner, prefix = unwrap(model)
+    specs = factored_specs(inner)
+    after = count_params(inner)
+    before = after + sum(s.dense_params - s.factored_params for s in specs)
+    if config is None:
+        config = getattr(inner, _ATTR_CONFIG, None)
+    write_directory(directory, factored_state_dict(inner), specs, hf_config=hf_config_dict(inner),
+                    config=config, params_before=before, params_after=after, source=source, metrics=metrics,
+                    force=force, metadata={"wrapper_prefix": prefix} if prefix else None,
+                    architecture=type(inner).__name__)
+    return Path(directory)
+
+
+def from_pretrained(cls_or_model: type | nn.Module, directory: str | os.PathLike, **kwargs) -> nn.Module:
+    """Build a model and load a directory written by ``save_pretrained`` (or ``lrcompress convert``).
+
+    ``cls_or_model``:
+
+    - a Hugging Face class (``AutoModelForSequenceClassification``, a ``PreTrainedModel``
+      subclass): the model is built from ``config.json`` (``from_config``, ``_from_config`` or
+      ``cls(config)``; nothing is downloaded), ``kwargs`` go to that call;
+    - any other ``nn.Module`` class: built as ``cls(**kwargs)``;
+    - a model instance: loaded in place (no ``kwargs``).
+
+    The factorizations recorded in ``model.safetensors`` are registered (no SVD) and every tensor
+    loaded, so outputs equal the saved model's. Returned in eval mode, as transformers does.
+    Raises ``FormatError`` for a directory without ``model.safetensors``, a file that does not
+    match the model or a newer format.
+
+    >>> again = lrc.from_pretrained(AutoModelForSequenceClassification, "small-dir")   # doctest: +SKIP
+    """
+    directory = Path(directory)
+    weights = _weights_file(directory)
+    _check_lrc_config(directory)
+    if isinstance(cls_or_model, nn.Module):
+        if kwargs:
+            raise LRCompressError(f"from_pretrained: keyword arguments {sorted(kwargs)} need a class, not a model")
+        model = cls_or_model
+    elif isinstance(cls_or_model, type) or hasattr(cls_or_model, "from_config"):
+        model = _build(cls_or_model, directory, kwargs)
+    else:
+        raise LRCompressError(f"from_pretrained needs a model class or an nn.Module, got {type(cls_or_model).__name__}")
+    load_model(model, weights)
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------- the directory writer
+
+
+def write_directory(directory: str | os.PathLike, tensors: dict[str, Tensor], specs: list[TargetSpec], *,
+                    hf_config: dict | None, config: CompressionConfig | dict | None, params_before: int,
+                    params_after: int, source: str | None = None, metrics: dict | None = None,
+                    force: bool = False, metadata: dict[str, str] | None = None, architecture: str | None = None,
+                    keep_card: bool = False) -> Path:
+    """Write a compressed model directory (see the module docstring) from a file-format state dict.
+
+    ``hf_config``: the Hugging Face config as a dict (``config.json``), or None. ``keep_card``:
+    leave a ``README.md`` lrcompress did not write (``model.save_pretrained`` keeps a hub card).
+    """
+    directory = Path(directory)
+    _prepare(directory, force)
+    if isinstance(config, CompressionConfig):
+        config = config.to_dict()
+    ratio = params_before / params_after if params_after else float("inf")
+    record = {"format": FORMAT, "format_version": FORMAT_VERSION, "lrcompress_version": __version__,
+              "weights": WEIGHTS_NAME, "source": source, "config": config,
+              "targets": [s.to_dict() for s in specs], "params_before": params_before,
+              "params_after": params_after, "ratio": ratio, "metrics": metrics or {}}
+    weights = directory / WEIGHTS_NAME
+    if weights.exists():  # gone first: a crash below leaves no directory that looks complete
+        weights.unlink()
+    hf = None
+    if hf_config is not None:
+        hf = dict(hf_config)
+        if architecture and not hf.get("architectures"):
+            hf["architectures"] = [architecture]
+        if specs:  # a model without factors loads fine in transformers
+            hf["transformers_weights"] = HF_REFUSAL
+        write_text_atomic(directory / CONFIG_NAME, json.dumps(hf, indent=2, sort_keys=True) + "\n", force=True)
+    write_text_atomic(directory / LRC_CONFIG_NAME, json.dumps(record, indent=2) + "\n", force=True)
+    card = directory / CARD_NAME
+    if not (keep_card and card.exists() and not _ours(card)):
+        write_text_atomic(card, model_card(record, directory.name, hf), force=True)
+    write_compressed(tensors, specs, weights, force=True, metadata=metadata)
+    return directory
+
+
+def _prepare(directory: Path, force: bool) -> None:
+    """Create ``directory``, or accept it: empty, written by lrcompress, or ``force``."""
+    if directory.exists() and not directory.is_dir():
+        raise LRCompressError(f"cannot write the model directory {directory}: it is a file")
+    if directory.is_dir():
+        if not force and any(directory.iterdir()) and not (directory / LRC_CONFIG_NAME).is_file():
+            raise OutputExistsError(f"{directory} exists and was not written by lrcompress; pass --force "
+                                    f"(force=True) to write {', '.join(OUR_FILES)} into it")
+        return
+    if not directory.parent.is_dir():
+        raise LRCompressError(f"cannot write {directory}: {directory.parent} does not exist")
+    try:
+        directory.mkdir()
+    except FileExistsError:
+        pass  # made meanwhile: an empty folder is fine
+    except OSError as exc:
+        raise LRCompressError(f"cannot write {directory}: {exc.strerror or exc}") from None
+
+
+def model_card(record: dict, name: str, hf_config: dict | None) -> str:
+    """The ``README.md`` of a compressed model directory, from its ``lrcompress_config.json`` record."""
+    arch = (hf_config or {}).get("architectures") or []
+    lines = ["---", "library_name: lrcompress", "tags:", "- lrcompress", "- low-rank", "---", _CARD_MARK, "",
+             f"# {name}: low-rank compressed", "",
+             "Weights replaced by low-rank (`W = L R`) or low-rank plus diagonal (`W = L R + D`) factors "
+             "with lrcompress (Miceli Barone, 2016, *Low-rank passthrough neural networks*).", "",
+             f"- source: {record['source'] or 'not recorded'}",
+             f"- parameters: {record['params_before']:,} before, {record['params_after']:,} after "
+             f"({record['ratio']:.2f}x smaller)" if record["params_after"] <= record["params_before"] else
+             f"- parameters: {record['params_before']:,} before, {record['params_after']:,} after (larger)",
+             f"- factored weights: {len(record['targets'])}",
+             f"- lrcompress {record['lrcompress_version']}, format {record['format_version']}", ""]
+    if record["targets"]:
+        lines += ["## Ranks", "", "| weight | kind | dense shape | rank | diag | tied | params before | after |",
+                  "|---|---|---|---:|---|---|---:|---:|"]
+        for t in record["targets"]:
+            spec = TargetSpec.from_dict(t)
+            lines.append(f"| `{spec.name}` | {spec.layer}/{spec.role} | {spec.gates * spec.rows}x{spec.cols} | "
+                         f"{spec.rank} | {'yes' if spec.diag else 'no'} | {'yes' if spec.tied else 'no'} | "
+                         f"{spec.dense_params:,} | {spec.factored_params:,} |")
+        lines.append("")
+    metrics = record["metrics"] or {}
+    if metrics:
+        stages = list(metrics)
+        names = list(dict.fromkeys(k for stage in stages for k in metrics[stage]))
+        lines += ["## Metrics", "", "| metric | " + " | ".join(stages) + " |",
+                  "|---|" + "---:|" * len(stages)]
+        for metric in names:
+            cells = [_number(metrics[s].get(metric)) for s in stages]
+            lines.append(f"| {metric} | " + " | ".join(cells) + " |")
+        lines.append("")
+    cls = arch[0] if arch else "ModelClass"
+    lines += ["## Loading", "", "Load it with lrcompress (transformers' own `from_pretrained` refuses this directory, "
+              "which it would load with random values where the factors are):", "", "```python",
+              "import lrcompress as lrc", "",
+              f"model = lrc.from_pretrained({cls}, \"{name}\")  # {cls}: the model's class" +
+              (", or an Auto class for it" if hf_config is not None else ""), "```", "",
+              "`lrcompress merge` turns it back into a dense directory that any loader reads.", ""]
+    if record["config"]:
+        lines += ["## Compression config", "", "```json", json.dumps(record["config"], indent=2), "```", ""]
+    return "\n".join(lines)
+
+
+def _number(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _ours(card: Path) -> bool:
+    try:
+        with open(card, encoding="utf-8", errors="replace") as f:
+            return _CARD_MARK in f.read(4096)
+    except OSError:
+        return False
+
+
+def hf_config_dict(model: nn.Module) -> dict | None:
+    """``model.config`` as the dict ``config.json`` holds, or None when it is no Hugging Face config."""
+    cfg = getattr(model, "config", None)
+    if cfg is None or not hasattr(cfg, "to_dict"):
+        return None
+    if hasattr(cfg, "to_json_string"):  # converts dtypes and other values JSON lacks, as transformers writes them
+        return json.loads(cfg.to_json_string(use_diff=False))
+    return json.loads(json.dumps(cfg.to_dict(), default=str))
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _weights_file(directory: Path) -> Path:
+    if not directory.is_dir():
+        if directory.exists():
+            raise LRCompressError(f"{directory} is a file; from_pretrained reads a model directory "
+                                  "(use lrc.load_model for a file)")
+        raise FileNotFoundError(f"no such directory: {directory}")
+    weights = directory / WEIGHTS_NAME
+    if not weights.is_file():
+        raise FormatError(f"{directory} has no {WEIGHTS_NAME} (an incomplete save, or not a model directory)")
+    return weights
+
+
+def _check_lrc_config(directory: Path) -> None:
+    path = directory / LRC_CONFIG_NAME
+    if not path.is_file():
+        return  # a dense directory (e.g. from lrcompress merge) loads as a plain state dict
+    record = load_json(path.read_text(encoding="utf-8", errors="replace"), str(path), max_depth=16)
+    if not isinstance(record, dict):
+        raise FormatError(f"{path} is not a JSON object")
+    version = record.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise FormatError(f"{path}: format_version {str(version)[:20]}; this lrcompress {__version__} reads up to "
+                          f"{FORMAT_VERSION}: upgrade lrcompress")
+
+
+def _build(cls, directory: Path, kwargs: dict) -> nn.Module:
+    """``cls`` built from the directory's ``config.json`` (Hugging Face) or from ``kwargs`` alone."""
+    has_config = (directory / CONFIG_NAME).is_file()
+    hf_class = any(hasattr(cls, a) for a in ("from_config", "_from_config", "config_class"))
+    if not (hf_class and has_config):
+        if hf_class:
+            raise FormatError(f"{directory} has no {CONFIG_NAME} to build {cls.__name__} from")
+        return cls(**kwargs)
+    config_class = getattr(cls, "config_class", None)
+    if config_class is None:  # an Auto class: transformers is imported already (the caller holds one of its classes)
+        import importlib
+
+        config_class = importlib.import_module("transformers").AutoConfig
+    config = config_class.from_pretrained(str(directory))
+    if hasattr(config, "transformers_weights"):  # our refusal marker: not part of the live model's config
+        delattr(config, "transformers_weights")
+    if hasattr(cls, "from_config"):
+        return cls.from_config(config, **kwargs)
+    if hasattr(cls, "_from_config"):
+        return cls._from_config(config, **kwargs)
+    return cls(config, **kwargs)
+
+
+# ----------------------------------------------------------------------------- model.save_pretrained
+
+
+class _SavePretrained:
+    """A compressed Hugging Face model's ``save_pretrained`` (set on the instance by ``guard``).
+
+    transformers' own would write the live keys (``...parametrizations.weight.original0``) that its
+    loader does not know, so a reload would put random values where the factors are. This writes
+    the lrcompress directory instead, with transformers' semantics: into an existing directory
+    (``Trainer`` creates it first), replacing what it writes, keeping another ``README.md``.
+    A callable object, not a bound method, so ``copy.deepcopy`` and pickling follow the model.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, save_directory, *, is_main_process: bool = True, state_dict: dict | None = None,
+                 push_to_hub: bool = False, **ignored):
+        if push_to_hub:
+            raise LRCompressError("push_to_hub is not supported for a compressed model: save the directory, then "
+                                  "upload it with huggingface_hub's upload_folder")
+        if not is_main_process:
+            return None
+        model = self.model
+        specs = factored_specs(model)
+        tensors = factored_state_dict(model) if state_dict is None else _file_keys(state_dict, specs)
+        after = count_params(model)
+        directory = Path(save_directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        write_directory(directory, tensors, specs, hf_config=hf_config_dict(model),
+                        config=getattr(model, _ATTR_CONFIG, None),
+                        params_before=after + sum(s.dense_params - s.factored_params for s in specs),
+                        params_after=after, force=True, architecture=type(model).__name__, keep_card=True)
+        return None
+
+
+def _file_keys(state_dict: dict[str, Tensor], specs: list[TargetSpec]) -> dict[str, Tensor]:
+    """A live state dict (``<m>.parametrizations.<w>.original<i>``) renamed to the file format's keys."""
+    renames = {}
+    for spec in specs:
+        for i, key in enumerate(spec.factor_keys().values()):
+            renames[_live_key(spec, i)] = key
+    return {renames.get(k, k): v for k, v in state_dict.items()}
+
+
+def _live_key(spec: TargetSpec, i: int) -> str:
+    head = f"{spec.module}.parametrizations" if spec.module else "parametrizations"
+    return f"{head}.{spec.weight}.original{i}"
+
+
+def _file_keys_pre_hook(module, state_dict, prefix, *args) -> None:
+    # Trainer resumes a checkpoint with model.load_state_dict(load_file(...), strict=False): file-format
+    # factor keys (<name>.L/.R/.D) are renamed to the live ones so the factors really load.
+    for spec in factored_specs(module):
+        for i, key in enumerate(spec.factor_keys().values()):
+            if prefix + key in state_dict:
+                state_dict[prefix + _live_key(spec, i)] = state_dict.pop(prefix + key)
+
+
+def is_hf_model(module: nn.Module) -> bool:
+    """Duck-typed ``PreTrainedModel``: a ``save_pretrained`` method and a config with ``to_dict``."""
+    return callable(getattr(type(module), "save_pretrained", None)) and hasattr(getattr(module, "config", None),
+                                                                                "to_dict")
+
+
+def guard(model: nn.Module) -> None:
+    """Give every Hugging Face model inside ``model`` that holds factors lrcompress's ``save_pretrained``.
+
+    Called whenever factorizations are registered (``convert.apply``); ``release`` undoes it
+    after ``merge``. Also lets ``load_state_dict`` take file-format factor keys (Trainer resume).
+    """
+    for module in model.modules():
+        if is_hf_model(module) and "save_pretrained" not in vars(module) and factored_specs(module):
+            module.__dict__["save_pretrained"] = _SavePretrained(module)
+            module.__dict__["_lrcompress_hook"] = module.register_load_state_dict_pre_hook(_file_keys_pre_hook)
+
+
+def release(model: nn.Module) -> None:
+    """Undo ``guard`` on modules that hold no factors any more (after ``merge``)."""
+    for module in model.modules():
+        if isinstance(vars(module).get("save_pretrained"), _SavePretrained) and not factored_specs(module):
+            del module.__dict__["save_pretrained"]
+            hook = module.__dict__.pop("_lrcompress_hook", None)
+            if hook is not None:
+                hook.remove()
+
+
+def record_config(model: nn.Module, config: CompressionConfig) -> None:
+    """Remember on ``model`` the config ``compress`` used, for ``save_pretrained``'s config file."""
+    model.__dict__[_ATTR_CONFIG] = config.to_dict()
+
+
+# ----------------------------------------------------------------------------- the CLI's directories
+
+
+def convert_directory(source: Path, output: Path | None, config: CompressionConfig, *, force: bool = False,
+                      progress: bool | None = False, trust_pickle: bool = False, key: str | None = None,
+                      rename=()) -> tuple[Report, dict[str, str], Path]:
+    """``lrcompress convert`` of a Hugging Face model directory: a compressed model directory.
+
+    ``output`` defaults to ``<source>.lr`` beside it. The source's ``config.json`` is carried over
+    (with the refusal marker), its other non-weight files (tokenizer, ...) copied. Returns the
+    report, what ``read_checkpoint`` said about the source and the output directory.
+    """
+    from .checkpoints import read_checkpoint, reading_metadata
+    from .convert import compress_state_dict
+
+    output = output or sibling(source, ".lr")
+    check_output_directory(source, output, force)
+    hf = read_hf_config(source)
+    loaded, meta = read_checkpoint(source, trust_pickle=trust_pickle, key=key, rename=rename)
+    if specs_from_metadata(meta, source):
+        raise FormatError(f"{source} is already compressed by lrcompress")
+    if not isinstance(loaded, dict):
+        raise FormatError(f"{source}: a pickled whole module in a model directory is not supported")
+    linear = linear_names(source, hf) if config.targets == ALL_LINEAR else None
+    tensors, specs, report = compress_state_dict(loaded, config, progress=progress, linear=linear)
+    write_directory(output, tensors, specs, hf_config=hf, config=config, params_before=report.params_before,
+                    params_after=report.params_after, source=str(source), force=force,
+                    metadata=reading_metadata(meta))
+    convert_output_files(source, output)
+    return report, meta, output
+
+
+def merge_model_directory(source: Path, output: Path | None, *, force: bool = False
+                          ) -> tuple[Path, list[TargetSpec], dict[str, Tensor]]:
+    """``lrcompress merge`` of a compressed model directory: a dense one transformers loads.
+
+    ``output`` defaults to ``<source without .lr>.dense``. Returns it, the rebuilt targets and the
+    dense tensors.
+    """
+    weights = _weights_file(source)
+    output = output or sibling(source, ".dense", strip=".lr")
+    check_output_directory(source, output, force)
+    tensors, meta = read_safetensors(weights)
+    specs = check_compressed(tensors, meta, weights)
+    if not specs:
+        raise FormatError(f"{weights} is not an lrcompress file (no factorization in its metadata)")
+    return output, specs, merge_directory(source, output, tensors, specs, force=force)
+
+
+def sibling(source: Path, suffix: str, *, strip: str = "") -> Path:
+    """``<source><suffix>`` beside ``source`` (``strip`` removed from its name first)."""
+    source = source if source.name else source.resolve()  # "." has no name
+    return source.with_name(source.name.removesuffix(strip) + suffix)
+
+
+def check_output_directory(source: Path, output: Path, force: bool) -> None:
+    """Refuse an output directory that is, or lies inside, the input, or that we may not write."""
+    src, out = source.resolve(), output.resolve()
+    if out == src or src in out.parents:
+        raise LRCompressError(f"output {output} {'is' if out == src else 'lies inside'} the input directory "
+                              f"{source}; the input is never modified")
+    if output.exists() and not output.is_dir():
+        raise LRCompressError(f"cannot write the model directory {output}: it is a file")
+    if output.is_dir() and not force and any(output.iterdir()) and not (output / LRC_CONFIG_NAME).is_file():
+        raise OutputExistsError(f"{output} exists and was not written by lrcompress; pass --force to write into it")
+    if not output.parent.is_dir():
+        raise LRCompressError(f"cannot write {output}: {output.parent} does not exist")
+
+
+def linear_names(directory: Path, hf: dict | None) -> list[str]:
+    """``targets.all_linear_names`` of the model ``config.json`` describes, built on the meta device.
+
+    A state dict cannot tell an ``nn.Linear`` from an embedding, so the architecture is built
+    (no weights, no download) from the transformers class ``config.json`` names.
+    """
+    from .targets import all_linear_names
+
+    arch = ((hf or {}).get("architectures") or [None])[0]
+    if not arch:
+        raise TargetError(f"--targets {ALL_LINEAR} on {directory} needs the model's class: its config.json names "
+                          "no architectures; list the layers with --targets instead")
+    try:
+        import transformers
+    except ImportError:
+        raise TargetError(f"--targets {ALL_LINEAR} on a model directory builds the model with transformers, "
+                          "which is not installed (pip install 'lrcompress[hf]')") from None
+    cls = getattr(transformers, arch, None)
+    if cls is None:
+        raise TargetError(f"--targets {ALL_LINEAR}: transformers has no class {arch!r} (custom code?); "
+                          "list the layers with --targets instead")
+    config = transformers.AutoConfig.from_pretrained(str(directory))
+    with torch.device("meta"):
+        return all_linear_names(cls._from_config(config))
+
+
+def merge_directory(source: Path, output: Path, tensors: dict[str, Tensor], specs: list[TargetSpec], *,
+                    force: bool = False) -> dict[str, Tensor]:
+    """Write the dense model directory of a compressed one: what transformers' ``from_pretrained`` reads.
+
+    ``config.json`` without the refusal marker, ``model.safetensors`` with metadata ``format=pt``,
+    the source's other files (tokenizer, ...) copied; no lrcompress files. Returns the dense tensors.
+    """
+    merged = merge_state_dict(tensors, specs)
+    _prepare(output, force)
+    weights = output / WEIGHTS_NAME
+    if weights.exists():
+        weights.unlink()
+    for path in extra_files(source, skip=(LRC_CONFIG_NAME, CARD_NAME)):
+        if path.name == CONFIG_NAME:
+            hf = load_json(path.read_text(encoding="utf-8"), str(path), max_depth=64)
+            if isinstance(hf, dict):
+                hf.pop("transformers_weights", None)
+                write_text_atomic(output / CONFIG_NAME, json.dumps(hf, indent=2, sort_keys=True) + "\n", force=True)
+                continue
+        _copy(path, output / path.name)
+    write_safetensors(merged, weights, force=True,
+                      metadata={"format": "pt", "merged_from": "lrcompress", "lrcompress_version": __version__})
+    return merged
+
+
+def convert_output_files(source: Path, output: Path) -> list[str]:
+    """Copy the source directory's non-weight files (tokenizer, generation config, ...) into ``output``."""
+    copied = []
+    for path in extra_files(source, skip=OUR_FILES):
+        _copy(path, output / path.name)
+        copied.append(path.name)
+    return copied
+
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf", ".npz")
+
+
+def extra_files(source: Path, *, skip: tuple[str, ...]) -> list[Path]:
+    """Top-level files of a model directory that are not weights (nor hidden, nor in ``skip``)."""
+    return sorted(p for p in source.iterdir()
+                  if p.is_file() and not p.name.startswith(".") and p.name not in skip
+                  and not p.name.endswith(_WEIGHT_SUFFIXES) and not p.name.endswith(".index.json"))
+
+
+def _copy(src: Path, dst: Path) -> None:
+    import shutil
+
+    from .io import write_atomic
+
+    write_atomic(dst, lambda tmp: shutil.copyfile(src, tmp), force=True)
+
+
+def read_hf_config(directory: Path) -> dict | None:
+    """A directory's ``config.json`` as a dict (None without one); bad JSON is a ``FormatError``."""
+    path = directory / CONFIG_NAME
+    if not path.is_file():
+        return None
+    hf = load_json(path.read_text(encoding="utf-8", errors="replace"), str(path), max_depth=64)
+    if not isinstance(hf, dict):
+        raise FormatError(f"{path} is not a JSON object")
+    return hf

@@ -1,0 +1,180 @@
+"""The figures of ``lrcompress report``: a metric against parameters (``--plot``) and learning
+curves (``--curves``). Needs matplotlib (``pip install 'lrcompress[plot]'``).
+
+Honest by construction: a loss-like metric whose values span a decade or more is drawn on a
+log scale (else small differences vanish next to the converted models' large errors); the
+dense model is one point at its size, not a line across sizes it never had; every figure has
+a title and axes named with their units; legends sit outside the data.
+
+    >>> fig = sweep_figure(collect("runs/sweep"))                 # doctest: +SKIP
+    >>> save_figure(fig, "sweep.png")                               # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+from ..errors import LRCompressError
+from ..io import write_atomic
+
+# Metrics where lower is better and values can span decades: drawn on a log scale when they do.
+LOSS_LIKE = {"loss", "train_loss", "ce", "nll", "mse", "ppl", "bpc"}
+# What each metric measures, for axis labels.
+UNITS = {"bpc": "bits per character", "ce": "cross-entropy, nats", "nll": "nats", "loss": "training objective",
+         "train_loss": "training objective", "mse": "mean squared error", "ppl": "perplexity",
+         "accuracy": "fraction correct", "sequence_accuracy": "fraction of sequences correct",
+         "lr": "learning rate"}
+SPLITS = {"val": "validation", "test": "test", "train": "training"}
+
+
+def use_log_scale(metric: str, values) -> bool:
+    """Log scale for a loss-like ``metric`` whose positive ``values`` span at least 10x."""
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    if metric not in LOSS_LIKE or not finite or min(finite) <= 0:
+        return False
+    return max(finite) / min(finite) >= 10
+
+
+NAMES = {"train_loss": "training loss", "lr": "learning rate"}
+
+
+def axis_label(metric: str, split: str | None = None) -> str:
+    name = f"{SPLITS.get(split, split)} {metric}" if split else NAMES.get(metric, metric)
+    unit = UNITS.get(metric)
+    return f"{name} ({unit})" if unit and unit != name else name
+
+
+def sweep_figure(rows: list[dict]):
+    """Parameters (log x) against the metric, before and after fine-tuning, per family
+    (low-rank, low-rank + diagonal), with the dense model as one point at its size.
+
+    ``rows``: ``run.collect``'s rows. Raises ``LRCompressError`` when no row has a parameter
+    count and a metric.
+    """
+    plt = _pyplot()
+    points = [r for r in rows if r["params"] and r["after"] is not None and r["rank"] is not None]
+    dense_rows = [r for r in rows if r["rank"] is None and r["params"] and r["after"] is not None]
+    if not points and not dense_rows:
+        raise LRCompressError("nothing to plot: no run has a parameter count and a metric")
+    first = (points or dense_rows)[0]
+    metric, split = first["metric"], first["split"]
+    fig, ax = plt.subplots(figsize=(8.5, 4.8))
+    values = []
+    for diag, marker in ((False, "o"), (True, "s")):
+        group = sorted((r for r in points if bool(r["diag"]) == diag), key=lambda r: r["params"])
+        if not group:
+            continue
+        label = "low-rank + diagonal" if diag else "low-rank"
+        line, = ax.plot([r["params"] for r in group], [r["after"] for r in group], marker=marker,
+                        label=f"{label}, fine-tuned")
+        values += [r["after"] for r in group]
+        before = [(r["params"], r["before"]) for r in group if r["before"] is not None]
+        if before:
+            ax.plot(*zip(*before), marker=marker, linestyle=":", alpha=0.6, color=line.get_color(),
+                    markerfacecolor="none", label=f"{label}, converted (before fine-tuning)")
+            values += [b for _, b in before]
+        for r in group:
+            ax.annotate(f"r={r['rank']}", (r["params"], r["after"]), textcoords="offset points", xytext=(4, 4),
+                        fontsize=7)
+    dense = _dense_point(dense_rows, points)
+    if dense is not None:
+        ax.plot([dense[0]], [dense[1]], marker="*", markersize=14, linestyle="none", color="black",
+                label=f"dense ({dense[0]:,} parameters)")
+        values.append(dense[1])
+    ax.set_xscale("log")
+    if use_log_scale(metric, values):
+        ax.set_yscale("log")
+    ax.set_xlabel("parameters (count, log scale)")
+    ax.set_ylabel(axis_label(metric, split) + (", log scale" if ax.get_yscale() == "log" else ""))
+    better = "lower is better" if metric in LOSS_LIKE else "higher is better"
+    ax.set_title(f"{SPLITS.get(split, split)} {metric} against model size ({better})")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+    fig.tight_layout()
+    return fig
+
+
+def curves_figure(runs: dict[str, list[dict]], metric: str | None = None):
+    """Learning curves: ``metric`` against the update count, one line per run.
+
+    ``runs``: run name -> its ``metrics.jsonl`` records. ``metric``: ``train_loss``, ``lr``, or
+    a validation metric name (default: the validation metric present in the first record, else
+    ``train_loss``). Raises ``LRCompressError`` naming the metrics there are when no run has it.
+    """
+    plt = _pyplot()
+    metric = metric or _default_metric(runs)
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    values, drawn = [], 0
+    for name, records in runs.items():
+        series = [(r["step"], _value(r, metric)) for r in records]
+        series = [(s, v) for s, v in series if v is not None and math.isfinite(v)]
+        if series:
+            ax.plot(*zip(*series), marker="." if len(series) < 30 else None, label=name)
+            values += [v for _, v in series]
+            drawn += 1
+    if not drawn:
+        plt.close(fig)
+        known = sorted({k for recs in runs.values() for r in recs for k in ("train_loss", "lr", *r.get("val", {}))})
+        raise LRCompressError(f"no run recorded metric {metric!r}; choose --metric from: {', '.join(known) or '-'}")
+    split = None if metric in ("train_loss", "lr") else "val"
+    if metric == "lr" or use_log_scale(metric, values):
+        ax.set_yscale("log")
+    ax.set_xlabel("update (optimiser steps)")
+    ax.set_ylabel(axis_label(metric, split) + (", log scale" if ax.get_yscale() == "log" else ""))
+    ax.set_title(f"{axis_label(metric, split).split(' (')[0]} during training")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+    fig.tight_layout()
+    return fig
+
+
+def save_figure(fig, path: str | os.PathLike, *, force: bool = False) -> Path:
+    """Write ``fig`` atomically in the format of the extension (PNG without one) and close it."""
+    plt = _pyplot()
+    path = Path(path)
+    kind = path.suffix[1:].lower() or "png"
+    try:
+        return write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format=kind, bbox_inches="tight"),
+                            force=force)
+    except ValueError as exc:  # matplotlib: an extension it cannot write
+        raise LRCompressError(f"cannot write {path}: {str(exc).splitlines()[0]}") from None
+    finally:
+        plt.close(fig)
+
+
+def _dense_point(dense_rows: list[dict], points: list[dict]) -> tuple[int, float] | None:
+    """(parameters, metric) of the dense model: its own run when reported, else recovered from a
+    converted run (its dense metric, and params x compression ratio)."""
+    if dense_rows:
+        return dense_rows[0]["params"], dense_rows[0]["after"]
+    for r in points:
+        if r["dense"] is not None and r["ratio"]:
+            return round(r["params"] * r["ratio"]), r["dense"]
+    return None
+
+
+def _value(record: dict, metric: str) -> float | None:
+    if metric in ("train_loss", "lr"):
+        return record.get(metric)
+    return record.get("val", {}).get(metric)
+
+
+def _default_metric(runs: dict[str, list[dict]]) -> str:
+    for records in runs.values():
+        for r in records:
+            if r.get("val"):
+                return next(iter(r["val"]))
+    return "train_loss"
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise LRCompressError("plotting needs matplotlib: pip install 'lrcompress[plot]'") from None
+    return plt
