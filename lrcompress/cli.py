@@ -5,6 +5,8 @@ Every user error is one line on stderr and exit code 2; nothing here holds logic
 
 from __future__ import annotations
 
+import functools
+import inspect as pyinspect
 import json
 import sys
 import warnings
@@ -230,19 +232,39 @@ def merge(
 app.command(epilog=BENCH_EPILOG)(bench)
 
 
+QUIET_HELP = "No progress bars or per-evaluation lines (bars are drawn only on a terminal anyway)."
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help=QUIET_HELP)]
+
+
 @app.callback(invoke_without_command=True)
 def _root(
     ctx: typer.Context,
     version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
     quiet: Annotated[bool, typer.Option(
-        "--quiet", "-q", help="No progress bars or per-evaluation lines (bars are drawn only on a terminal "
-                              "anyway), e.g. lrcompress -q train recipe.toml.")] = False,
+        "--quiet", "-q", help=QUIET_HELP + " Also accepted after the command.")] = False,
 ) -> None:
     if version:
         typer.echo(f"lrcompress {__version__}")
         raise typer.Exit()
     progress_bars.set_quiet(quiet)
     ctx.call_on_close(lambda: progress_bars.set_quiet(False))  # a later in-process call starts loud
+
+
+def _with_quiet(command):
+    """The command with a ``--quiet``/``-q`` option of its own, so it may follow the command name
+    (``lrcompress train r.toml -q``) as well as precede it (``lrcompress -q train r.toml``)."""
+    signature = pyinspect.signature(command, eval_str=True)  # typer reads the Annotated options off it
+
+    @functools.wraps(command)
+    def quietly(*args, quiet: bool = False, **kwargs):
+        if quiet:
+            progress_bars.set_quiet(True)  # the root callback's close hook makes it loud again
+        return command(*args, **kwargs)
+
+    extra = pyinspect.Parameter("quiet", pyinspect.Parameter.KEYWORD_ONLY, default=False, annotation=Quiet)
+    quietly.__signature__ = signature.replace(parameters=[*signature.parameters.values(), extra])
+    quietly.__annotations__ = {**{n: p.annotation for n, p in signature.parameters.items()}, "quiet": Quiet}
+    return quietly
 
 
 def main() -> None:
@@ -425,3 +447,7 @@ def demo(
     if as_json:
         figure = out / PLOT
         typer.echo(json.dumps({"out": str(out), "plot": str(figure) if figure.is_file() else None, "rows": rows}))
+
+
+for _info in app.registered_commands:  # every command, once all are registered
+    _info.callback = _with_quiet(_info.callback)

@@ -149,12 +149,19 @@ def report(
             if p.resolve() == q.resolve():
                 raise ConfigError(f"{flag} and {other} both name {p}; give separate files")
         run.check_report_output(p, force)
+    # Figures are drawn before anything is written: an unknown --metric, or nothing to plot,
+    # then leaves no CSV behind.
+    figures = {}
+    if plot is not None or curves is not None:
+        from .train import plots
+    if plot is not None:
+        figures[plot] = plots.sweep_figure(rows)
+    if curves is not None:
+        figures[curves] = run.curves_figure(path, metric)
     if csv is not None:
         run.write_csv(rows, csv, force=force)
-    if plot is not None:
-        run.plot(rows, plot, force=force)
-    if curves is not None:
-        run.curves(path, curves, metric=metric, force=force)
+    for target, figure in figures.items():
+        plots.save_figure(figure, target, force=force)
     typer.echo(json.dumps(rows) if as_json else run.format_report(rows))
     if not as_json:
         for _, written in named:

@@ -102,3 +102,13 @@ def test_report_curves_and_plot_from_the_command_line(run, tmp_path):
     assert result.code == 2 and result.err.startswith("error: --metric chooses what --curves draws")
     result = run("report", tmp_path / "s", "--plot", tmp_path / "x.png", "--curves", tmp_path / "x.png")
     assert result.code == 2 and "--plot and --curves both name" in result.err and not (tmp_path / "x.png").exists()
+
+
+def test_an_unknown_curves_metric_writes_nothing(run, tmp_path):
+    fake_sweep(tmp_path / "s")
+    outputs = [tmp_path / "t.csv", tmp_path / "p.png", tmp_path / "c.png"]
+    result = run("report", tmp_path / "s", "--csv", outputs[0], "--plot", outputs[1], "--curves", outputs[2],
+                 "--metric", "perplexityy")
+    assert result.code == 2 and "no run recorded metric 'perplexityy'" in result.err
+    assert len(result.err.strip().splitlines()) == 1
+    assert not any(p.exists() for p in outputs)  # checked before the CSV or the sweep plot was written

@@ -106,10 +106,12 @@ def test_train_json_on_a_terminal_bars_on_stderr_document_on_stdout(run, monkeyp
     assert "train" in result.err and "4/4" in result.err and "evaluate" in result.err
 
 
-def test_quiet_silences_every_bar_and_line(run, monkeypatch, tmp_path):
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_quiet_silences_every_bar_and_line(run, monkeypatch, tmp_path, where):
     terminal(monkeypatch)
     (tmp_path / "tiny.toml").write_text(RECIPE)
-    result = run("--quiet", "train", tmp_path / "tiny.toml", "--out", tmp_path / "run")
+    args = ("train", tmp_path / "tiny.toml", "--out", tmp_path / "run")
+    result = run("--quiet", *args) if where == "before" else run(*args, "-q")  # either side of the command
     assert result.code == 0 and result.err == ""
     assert len(result.out.splitlines()) == 1 and result.out.startswith(str(tmp_path / "run"))  # the summary only
     # a later call in the same process is not quiet any more

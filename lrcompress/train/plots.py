@@ -75,18 +75,27 @@ def sweep_figure(rows: list[dict]):
             ax.plot(*zip(*before), marker=marker, linestyle=":", alpha=0.6, color=line.get_color(),
                     markerfacecolor="none", label=f"{label}, converted (before fine-tuning)")
             values += [b for _, b in before]
+        # The two families sit almost on top of each other (a diagonal adds only n parameters):
+        # low-rank labels go above-left, diagonal ones below-right, so neither hides the other.
+        offset, align = ((5, -11), "left") if diag else ((-5, 6), "right")
         for r in group:
-            ax.annotate(f"r={r['rank']}", (r["params"], r["after"]), textcoords="offset points", xytext=(4, 4),
-                        fontsize=7)
+            ax.annotate(f"r={r['rank']}", (r["params"], r["after"]), textcoords="offset points", xytext=offset,
+                        ha=align, fontsize=7, color=line.get_color())
     dense = _dense_point(dense_rows, points)
     if dense is not None:
         ax.plot([dense[0]], [dense[1]], marker="*", markersize=14, linestyle="none", color="black",
                 label=f"dense ({dense[0]:,} parameters)")
         values.append(dense[1])
-    ax.set_xscale("log")
+    sizes = [r["params"] for r in points] + ([dense[0]] if dense is not None else [])
+    if max(sizes) >= 10 * min(sizes):  # a log axis only when sizes span a decade
+        ax.set_xscale("log")
+    else:
+        from matplotlib.ticker import FuncFormatter
+
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:,.0f}"))
     if use_log_scale(metric, values):
         ax.set_yscale("log")
-    ax.set_xlabel("parameters (count, log scale)")
+    ax.set_xlabel("parameters (count" + (", log scale)" if ax.get_xscale() == "log" else ")"))
     ax.set_ylabel(axis_label(metric, split) + (", log scale" if ax.get_yscale() == "log" else ""))
     better = "lower is better" if metric in LOSS_LIKE else "higher is better"
     ax.set_title(f"{SPLITS.get(split, split)} {metric} against model size ({better})")

@@ -405,20 +405,27 @@ def plot(rows: list[dict], path: str | os.PathLike, *, force: bool = False) -> P
     return plots.save_figure(plots.sweep_figure(rows), path, force=force)
 
 
-def curves(path: str | os.PathLike, output: str | os.PathLike, *, metric: str | None = None,
-           force: bool = False) -> Path:
-    """Learning curves (``metric`` per update, one line per run) of a run or sweep directory's
-    runs, from their ``metrics.jsonl`` (``plots.curves_figure``; default metric: the runs'
-    headline metric on validation data)."""
+def curves_figure(path: str | os.PathLike, metric: str | None = None):
+    """The learning-curve figure (``metric`` per update, one line per run) of a run or sweep
+    directory's runs, from their ``metrics.jsonl`` (``plots.curves_figure``; default metric: the
+    runs' headline metric on validation data). Raises before anything is written."""
     from . import plots
 
-    output = check_report_output(output, force)
     dirs = run_dirs(path)
     runs = {d.name: _read_records(d / "metrics.jsonl") for d in dirs}
     if metric is None:
         headline = [_read_summary(d / SUMMARY_FILE).get("metric") for d in dirs]
         metric = next((m for m in headline if isinstance(m, str)), None)
-    return plots.save_figure(plots.curves_figure(runs, metric), output, force=force)
+    return plots.curves_figure(runs, metric)
+
+
+def curves(path: str | os.PathLike, output: str | os.PathLike, *, metric: str | None = None,
+           force: bool = False) -> Path:
+    """``curves_figure`` written atomically to ``output`` (replaced only with ``force``)."""
+    from . import plots
+
+    output = check_report_output(output, force)
+    return plots.save_figure(curves_figure(path, metric), output, force=force)
 
 
 def _read_records(path: Path) -> list[dict]:
