@@ -13,30 +13,9 @@ import torch
 from lrcompress import progress
 from lrcompress.errors import ConfigError
 from lrcompress.train import fit
+from test_json_output import RECIPE  # the tiny addition-task recipe: each run well under a second
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-RECIPE = """
-[task]
-name = "addition"
-length = 5
-train_size = 64
-valid_size = 32
-test_size = 32
-
-[model]
-cell = "gru"
-hidden_size = 6
-update_gate_bias = 4.0
-
-[train]
-optimizer = "adam"
-lr = 0.01
-batch_size = 16
-steps = 4
-eval_every = 2
-device = "cpu"
-"""
 
 
 class Terminal(io.StringIO):
