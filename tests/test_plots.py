@@ -27,7 +27,8 @@ def sweep_rows(metric: str = "mse", after=(0.004, 0.002, 0.001), before=(0.5, 0.
 def test_sweep_figure_is_honest():
     fig = plots.sweep_figure(sweep_rows())
     ax = fig.axes[0]
-    assert ax.get_xscale() == "log" and ax.get_yscale() == "log"  # mse from 0.0009 to 0.5: three decades
+    assert ax.get_yscale() == "log"  # mse from 0.0009 to 0.5: three decades
+    assert ax.get_xscale() == "linear" and ax.get_xlabel() == "parameters (count)"  # 305 to 977: not a decade
     assert "test mse" in ax.get_title() and "lower is better" in ax.get_title()
     assert ax.get_xlabel().startswith("parameters") and "mean squared error" in ax.get_ylabel()
     dense = [line for line in ax.get_lines() if line.get_label().startswith("dense")]
@@ -37,6 +38,13 @@ def test_sweep_figure_is_honest():
     legend = ax.get_legend()
     assert legend.get_bbox_to_anchor().x0 > ax.get_window_extent().x1  # outside the axes: covers no data
     fig.clf()
+
+
+def test_log_size_axis_when_sizes_span_a_decade():
+    rows = sweep_rows()
+    rows[0]["params"] = 60  # 60 to 977 parameters
+    ax = plots.sweep_figure(rows).axes[0]
+    assert ax.get_xscale() == "log" and ax.get_xlabel() == "parameters (count, log scale)"
 
 
 def test_linear_scale_when_values_stay_within_a_decade_or_are_not_losses():
