@@ -42,7 +42,7 @@ def test_sweep_figure_is_honest():
 
 def test_log_size_axis_when_sizes_span_a_decade():
     rows = sweep_rows()
-    rows[0]["params"] = 60  # 60 to 977 parameters
+    rows[0].update(params=60, ratio=977 / 60)  # 60 to 977 parameters
     ax = plots.sweep_figure(rows).axes[0]
     assert ax.get_xscale() == "log" and ax.get_xlabel() == "parameters (count, log scale)"
 
