@@ -18,6 +18,7 @@ import importlib.util
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +26,8 @@ import torch
 
 from .errors import ConfigError, LRCompressError, OutputExistsError
 from .train.recipe import apply_overrides, check_recipe
-from .train.run import collect, format_report, plot, sweep, train_recipe
+from .convert import compress
+from .train.run import build, collect, format_report, plot, sweep, train_recipe
 from .train.rundir import foreign_entry
 from .train.tasks_text import DEFAULT_SOURCE, default_text, read_text, text_digest
 
@@ -120,11 +122,12 @@ def run_demo(out: str | os.PathLike = "runs/demo", *, task: str = "text", text: 
     recipe = check_recipe(apply_overrides(recipe, [*overrides, f"train.steps={steps}"]))
     n = recipe["model"]["hidden_size"]
     out = Path(out)
-    prepare_folder(out, fresh=fresh)
     # Tiny matrices run faster on one thread than split across several.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
+        check_data_and_ranks(recipe, ranks)  # a second now rather than an error after the dense training
+        prepare_folder(out, fresh=fresh)
         start = time.perf_counter()
         if task == "text":
             echo(f"training a dense character-level GRU language model (n={n}) on {what}, {steps} updates ...")
@@ -133,7 +136,7 @@ def run_demo(out: str | os.PathLike = "runs/demo", *, task: str = "text", text: 
         dense = train_recipe(recipe, out / "dense", progress=progress)
         metric = dense["metric"]
         echo(f"dense: {dense['params']:,} parameters, test {metric} {dense['test'][metric]:{_FORMATS[metric]}} "
-             f"({time.perf_counter() - start:.0f}s)")
+             f"({dense['wall_time']:.0f}s)")  # fit's own measure, as the table below shows it
         echo(f"compressing at ranks {', '.join(map(str, ranks))}, with and without diagonal, "
              f"fine-tuning each for {finetune_steps} updates ...")
         eval_every = min(demo.finetune_eval_every, finetune_steps)
@@ -151,6 +154,21 @@ def run_demo(out: str | os.PathLike = "runs/demo", *, task: str = "text", text: 
 
 
 _FORMATS = {"bpc": ".3f", "mse": ".2e"}
+
+
+def check_data_and_ranks(recipe: dict, ranks: tuple[int, ...]) -> None:
+    """Fail in a second what would otherwise fail after minutes of training: build the task
+    and the dense model (reads and splits the text: ``ConfigError`` when a split is too short),
+    cut every split into batches (too short for ``batch_size`` streams: ``ConfigError``), and
+    compress a throwaway copy at the largest rank (``RankError`` naming the weight and the
+    ranks it allows)."""
+    task, model = build(recipe)
+    size = recipe["train"]["batch_size"]
+    for split in ("train", "valid", "test"):
+        task.batches(split, size, seed=0, shuffle=False)
+    with warnings.catch_warnings():  # "no smaller than dense" is the report's to say, after the sweep
+        warnings.simplefilter("ignore")
+        compress(model, max(ranks))  # the rank limits are the same with or without the diagonal
 
 
 def _use_text(recipe: dict, text: str | os.PathLike | None) -> str:

@@ -18,7 +18,10 @@ directory that looks complete. transformers is never imported here: models are d
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -26,7 +29,7 @@ from torch import Tensor, nn
 
 from .config import ALL_LINEAR, CompressionConfig, TargetSpec
 from .convert import count_params, factored_specs, factored_state_dict, merge_state_dict, unwrap
-from .errors import FormatError, LRCompressError, OutputExistsError, TargetError
+from .errors import ConfigError, FormatError, LRCompressError, OutputExistsError, TargetError
 from .io import (FORMAT, FORMAT_VERSION, load_model, read_safetensors, specs_from_metadata, write_compressed,
                  write_safetensors, write_text_atomic)
 from .report import Report
@@ -43,6 +46,7 @@ OUR_FILES = (CONFIG_NAME, LRC_CONFIG_NAME, CARD_NAME, WEIGHTS_NAME)
 HF_REFUSAL = ("lrcompress factored weights -- load this directory with lrcompress.from_pretrained(cls, directory); "
               "transformers would fill the factored weights with random values")
 _CARD_MARK = "<!-- lrcompress model card -->"
+_log = logging.getLogger(__name__)
 _ATTR_CONFIG = "_lrcompress_config"  # the CompressionConfig (dict) compress() used, recorded on the model
 
 
@@ -87,7 +91,12 @@ def from_pretrained(cls_or_model: type | nn.Module, directory: str | os.PathLike
 
     - a Hugging Face class (``AutoModelForSequenceClassification``, a ``PreTrainedModel``
       subclass): the model is built from ``config.json`` (``from_config``, ``_from_config`` or
-      ``cls(config)``; nothing is downloaded), ``kwargs`` go to that call;
+      ``cls(config)``; nothing is downloaded). ``kwargs`` that are config attributes
+      (``num_labels=5``) update the config, as transformers' ``from_pretrained`` does;
+      ``dtype``/``torch_dtype``/``attn_implementation`` go to that call; any other raises
+      ``ConfigError``. As in transformers, a base model class (``AutoModel``) loads from a head
+      model's directory (its ``base_model_prefix`` part; the head weights are left unused) and a
+      head class from a base model's directory (the head keeps its fresh initial values);
     - any other ``nn.Module`` class: built as ``cls(**kwargs)``;
     - a model instance: loaded in place (no ``kwargs``).
 
@@ -107,9 +116,19 @@ def from_pretrained(cls_or_model: type | nn.Module, directory: str | os.PathLike
         model = cls_or_model
     elif isinstance(cls_or_model, type) or hasattr(cls_or_model, "from_config"):
         model = _build(cls_or_model, directory, kwargs)
+        base = _base_model_from_head(model, directory, weights, kwargs)
+        if base is not None:
+            return base.eval()
     else:
         raise LRCompressError(f"from_pretrained needs a model class or an nn.Module, got {type(cls_or_model).__name__}")
-    load_model(model, weights)
+    base = _base_part_for(model, weights)
+    if base is None:
+        load_model(model, weights)
+    else:  # a head model from a base model's directory: its base part loaded, as transformers does
+        load_model(base, weights)
+        guard(model)  # the head model's save_pretrained must write the factors too
+        _log.warning("%s: loaded a base model into the %r part of %s; its head keeps freshly initialised values",
+                     directory, model.base_model_prefix, type(model).__name__)
     return model.eval()
 
 
@@ -159,7 +178,7 @@ def _prepare(directory: Path, force: bool) -> None:
     if directory.exists() and not directory.is_dir():
         raise LRCompressError(f"cannot write the model directory {directory}: it is a file")
     if directory.is_dir():
-        if not force and any(directory.iterdir()) and not (directory / LRC_CONFIG_NAME).is_file():
+        if not force and any(directory.iterdir()) and not written_by_lrcompress(directory):
             raise OutputExistsError(f"{directory} exists and was not written by lrcompress; pass --force "
                                     f"(force=True) to write {', '.join(OUR_FILES)} into it")
         return
@@ -171,6 +190,24 @@ def _prepare(directory: Path, force: bool) -> None:
         pass  # made meanwhile: an empty folder is fine
     except OSError as exc:
         raise LRCompressError(f"cannot write {directory}: {exc.strerror or exc}") from None
+
+
+def written_by_lrcompress(directory: Path) -> bool:
+    """Whether lrcompress wrote ``directory``: a compressed model directory (``lrcompress_config.json``)
+    or a dense one from ``merge`` (``model.safetensors`` whose metadata says ``merged_from=lrcompress``).
+    Such a directory is rewritten without ``force``, as a rerun of the same command expects."""
+    if (directory / LRC_CONFIG_NAME).is_file():
+        return True
+    weights = directory / WEIGHTS_NAME
+    if not weights.is_file():
+        return False
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(weights), framework="pt") as f:
+            return (f.metadata() or {}).get("merged_from") == "lrcompress"
+    except Exception:  # noqa: BLE001 -- any unreadable file is simply not ours
+        return False
 
 
 def model_card(record: dict, name: str, hf_config: dict | None) -> str:
@@ -282,7 +319,13 @@ def _build(cls, directory: Path, kwargs: dict) -> nn.Module:
         import importlib
 
         config_class = importlib.import_module("transformers").AutoConfig
-    config = config_class.from_pretrained(str(directory))
+    # As transformers' from_pretrained: keyword arguments naming config attributes update the config.
+    config, unused = config_class.from_pretrained(str(directory), return_unused_kwargs=True, **kwargs)
+    kwargs = {k: v for k, v in unused.items() if k in _MODEL_KWARGS}
+    other = sorted(set(unused) - set(kwargs))
+    if other:
+        raise ConfigError(f"from_pretrained: {other[0]!r} is neither an attribute of {type(config).__name__} "
+                          f"nor a model-building argument ({', '.join(_MODEL_KWARGS)})")
     if hasattr(config, "transformers_weights"):  # our refusal marker: not part of the live model's config
         delattr(config, "transformers_weights")
     if hasattr(cls, "from_config"):
@@ -290,6 +333,53 @@ def _build(cls, directory: Path, kwargs: dict) -> nn.Module:
     if hasattr(cls, "_from_config"):
         return cls._from_config(config, **kwargs)
     return cls(config, **kwargs)
+
+
+_MODEL_KWARGS = ("dtype", "torch_dtype", "attn_implementation")
+
+
+def _base_part_for(model: nn.Module, weights: Path) -> nn.Module | None:
+    """The ``base_model_prefix`` part of a head model when the file holds a base model (no key
+    under that prefix); None otherwise."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    base = getattr(model, prefix, None) if prefix else None
+    if not isinstance(base, nn.Module) or not is_hf_model(model):
+        return None
+    from safetensors import safe_open
+
+    tops = {k.split(".")[0] for k in base.state_dict()}
+    with safe_open(str(weights), framework="pt") as f:  # every key in the base part's top-level modules
+        return base if all(k.split(".")[0] in tops for k in f.keys()) else None
+
+
+def _base_model_from_head(model: nn.Module, directory: Path, weights: Path, kwargs: dict) -> nn.Module | None:
+    """A base model (``BertModel``) asked for from a head model's directory: the head model the
+    directory's config names, loaded, then its ``base_model_prefix`` part; None when ``model`` is
+    not such a base model (transformers' rule: file keys under the prefix, the model has no such part)."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    if not prefix or hasattr(model, prefix):
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as f:
+        if not any(k.startswith(prefix + ".") for k in f.keys()):
+            return None
+    arch = ((read_hf_config(directory) or {}).get("architectures") or [None])[0]
+    import importlib
+
+    head_cls = getattr(importlib.import_module("transformers"), arch, None) if isinstance(arch, str) else None
+    if head_cls is None:
+        raise FormatError(f"{directory} holds a head model ({arch or 'class not recorded'}) with the base model "
+                          f"under {prefix!r}: load it with the head model's class")
+    head = _build(head_cls, directory, kwargs)
+    load_model(head, weights)
+    base = getattr(head, prefix, None)
+    if not isinstance(base, type(model)):
+        raise FormatError(f"{directory} holds a {arch} whose {prefix!r} part is a {type(base).__name__}, not a "
+                          f"{type(model).__name__}: load it with {arch}")
+    _log.warning("%s: loaded the %r part of its %s into %s; the head weights are not used", directory, prefix,
+                 arch, type(model).__name__)
+    return base
 
 
 # ----------------------------------------------------------------------------- model.save_pretrained
@@ -315,6 +405,11 @@ class _SavePretrained:
                                   "upload it with huggingface_hub's upload_folder")
         if not is_main_process:
             return None
+        # transformers' sharding, pickle and variant options do not apply to the one lrcompress file.
+        dropped = sorted(k for k, v in ignored.items() if k != "token" and _HF_DEFAULTS.get(k, object()) != v)
+        if dropped:
+            warnings.warn(f"save_pretrained of a compressed model writes one {WEIGHTS_NAME} in the lrcompress "
+                          f"format; ignored: {', '.join(f'{k}={ignored[k]!r}' for k in dropped)}", stacklevel=2)
         model = self.model
         specs = factored_specs(model)
         tensors = factored_state_dict(model) if state_dict is None else _file_keys(state_dict, specs)
@@ -325,7 +420,27 @@ class _SavePretrained:
                         config=getattr(model, _ATTR_CONFIG, None),
                         params_before=after + sum(s.dense_params - s.factored_params for s in specs),
                         params_after=after, force=True, architecture=type(model).__name__, keep_card=True)
+        remove_stale_shards(directory)
         return None
+
+
+# The values transformers' save_pretrained takes by default (or Trainer passes): nothing to warn about.
+_HF_DEFAULTS = {"safe_serialization": True, "max_shard_size": None, "variant": None, "save_peft_format": True,
+                "save_original_format": True, "distributed_checkpoint": False}
+_HF_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+
+
+def remove_stale_shards(directory: Path) -> list[str]:
+    """Delete a sharded Hugging Face checkpoint (``model-0000k-of-0000n.safetensors`` and
+    ``model.safetensors.index.json``) that an earlier dense ``save_pretrained`` left in
+    ``directory``, as transformers' own ``save_pretrained`` cleans old shards: they would sit
+    beside ``model.safetensors`` holding stale dense weights. Only files of exactly those names."""
+    removed = []
+    for path in sorted(directory.iterdir()):
+        if path.is_file() and (_HF_SHARD.fullmatch(path.name) or path.name == "model.safetensors.index.json"):
+            path.unlink()
+            removed.append(path.name)
+    return removed
 
 
 def _file_keys(state_dict: dict[str, Tensor], specs: list[TargetSpec]) -> dict[str, Tensor]:
@@ -408,6 +523,8 @@ def convert_directory(source: Path, output: Path | None, config: CompressionConf
     if not isinstance(loaded, dict):
         raise FormatError(f"{source}: a pickled whole module in a model directory is not supported")
     linear = linear_names(source, hf) if config.targets == ALL_LINEAR else None
+    if config.targets and config.targets != ALL_LINEAR:
+        check_directory_targets(source, hf, config)
     tensors, specs, report = compress_state_dict(loaded, config, progress=progress, linear=linear)
     write_directory(output, tensors, specs, hf_config=hf, config=config, params_before=report.params_before,
                     params_after=report.params_after, source=str(source), force=force,
@@ -447,7 +564,7 @@ def check_output_directory(source: Path, output: Path, force: bool) -> None:
                               f"{source}; the input is never modified")
     if output.exists() and not output.is_dir():
         raise LRCompressError(f"cannot write the model directory {output}: it is a file")
-    if output.is_dir() and not force and any(output.iterdir()) and not (output / LRC_CONFIG_NAME).is_file():
+    if output.is_dir() and not force and any(output.iterdir()) and not written_by_lrcompress(output):
         raise OutputExistsError(f"{output} exists and was not written by lrcompress; pass --force to write into it")
     if not output.parent.is_dir():
         raise LRCompressError(f"cannot write {output}: {output.parent} does not exist")
@@ -466,17 +583,45 @@ def linear_names(directory: Path, hf: dict | None) -> list[str]:
         raise TargetError(f"--targets {ALL_LINEAR} on {directory} needs the model's class: its config.json names "
                           "no architectures; list the layers with --targets instead")
     try:
-        import transformers
+        import transformers  # noqa: F401
     except ImportError:
         raise TargetError(f"--targets {ALL_LINEAR} on a model directory builds the model with transformers, "
                           "which is not installed (pip install 'lrcompress[hf]')") from None
-    cls = getattr(transformers, arch, None)
-    if cls is None:
+    model = meta_model(directory, hf)
+    if model is None:
         raise TargetError(f"--targets {ALL_LINEAR}: transformers has no class {arch!r} (custom code?); "
                           "list the layers with --targets instead")
+    return all_linear_names(model)
+
+
+def meta_model(directory: Path, hf: dict | None) -> nn.Module | None:
+    """The model ``config.json`` describes, built on the meta device (no weights, no download), or
+    None when it cannot be built here (no architectures, transformers missing, custom code)."""
+    arch = ((hf or {}).get("architectures") or [None])[0]
+    try:
+        import transformers
+    except ImportError:
+        return None
+    cls = getattr(transformers, arch, None) if isinstance(arch, str) else None
+    if cls is None or not hasattr(cls, "_from_config"):
+        return None
     config = transformers.AutoConfig.from_pretrained(str(directory))
     with torch.device("meta"):
-        return all_linear_names(cls._from_config(config))
+        return cls._from_config(config)
+
+
+def check_directory_targets(directory: Path, hf: dict | None, config: CompressionConfig) -> None:
+    """Refuse named targets that are no ``nn.Linear`` in the model ``config.json`` describes (a
+    transformers ``Conv1D``, whose weight a state dict cannot tell from a Linear one when square).
+    Nothing to check when the model cannot be built here: the state-dict checks still apply."""
+    from .targets import check_target_types
+
+    try:
+        model = meta_model(directory, hf)
+    except (OSError, ValueError, TypeError, KeyError, ImportError):  # a config transformers cannot build
+        return
+    if model is not None:
+        check_target_types(model, config)
 
 
 def merge_directory(source: Path, output: Path, tensors: dict[str, Tensor], specs: list[TargetSpec], *,

@@ -16,6 +16,7 @@ silences the per-evaluation lines of the training loop.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from collections.abc import Iterable, Iterator
 
@@ -66,5 +67,22 @@ def bar(iterable: Iterable | None = None, *, progress: bool | None = None, desc:
     """
     from tqdm.auto import tqdm  # here, not at import: `lrcompress --help` stays light
 
+    disable = not enabled(progress)
+    if not disable and "ncols" not in kwargs:
+        kwargs.update(_fixed_size(sys.stderr))
     return tqdm(iterable, desc=desc, total=total, unit=unit, leave=leave, file=sys.stderr,
-                disable=not enabled(progress), dynamic_ncols=True, **kwargs)
+                disable=disable, **{"dynamic_ncols": True, **kwargs})
+
+
+def _fixed_size(stream) -> dict:
+    """A fixed 80 x 24 for a terminal that reports 0 columns or rows (``script``, CI ptys, some
+    IDE consoles): tqdm (which asks ``os.get_terminal_size`` for the stream) would otherwise
+    trim every bar to nothing, or hide it as an overflowing row. ``{}`` when the size is usable
+    or unknown (tqdm then follows the terminal as it is resized)."""
+    try:
+        columns, rows = os.get_terminal_size(stream.fileno())
+    except (AttributeError, ValueError, OSError):  # not a terminal, a replaced or closed stream
+        return {}
+    if columns > 0 and rows > 0:
+        return {}
+    return {"dynamic_ncols": False, "ncols": columns if columns > 0 else 80, "nrows": rows if rows > 0 else 24}

@@ -75,7 +75,7 @@ class Report:
         calibrated = any(t.output_error is not None for t in self.targets)
         header = ("target", "kind", "shape", "rank", "diag", "params", "factored", "rel.err",
                   *(("out.err",) if calibrated else ()), "diag fit")
-        rows = [(t.name, f"{t.layer}/{t.role}" + ("/tied" if t.tied else ""), f"{t.shape[0]}x{t.shape[1]}",
+        rows = [(t.name, kind_label(t.layer, t.role) + ("/tied" if t.tied else ""), f"{t.shape[0]}x{t.shape[1]}",
                  str(t.rank), "yes" if t.diag else "no", f"{t.params_before:,}", f"{t.params_after:,}",
                  f"{t.rel_error:.4g}", *((_number(t.output_error),) if calibrated else ()), t.diag_fit)
                 for t in self.targets]
@@ -102,3 +102,9 @@ def format_table(header: tuple[str, ...], rows: list[tuple[str, ...]], right: se
                          for i, (c, w) in enumerate(zip(r, widths))).rstrip()
 
     return [line(header), line(tuple("-" * w for w in widths)), *(line(r) for r in rows)]
+
+
+def kind_label(layer: str, role: str) -> str:
+    """The table's "kind" column: ``gru/recurrent``, and a plain Linear once (``linear``, not
+    ``linear/linear``). The JSON keeps ``layer`` and ``role`` apart."""
+    return layer if role == layer else f"{layer}/{role}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
@@ -10,7 +11,7 @@ from torch import Tensor
 from .config import CompressionConfig, TargetSpec
 from .factorize import rank_for_energy
 from .progress import bar as progress_bar
-from .report import format_table
+from .report import format_table, kind_label
 from .targets import find_state_dict_targets
 from .validate import check_weight
 
@@ -39,17 +40,19 @@ class Spectra:
 
 
 def spectra(tensors: dict[str, Tensor], ranks: list[int], *, include_input: bool = False,
-            targets: tuple[str, ...] = (), progress: bool | None = False) -> Spectra:
+            targets: tuple[str, ...] = (), progress: bool | None = False,
+            linear: Collection[str] | None = None) -> Spectra:
     """Singular-value energy of every recurrent (and selected) matrix of a dense state dict.
 
     ``progress``: a bar over the matrices (exact SVDs, slow for large ones) on stderr; ``None``
-    draws it when stderr is a terminal (``lrcompress.progress``).
+    draws it when stderr is a terminal (``lrcompress.progress``). ``linear``: the model's
+    ``nn.Linear`` names, which ``targets=("all-linear",)`` needs (``find_state_dict_targets``).
 
     Raises ``WeightError`` (one line) for a sparse, non-floating, empty or non-finite matrix: an
     SVD of those either fails deep inside LAPACK or returns meaningless numbers.
     """
     config = CompressionConfig(rank=1, include_input=include_input, include_projection=True, targets=targets)
-    candidates = find_state_dict_targets(tensors, config)
+    candidates = find_state_dict_targets(tensors, config, linear=linear)
     for c in candidates:  # every matrix checked before any SVD
         check_weight(c.name, tensors[c.name], action="analyse")
     rows = []
@@ -80,7 +83,7 @@ class CompressedSummary:
 
     def __str__(self) -> str:
         header = ("target", "kind", "shape", "rank", "diag", "tied", "dense", "factored", "ratio")
-        body = [(r["name"], f"{r['layer']}/{r['role']}", f"{r['shape'][0]}x{r['shape'][1]}", str(r["rank"]),
+        body = [(r["name"], kind_label(r["layer"], r["role"]), f"{r['shape'][0]}x{r['shape'][1]}", str(r["rank"]),
                  "yes" if r["diag"] else "no", "yes" if r["tied"] else "no", f"{r['dense_params']:,}",
                  f"{r['factored_params']:,}", f"{r['dense_params'] / r['factored_params']:.2f}x") for r in self.rows]
         total = (f"file: {self.stored:,} stored values for a dense model of {self.dense:,} "

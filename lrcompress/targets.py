@@ -103,7 +103,8 @@ def all_linear_names(model: nn.Module) -> list[str]:
     The output layer of a Hugging Face ``PreTrainedModel`` (any model with
     ``get_output_embeddings``) is the module that method returns (the LM head) and the
     ``classifier``/``score`` head (its last Linear when the head is a block), as peft decides;
-    of any other model, the last ``nn.Linear`` in module order. GPT-2-style
+    of any other model, or a ``PreTrainedModel`` where those rules find no head (a custom model
+    whose head has another name), the last ``nn.Linear`` in module order. GPT-2-style
     ``transformers.pytorch_utils.Conv1D`` layers (a transposed Linear) are not supported:
     a model holding them raises ``TargetError`` naming them.
     """
@@ -128,7 +129,8 @@ def _output_layers(model: nn.Module, named: list[tuple[str, nn.Module]], linear:
         names = [n for n, m in named if m is head]
         inner = [n for n in linear if names and (n in names or n.startswith(names[0] + "."))]
         out |= set(inner[-1:])  # a Linear head itself, or the last Linear of a head block
-    return out
+    # A custom PreTrainedModel (no LM head, head not called classifier/score): its last Linear, as for any model.
+    return out or set(linear[-1:])
 
 
 def weight_norm_kind(module: nn.Module, name: str) -> str | None:
@@ -179,10 +181,13 @@ def find_state_dict_targets(tensors: dict[str, Tensor], config: CompressionConfi
     else:
         for pattern in _patterns(config.targets):
             if not any(selects(pattern, m) for m in linear_modules):
-                raise TargetError(f"{_what('target', pattern)} matches no 2-D '<module>.weight' key")
+                raise TargetError(f"{_what('target', pattern)} matches no 2-D '<module>.weight' key"
+                                  + _weight_hint(pattern))
         selected = {m for m in linear_modules if selects(config.targets, m)}
     for mod in sorted(selected):
-        found.append(Candidate(mod, "weight", "linear", "linear", 1, *tensors[_join(mod, "weight")].shape))
+        rows, cols = tensors[_join(mod, "weight")].shape
+        _check_bias(mod, rows, cols, tensors.get(_join(mod, "bias")))
+        found.append(Candidate(mod, "weight", "linear", "linear", 1, rows, cols))
     for pattern in _patterns(config.exclude):
         if not any(selects(pattern, n) for c in found for n in c.scopes):
             raise TargetError(f"{_what('exclude', pattern)} matches no target")
@@ -190,6 +195,42 @@ def find_state_dict_targets(tensors: dict[str, Tensor], config: CompressionConfi
     if not found:
         raise TargetError(_none_found(config))
     return found
+
+
+def _check_bias(module: str, rows: int, cols: int, bias: Tensor | None) -> None:
+    """Refuse a selected weight whose bias does not have one entry per row: not an ``nn.Linear``
+    (``out x in``) weight, e.g. a transformers ``Conv1D`` (GPT-2), which stores ``in x out``."""
+    if bias is None or (bias.dim() == 1 and bias.shape[0] == rows):
+        return
+    n = bias.shape[0] if bias.dim() == 1 else tuple(bias.shape)
+    kind = ("; it looks like a transformers Conv1D (GPT-2 style, weight stored in x out), which lrcompress "
+            "does not factor" if n == cols else "")
+    raise TargetError(f"{module}: its bias has {n} entries but its weight {rows}x{cols} has {rows} rows, so it "
+                      f"is no nn.Linear (out x in) weight{kind}; leave it out of the targets")
+
+
+def check_target_types(model: nn.Module, config: CompressionConfig) -> None:
+    """Raise ``TargetError`` when a target pattern selects a module of ``model`` that lrcompress does
+    not factor (a transformers ``Conv1D``, an embedding, ...). Patterns that select nothing pass:
+    for checking a state dict's targets against its model built on the meta device."""
+    if config.targets == ALL_LINEAR:
+        all_linear_names(model)  # refuses Conv1D layers by name
+        return
+    modules = dict(model.named_modules())
+    for pattern in _patterns(config.targets):
+        _check_types(pattern, [n for n in modules if n and selects(pattern, n)], modules)
+
+
+def _check_types(pattern, hits: list[str], modules: dict[str, nn.Module]) -> None:
+    for n in hits:
+        if not isinstance(modules[n], (nn.Linear, nn.RNNBase, nn.RNNCellBase, Highway)):
+            raise TargetError(f"{_what('target', pattern)} matches {n} ({type(modules[n]).__name__}), "
+                              "which is not an nn.Linear, RNN layer or cell, or Highway layer")
+
+
+def _weight_hint(pattern) -> str:
+    text = pattern if isinstance(pattern, str) else pattern[0]
+    return "; targets name modules: drop '.weight'" if text.endswith(".weight") else ""
 
 
 def _infer_rnn(prefix: str, shapes: dict[str, tuple[int, ...]]) -> tuple[str, int]:
@@ -278,11 +319,8 @@ def _check_patterns(config: CompressionConfig, modules: dict[str, nn.Module], pr
     for pattern in _patterns(config.targets):
         hits = [n for n in modules if n and selects(pattern, n, prefix)]
         if not hits:
-            raise TargetError(f"{_what('target', pattern)} matches no module")
-        for n in hits:
-            if not isinstance(modules[n], (nn.Linear, nn.RNNBase, nn.RNNCellBase, Highway)):
-                raise TargetError(f"{_what('target', pattern)} matches {n} ({type(modules[n]).__name__}), "
-                                  "which is not an nn.Linear, RNN layer or cell, or Highway layer")
+            raise TargetError(f"{_what('target', pattern)} matches no module" + _weight_hint(pattern))
+        _check_types(pattern, hits, modules)
     weights = {_join(n, w) for n, m in modules.items() for w, _ in m.named_parameters(recurse=False)}
     weights |= {_join(n, w) for n, m in modules.items() if parametrize.is_parametrized(m) for w in m.parametrizations}
     for pattern in _patterns(config.exclude):

@@ -73,3 +73,15 @@ def test_package_import_is_lazy_but_complete():
     assert [name for name in lrcompress.__all__ if getattr(lrcompress, name, None) is None] == []
     with pytest.raises(AttributeError, match="no_such_name"):
         lrcompress.no_such_name
+
+
+def test_tables_name_a_plain_linear_once_and_json_keeps_layer_and_role():
+    import torch
+
+    import lrcompress as lrc
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GRU(8, 8))
+    report = lrc.compress(model, rank=2, targets=["0", "1"])
+    kinds = {line.split()[0]: line.split()[1] for line in str(report).splitlines() if line.startswith(("0.", "1."))}
+    assert kinds == {"0.weight": "linear", "1.weight_hh_l0": "gru/recurrent"}
+    assert {(t["layer"], t["role"]) for t in report.to_dict()["targets"]} == {("linear", "linear"), ("gru", "recurrent")}

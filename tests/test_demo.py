@@ -4,12 +4,13 @@ addition), through the library and through the command line."""
 import json
 import math
 import sys
+import time
 
 import pytest
 import torch
 
 from lrcompress.demo import MARKER, PLOT, run_demo
-from lrcompress.errors import ConfigError, FormatError
+from lrcompress.errors import ConfigError, FormatError, RankError
 from lrcompress.train import tasks_text
 from lrcompress.train.tasks import build_task
 from lrcompress.train.tasks_base import Batch
@@ -201,6 +202,10 @@ def test_addition_demo_reports_every_point_with_closed_form_params(tmp_path):
     assert any("test mse" in line for line in lines)
     assert any("on the addition task" in line for line in lines)
     assert (tmp_path / "demo" / PLOT).is_file()
+    # one measured time for the dense run: the narration's and the table's are the same figure
+    said = next(line for line in lines if line.startswith("dense:")).rsplit("(", 1)[1].rstrip(")")
+    table = next(line for block in lines for line in block.splitlines() if line.startswith("dense "))
+    assert said == table.split()[-1] == f"{rows[0]['wall_time']:.0f}s"
 
 
 def test_without_matplotlib_the_demo_says_so_instead_of_plotting(monkeypatch, tmp_path):
@@ -213,3 +218,20 @@ def test_without_matplotlib_the_demo_says_so_instead_of_plotting(monkeypatch, tm
     lines = []
     assert demo._plot([], tmp_path / PLOT, lines.append) is None
     assert "pip install 'lrcompress[plot]'" in lines[0] and not (tmp_path / PLOT).exists()
+
+
+@pytest.mark.parametrize("text, overrides, ranks, error, message", [
+    ("ab", (), None, ConfigError, "the valid part of .* holds 0 characters; the text \\(2 characters\\) is too short"),
+    ("abcdefghijklmnopqrst", (), None, ConfigError, "the valid part of .* holds 1 character;"),
+    ("abcd" * 30, (), None, ConfigError, "the valid text \\(6 symbols\\) is too short for batch_size 32"),
+    ("The quick brown fox. " * 40, ("model.hidden_size=16", "train.batch_size=4"), (4, 64), RankError,
+     "rank 64 is impossible for rnn.weight_hh_l0 .*: must be 1..16"),
+], ids=["no-valid-part", "one-character", "short-for-batch", "rank-above-hidden"])
+def test_demo_fails_on_data_and_ranks_before_training_or_writing(tmp_path, text, overrides, ranks, error, message):
+    # each of these used to fail only after the dense model's 1,000 updates
+    path, out, lines = write(tmp_path, text), tmp_path / "demo", []
+    start = time.perf_counter()
+    with pytest.raises(error, match=message):
+        run_demo(out, text=path, ranks=ranks, overrides=overrides, echo=lines.append)
+    assert time.perf_counter() - start < 1.5
+    assert lines == [] and not out.exists()

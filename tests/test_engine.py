@@ -243,7 +243,7 @@ def test_early_stopping_and_plateau_halving():
                          "plateau_patience": 2}, val_loader=addition_loader(32, 1, shuffle=False), progress=False)
     assert result.metric == "flat" and result.higher_is_better  # first metric_fn value; not a loss name
     assert result.stopped == "early_stopping" and result.steps == 20 and result.best_step == 5
-    assert [r["lr"] for r in result.history] == [1e-3, 1e-3, 1e-3, 5e-4]
+    assert [r["lr"] for r in result.history] == [1e-3, 1e-3, 5e-4, 5e-4]  # the lr the next update uses
 
 
 def test_plateau_scheduler_state_survives_resume(tmp_path):
@@ -259,7 +259,7 @@ def test_plateau_scheduler_state_survives_resume(tmp_path):
                    on_step=(lambda loop: loop.stop() if loop.step == cut else None))
 
     full = run(tmp_path / "full")
-    assert [r["lr"] for r in full.history] == [1e-2, 1e-2, 1e-2, 5e-3, 5e-3, 2.5e-3]  # two bad evaluations: x0.5
+    assert [r["lr"] for r in full.history] == [1e-2, 1e-2, 5e-3, 5e-3, 2.5e-3, 2.5e-3]  # two bad evaluations: x0.5 (recorded: the next update's lr)
     run(tmp_path / "cut", cut=5)  # after the 2nd evaluation (step 4): one bad evaluation counted
     state = load_checkpoint(tmp_path / "cut" / "last.safetensors").trainer["schedule"]
     assert state["num_bad_epochs"] == 1 and state["best"] == 1.0

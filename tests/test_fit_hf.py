@@ -163,3 +163,46 @@ def test_scheduler_and_recipe_schedule_conflict():
     opt, sched = sgd_and_steps(model)
     with pytest.raises(lrc.ConfigError, match="not both"):
         fit(model, batches(2, seed=7), recipe={**RECIPE, "lr_schedule": "onecycle"}, optimizer=opt, scheduler=sched)
+
+
+def test_a_scheduler_of_another_optimizer_is_refused():
+    # without optimizer=, fit builds its own: a scheduler on some other optimiser would step nothing
+    model = compressed_model()
+    _, sched = sgd_and_steps(copy.deepcopy(model))
+    with pytest.raises(lrc.ConfigError, match="scheduler belongs to another optimizer: pass that optimizer"):
+        fit(model, batches(2, seed=7), recipe={"steps": 3}, scheduler=sched, progress=False)
+    opt, _ = sgd_and_steps(model)
+    with pytest.raises(lrc.ConfigError, match="scheduler belongs to another optimizer"):
+        fit(model, batches(2, seed=7), recipe={"steps": 3}, optimizer=opt, scheduler=sched, progress=False)
+
+
+@pytest.mark.parametrize("own", [False, True], ids=["user-plateau", "recipe-plateau"])
+def test_evaluation_lr_is_the_next_updates_lr(own, capsys):
+    """docs/training.md: the lr recorded at an evaluation is the one the next update uses, and the
+    line announcing a lowered rate names the same value."""
+    data, val = batches(2, seed=3), batches(1, seed=4)
+    model = compressed_model()
+    seen = []  # the lr each update ran with
+    recipe = {"steps": 8, "clip": "none", "eval_every": 2, "optimizer": "adam", "lr": 0.1}
+    kwargs = {}
+    if own:  # patience 1: every evaluation without strict improvement halves the rate
+        recipe.update(lr_schedule="plateau", plateau_patience=1, plateau_factor=0.5)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        kwargs = {"optimizer": opt, "scheduler": torch.optim.lr_scheduler.ReduceLROnPlateau(
+            opt, mode="min", factor=0.5, patience=0)}  # the validation loss rises here: lowered often
+    result = fit(model, data, recipe=recipe, val_loader=val, progress=None, restore_best=False,
+                 on_step=lambda loop: seen.append(loop.optimizer.param_groups[0]["lr"]), **kwargs)
+    out = capsys.readouterr().out
+    records = result.history
+    for r in records[:-1]:  # on_step runs after update `step`: seen[step] is update step+1's lr
+        assert r["lr"] == seen[r["step"]], r
+    lowered = [line for line in out.splitlines() if "lowered" in line or "now " in line]
+    assert lowered, out
+    for line in lowered:
+        step = int(line.split()[1].rstrip(":"))
+        new = float(line.rsplit(" ", 1)[1])
+        record = next(r for r in records if r["step"] == step)
+        assert record["lr"] == pytest.approx(new, rel=1e-2)
+        eval_line = next(x for x in out.splitlines() if x.startswith(f"step {step},"))
+        assert eval_line.endswith(f"lr {new:.3g}")

@@ -36,8 +36,54 @@ def test_sweep_figure_is_honest():
     assert dense[0].get_linestyle() == "None"  # a point at the dense size, not a line across all sizes
     assert not [line for line in ax.get_lines() if len(set(line.get_ydata())) == 1 and len(line.get_xdata()) > 1]
     legend = ax.get_legend()
-    assert legend.get_bbox_to_anchor().x0 > ax.get_window_extent().x1  # outside the axes: covers no data
+    fig.canvas.draw()
+    # below the axes (covers no data) and no wider than they are (the data keeps the figure's width)
+    box, axes = legend.get_window_extent(), ax.get_window_extent()
+    assert box.y1 < axes.y0 and box.width <= axes.width
     fig.clf()
+
+
+def rank_labels(ax):
+    return [t for t in ax.texts if t.get_text().startswith("r=")]
+
+
+def test_rank_labels_sit_inside_the_axes_and_off_their_lines():
+    rows = sweep_rows("bpc", after=(2.4, 2.1, 2.0), before=(3.5, 2.7, 2.2))
+    rows += [{**r, "run": r["run"] + "-diag", "diag": True, "params": r["params"] + 48, "after": r["after"] - 0.01}
+             for r in rows]
+    fig = plots.sweep_figure(rows)
+    ax = fig.axes[0]
+    fig.canvas.draw()
+    renderer, axes = fig.canvas.get_renderer(), ax.get_window_extent()
+    labels = rank_labels(ax)
+    assert sorted(t.get_text() for t in labels) == ["r=1", "r=1", "r=2", "r=2", "r=4", "r=4"]
+    fine_tuned = [line for line in ax.get_lines() if line.get_label().endswith("fine-tuned")]
+    for t in labels:
+        box = t.get_window_extent(renderer)
+        assert axes.x0 <= box.x0 and box.x1 <= axes.x1 and axes.y0 <= box.y0 and box.y1 <= axes.y1, t.get_text()
+        for line in fine_tuned:  # no drawn point of either fine-tuned line inside a label
+            for x, y in ax.transData.transform(line.get_xydata()):
+                assert not box.contains(x, y), (t.get_text(), line.get_label())
+    # the two families' labels go to opposite sides: low-rank below its points, diagonal above
+    below = {t.get_text(): t.get_window_extent(renderer).y1 for t in labels if t.get_color() == fine_tuned[0].get_color()}
+    for r in rows[:3]:
+        assert below[f"r={r['rank']}"] <= ax.transData.transform((r["params"], r["after"]))[1]
+    fig.clf()
+
+
+def test_curves_sort_names_naturally_tick_whole_updates_and_say_what_they_show():
+    records = {name: [{"step": 20, "train_loss": 1.0 + i, "lr": 1e-3, "val": {"bpc": 2.0 + i}}]
+               for i, name in enumerate(["rank16", "rank4-diag", "rank4", "rank32"])}
+    fig = plots.curves_figure(records)  # one evaluation per run: dots
+    ax = fig.axes[0]
+    assert [line.get_label() for line in ax.get_lines()] == ["rank4", "rank4-diag", "rank16", "rank32"]
+    fig.canvas.draw()
+    lo, hi = ax.get_xlim()
+    ticks = [t for t in ax.get_xticks() if lo <= t <= hi]
+    assert lo == 0 and len(ticks) >= 3 and all(float(t).is_integer() for t in ticks)
+    assert ax.get_title() == "learning curves: validation bpc"
+    assert plots.curves_figure(records, "train_loss").axes[0].get_title() == "learning curves: training loss"
+    assert plots.natural_key("rank4") < plots.natural_key("rank16") < plots.natural_key("rank16-diag")
 
 
 def test_log_size_axis_when_sizes_span_a_decade():

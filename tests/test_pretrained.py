@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 
 import pytest
 import torch
@@ -284,3 +285,97 @@ def test_directory_errors_are_one_line(tmp_path, run):
     for result, message in zip(results, messages):
         assert result.code == 2 and message in result.err and len(result.err.strip().splitlines()) == 1, result
         assert result.out == ""
+
+
+# ----------------------------------------------------------------------------- fixes from a new-user trial
+
+
+def test_merge_rerun_rewrites_its_own_directory_and_force_keeps_other_files(tmp_path, run):
+    folder, _ = hf_directory(tmp_path)
+    assert run("convert", folder, "--rank", 4, "--targets", "all-linear", "-o", tmp_path / "small").code == 0
+    first = run("merge", tmp_path / "small")
+    assert first.code == 0, first.err
+    dense = tmp_path / "small.dense"
+    again = run("merge", tmp_path / "small")  # ours (merged_from=lrcompress): a rerun rewrites it
+    assert again.code == 0, again.err
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    refused = run("merge", tmp_path / "small", "-o", foreign)
+    assert refused.code == 2 and "not written by lrcompress; pass --force" in refused.err
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+    assert run("merge", tmp_path / "small", "-o", foreign, "--force").code == 0
+    assert (foreign / "notes.txt").read_text() == "mine"
+    assert load_file(foreign / "model.safetensors").keys() == load_file(dense / "model.safetensors").keys()
+
+
+def test_inspect_a_directory_with_all_linear_and_a_hint_without_targets(tmp_path, run):
+    folder, model = hf_directory(tmp_path)
+    result = run("inspect", folder, "--targets", "all-linear", "--json")
+    assert result.code == 0, result.err
+    names = {row["name"] for row in json.loads(result.out)["matrices"]}
+    assert names == {f"{n}.weight" for n in lrc.targets.all_linear_names(model)}  # as convert selects
+    bare = run("inspect", folder)
+    assert bare.code == 2 and len(bare.err.strip().splitlines()) == 1
+    assert "no recurrent weights found" in bare.err and "--targets all-linear" in bare.err
+
+
+def test_base_model_from_a_head_directory_and_head_from_base_as_transformers(tmp_path):
+    torch.manual_seed(0)
+    head = tiny_bert()
+    lrc.compress(head, rank=4, targets=LINEAR)
+    lrc.save_pretrained(head, tmp_path / "head")
+    base = lrc.from_pretrained(AutoModel, tmp_path / "head")
+    assert type(base).__name__ == "BertModel" and not base.training
+    with torch.no_grad():
+        assert torch.equal(base(input_ids=ids()).last_hidden_state, head.bert(input_ids=ids()).last_hidden_state)
+    lrc.save_pretrained(head.bert, tmp_path / "base")
+    again = lrc.from_pretrained(AutoModelForSequenceClassification, tmp_path / "base")
+    with torch.no_grad():  # the base part loaded; the head stays freshly initialised, as in transformers
+        assert torch.equal(again.bert(input_ids=ids()).last_hidden_state, head.bert(input_ids=ids()).last_hidden_state)
+    again.save_pretrained(tmp_path / "resaved")  # still lrcompress's save_pretrained: the factors are kept
+    assert torch.equal(logits(lrc.from_pretrained(AutoModelForSequenceClassification, tmp_path / "resaved")),
+                       logits(again))
+
+
+def test_from_pretrained_config_keywords_update_the_config_and_others_are_named(tmp_path):
+    model = tiny_bert()
+    lrc.compress(model, rank=4, targets=LINEAR)
+    lrc.save_pretrained(model, tmp_path / "d")
+    again = lrc.from_pretrained(AutoModelForSequenceClassification, tmp_path / "d", output_hidden_states=True)
+    assert again.config.output_hidden_states is True
+    assert torch.equal(logits(again), logits(model))
+    with pytest.raises(lrc.ConfigError, match="'num_labelz' is neither an attribute of BertConfig"):
+        lrc.from_pretrained(AutoModelForSequenceClassification, tmp_path / "d", num_labelz=5)
+
+
+def test_model_save_pretrained_warns_of_ignored_options_and_removes_stale_hf_shards(tmp_path):
+    folder, _ = hf_directory(tmp_path, "sharded", shards=2)
+    (folder / "model-00001-of-00002.bin.keep").write_text("not a shard name")
+    model = tiny_bert()
+    lrc.compress(model, rank=4, targets=LINEAR)
+    with pytest.warns(UserWarning, match=r"ignored: max_shard_size='20KB', safe_serialization=False"):
+        model.save_pretrained(folder, max_shard_size="20KB", safe_serialization=False)
+    assert {p.name for p in folder.iterdir()} == {"config.json", "model.safetensors", "lrcompress_config.json",
+                                                  "README.md", "tokenizer_config.json",
+                                                  "model-00001-of-00002.bin.keep"}
+    assert torch.equal(logits(lrc.from_pretrained(AutoModelForSequenceClassification, folder)), logits(model))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # what Trainer passes is no cause for a warning
+        model.save_pretrained(folder, safe_serialization=True, state_dict=None)
+
+
+def test_convert_refuses_gpt2_conv1d_targets_before_writing(tmp_path, run):
+    config = transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=40, n_positions=8,
+                                     bos_token_id=0, eos_token_id=0)
+    folder = tmp_path / "gpt2"
+    transformers.GPT2LMHeadModel(config).save_pretrained(folder)
+    for target in ("c_attn", "c_proj"):  # c_proj is square: only the model built on the meta device tells
+        result = run("convert", folder, "--rank", 2, "--targets", target, "-o", tmp_path / "out")
+        assert result.code == 2 and "(Conv1D)" in result.err and len(result.err.strip().splitlines()) == 1, result
+        assert not (tmp_path / "out").exists()
+    sd = tmp_path / "gpt2.safetensors"  # a bare state dict: the bias length tells the non-square ones
+    save_file(load_file(folder / "model.safetensors"), sd)
+    result = run("convert", sd, "--rank", 2, "--targets", "c_attn")
+    assert result.code == 2 and "looks like a transformers Conv1D" in result.err, result
+    assert not (tmp_path / "gpt2.lr.safetensors").exists()

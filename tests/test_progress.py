@@ -184,3 +184,32 @@ def test_train_and_sweep_write_event_files(run, tmp_path):
                "--steps", "2", "--tensorboard", tmp_path / "tbs").code == 0
     assert sorted(p.name for p in (tmp_path / "tbs").iterdir()) == ["rank1", "rank1-diag"]
     assert [s for s, _ in scalars(tmp_path / "tbs" / "rank1-diag")["train/loss"]] == [1, 2]
+
+
+class ZeroSizeTerminal(Terminal):
+    """A terminal with a file descriptor, as tqdm asks ``os.get_terminal_size(fd)`` for its size."""
+
+    def fileno(self) -> int:
+        return 2
+
+
+@pytest.mark.parametrize("size, ncols", [((0, 0), 80), ((0, 40), 80), ((120, 0), 120)])
+def test_a_terminal_reporting_zero_size_still_gets_a_whole_bar(monkeypatch, size, ncols):
+    # `script -qc CMD /dev/null`, CI ptys: tqdm's dynamic size would be -1 columns, trimming the bar to nothing
+    fake = ZeroSizeTerminal()
+    monkeypatch.setattr(sys, "stderr", fake)
+    monkeypatch.setattr("os.get_terminal_size", lambda fd=None: __import__("os").terminal_size(size))
+    with progress.bar(range(3), desc="train", unit="update", leave=True) as b:
+        assert b.ncols == ncols and b.nrows > 0
+        for _ in b:
+            pass
+    text = fake.getvalue().rsplit("\r", 1)[-1]
+    assert text.startswith("train: 100%") and "3/3" in text and len(text.rstrip("\n")) <= ncols
+
+
+def test_a_terminal_with_a_size_keeps_following_it(monkeypatch):
+    fake = ZeroSizeTerminal()
+    monkeypatch.setattr(sys, "stderr", fake)
+    monkeypatch.setattr("os.get_terminal_size", lambda fd=None: __import__("os").terminal_size((100, 30)))
+    with progress.bar(range(3), leave=True) as b:
+        assert b.ncols == 99 and b.dynamic_ncols  # tqdm's own: columns - 1, re-read on every refresh

@@ -210,3 +210,50 @@ def test_cli_selection_errors(run, state_dict_file, tmp_path, args, message):
     result = run("convert", state_dict_file, "--rank", 2, "-o", tmp_path / "o.safetensors", *args)
     assert result.code == 2 and message in result.err and "Traceback" not in result.err
     assert not (tmp_path / "o.safetensors").exists()
+
+
+class NamedHead(transformers.PreTrainedModel):
+    """A custom PreTrainedModel: no LM head, its output layer called neither classifier nor score."""
+
+    config_class = transformers.BertConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.rnn = nn.GRU(4, 4)
+        self.proj = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+        self.post_init()
+
+
+def test_all_linear_of_a_custom_pretrained_model_leaves_out_its_last_linear():
+    model = NamedHead(tiny_bert_config())
+    assert model.get_output_embeddings() is None
+    assert all_linear_names(model) == ["proj"]
+    report = lrc.compress(model, rank=1, targets=ALL_LINEAR)
+    assert "head" not in {t.name.rpartition(".")[0] for t in report.targets}
+
+
+def test_a_state_dict_weight_whose_bias_is_not_one_per_row_is_refused():
+    conv1d = {"h.c_attn.weight": torch.randn(4, 12), "h.c_attn.bias": torch.randn(12)}  # GPT-2: in x out
+    with pytest.raises(lrc.TargetError, match=r"h\.c_attn: its bias has 12 entries.*4 rows.*Conv1D"):
+        find_state_dict_targets(conv1d, lrc.CompressionConfig(rank=2, targets=["c_attn"]))
+    odd = {"m.weight": torch.randn(4, 6), "m.bias": torch.randn(5)}
+    with pytest.raises(lrc.TargetError, match=r"m: its bias has 5 entries") as info:
+        find_state_dict_targets(odd, lrc.CompressionConfig(rank=2, targets=["m"]))
+    assert "Conv1D" not in str(info.value)
+    linear = nn.Linear(6, 4).state_dict()  # bias of `rows` entries: accepted
+    found = find_state_dict_targets({f"m.{k}": v for k, v in linear.items()},
+                                    lrc.CompressionConfig(rank=2, targets=["m"]))
+    assert [(c.name, c.rows, c.cols) for c in found] == [("m.weight", 4, 6)]
+
+
+def test_a_target_named_with_weight_gets_a_hint():
+    model = transformers.BertForSequenceClassification(tiny_bert_config())
+    name = "bert.encoder.layer.0.attention.self.query.weight"
+    with pytest.raises(lrc.TargetError, match=r"matches no module; targets name modules: drop '\.weight'"):
+        lrc.compress(model, rank=2, targets=[name])
+    with pytest.raises(lrc.TargetError, match=r"drop '\.weight'"):
+        find_state_dict_targets(model.state_dict(), lrc.CompressionConfig(rank=2, targets=[name]))
+    with pytest.raises(lrc.TargetError) as info:
+        lrc.compress(model, rank=2, targets=["nothing"])
+    assert "drop" not in str(info.value)

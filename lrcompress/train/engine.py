@@ -229,6 +229,11 @@ class Loop:
         # the score that also picks the best checkpoint and stops early (higher is better)
         if scheduler is not None and config.lr_schedule != "constant":
             raise ConfigError(f"give a scheduler or train.lr_schedule={config.lr_schedule!r}, not both")
+        if scheduler is not None and getattr(scheduler, "optimizer", self.optimizer) is not self.optimizer:
+            # else fit steps a scheduler whose optimiser never updates anything: a silent no-op
+            raise ConfigError("the scheduler belongs to another optimizer: pass that optimizer as optimizer="
+                              if optimizer is None else
+                              "the scheduler belongs to another optimizer than optimizer=: build it on that one")
         self.own_scheduler = scheduler is None  # the recipe's plateau follows the score, a user's the metric
         self.scheduler = scheduler if scheduler is not None else build_scheduler(
             self.optimizer, config.lr_schedule, total_steps=self.total_steps, patience=config.plateau_patience,
@@ -436,8 +441,9 @@ class Loop:
         train_loss = float(self.loss_sum / self.loss_count) if self.loss_count > 0 else float("nan")
         self.loss_sum.zero_()
         self.loss_count.zero_()
-        record = {"step": self.step, "epoch": self.epoch, "lr": self.optimizer.param_groups[0]["lr"],
-                  "train_loss": train_loss, "nan_events": self.nan_events}
+        # "lr" is filled in after the plateau scheduler has seen this evaluation: the next update's
+        record = {"step": self.step, "epoch": self.epoch, "lr": None, "train_loss": train_loss,
+                  "nan_events": self.nan_events}
         if self.scaler is not None:
             record["amp_overflows"] = self.amp_overflows
         score, value = -train_loss, train_loss  # without validation data, the training loss decides
@@ -461,11 +467,12 @@ class Loop:
             self.bad_evals += 1
         if math.isfinite(score):
             self.stabiliser.remember()
-        if self._observe_plateau(score, value) and self.dist.main:
+        lowered = self._observe_plateau(score, value)
+        record["lr"] = self.optimizer.param_groups[0]["lr"]  # the one the next update uses
+        if lowered and self.dist.main:
             bar.write(f"step {self.step}: no improvement for {self.config.plateau_patience} evaluations; "
-                      f"learning rate x{self.config.plateau_factor}" if self.own_scheduler else
-                      f"step {self.step}: the scheduler lowered the learning rate to "
-                      f"{self.optimizer.param_groups[0]['lr']:.3g}")
+                      f"learning rate x{self.config.plateau_factor}, now {record['lr']:.3g}" if self.own_scheduler
+                      else f"step {self.step}: the scheduler lowered the learning rate to {record['lr']:.3g}")
         self.history.append(record)
         if self.board is not None:
             self.board.evaluation(record)

@@ -4,7 +4,7 @@ curves (``--curves``). Needs matplotlib (``pip install 'lrcompress[plot]'``).
 Honest by construction: a loss-like metric whose values span a decade or more is drawn on a
 log scale (else small differences vanish next to the converted models' large errors); the
 dense model is one point at its size, not a line across sizes it never had; every figure has
-a title and axes named with their units; legends sit outside the data.
+a title and axes named with their units; legends sit below the axes, outside the data.
 
     >>> fig = sweep_figure(collect("runs/sweep"))                 # doctest: +SKIP
     >>> save_figure(fig, "sweep.png")                               # doctest: +SKIP
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from pathlib import Path
 
 from ..errors import LRCompressError
@@ -61,7 +62,7 @@ def sweep_figure(rows: list[dict]):
     first = (points or dense_rows)[0]
     metric, split = first["metric"], first["split"]
     fig, ax = plt.subplots(figsize=(8.5, 4.8))
-    values = []
+    values, labelled = [], []
     for diag, marker in ((False, "o"), (True, "s")):
         group = sorted((r for r in points if bool(r["diag"]) == diag), key=lambda r: r["params"])
         if not group:
@@ -75,12 +76,7 @@ def sweep_figure(rows: list[dict]):
             ax.plot(*zip(*before), marker=marker, linestyle=":", alpha=0.6, color=line.get_color(),
                     markerfacecolor="none", label=f"{label}, converted (before fine-tuning)")
             values += [b for _, b in before]
-        # The two families sit almost on top of each other (a diagonal adds only n parameters):
-        # low-rank labels go above-left, diagonal ones below-right, so neither hides the other.
-        offset, align = ((5, -11), "left") if diag else ((-5, 6), "right")
-        for r in group:
-            ax.annotate(f"r={r['rank']}", (r["params"], r["after"]), textcoords="offset points", xytext=offset,
-                        ha=align, fontsize=7, color=line.get_color())
+        labelled.append((diag, group, line.get_color()))
     dense = _dense_point(dense_rows, points)
     if dense is not None:
         ax.plot([dense[0]], [dense[1]], marker="*", markersize=14, linestyle="none", color="black",
@@ -100,9 +96,34 @@ def sweep_figure(rows: list[dict]):
     better = "lower is better" if metric in LOSS_LIKE else "higher is better"
     ax.set_title(f"{SPLITS.get(split, split)} {metric} against model size ({better})")
     ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+    ax.margins(x=0.08, y=0.1)  # room for the rank labels inside the axes
+    _legend_below(ax, ncol=2)
     fig.tight_layout()
+    for diag, group, color in labelled:  # after the layout: the offsets follow the drawn slopes
+        _label_ranks(ax, group, color, below=not diag)
     return fig
+
+
+def _legend_below(ax, ncol: int) -> None:
+    """A legend under the axes (under the x label), so the data keeps the figure's width."""
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=ncol, frameon=False)
+
+
+def _label_ranks(ax, group: list[dict], color, *, below: bool) -> None:
+    """``r=K`` beside each fine-tuned point, off its line: offset perpendicular to the line's
+    local direction on screen, low-rank on the lower side and low-rank + diagonal on the upper
+    (the two families nearly coincide: a diagonal adds only n parameters)."""
+    screen = ax.transData.transform([(r["params"], r["after"]) for r in group])
+    for i, r in enumerate(group):
+        a, b = screen[max(i - 1, 0)], screen[min(i + 1, len(group) - 1)]
+        dx, dy = (b - a) if len(group) > 1 else (1.0, 0.0)
+        norm = math.hypot(dx, dy) or 1.0
+        nx, ny = -dy / norm, dx / norm  # a unit normal; flip it to the family's side
+        if (ny > 0) == below:
+            nx, ny = -nx, -ny
+        ax.annotate(f"r={r['rank']}", (r["params"], r["after"]), textcoords="offset points",
+                    xytext=(9 * nx, 9 * ny), ha="left" if nx > 0.3 else "right" if nx < -0.3 else "center",
+                    va="bottom" if ny > 0.3 else "top" if ny < -0.3 else "center", fontsize=7, color=color)
 
 
 def curves_figure(runs: dict[str, list[dict]], metric: str | None = None):
@@ -116,7 +137,7 @@ def curves_figure(runs: dict[str, list[dict]], metric: str | None = None):
     metric = metric or _default_metric(runs)
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     values, drawn = [], 0
-    for name, records in runs.items():
+    for name, records in sorted(runs.items(), key=lambda item: natural_key(item[0])):
         series = [(r["step"], _value(r, metric)) for r in records]
         series = [(s, v) for s, v in series if v is not None and math.isfinite(v)]
         if series:
@@ -130,13 +151,22 @@ def curves_figure(runs: dict[str, list[dict]], metric: str | None = None):
     split = None if metric in ("train_loss", "lr") else "val"
     if metric == "lr" or use_log_scale(metric, values):
         ax.set_yscale("log")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_xlim(left=0)  # updates start at 0: one evaluation per run is a dot at its update, not a lone tick
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("update (optimiser steps)")
     ax.set_ylabel(axis_label(metric, split) + (", log scale" if ax.get_yscale() == "log" else ""))
-    ax.set_title(f"{axis_label(metric, split).split(' (')[0]} during training")
+    ax.set_title(f"learning curves: {axis_label(metric, split).split(' (')[0]}")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+    _legend_below(ax, ncol=min(drawn, 4))
     fig.tight_layout()
     return fig
+
+
+def natural_key(name: str) -> list:
+    """Sort key reading digit runs as numbers: rank4 before rank16."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
 def save_figure(fig, path: str | os.PathLike, *, force: bool = False) -> Path:

@@ -123,7 +123,7 @@ class TextTask(PtbCharTask):
             for split, part in parts.items():
                 if len(part) < 2:
                     raise ConfigError(f"the {split} part of {self.spec['text_file'] or DEFAULT_SOURCE} holds "
-                                      f"{len(part)} characters; the text ({len(text)} characters) is too short")
+                                      f"{len(part)} character{'s' * (len(part) != 1)}; the text ({len(text)} characters) is too short")
             self._parts = parts
         return self._parts
 
