@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import math
-import os
 import tomllib
 from pathlib import Path
 
@@ -18,7 +17,6 @@ from lrcompress.train.recipe import RECIPE_DEFAULTS, check_recipe, dump_recipe, 
 from lrcompress.train.tasks import build_task
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 SMALL = """
 [meta]
