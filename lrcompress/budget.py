@@ -10,6 +10,13 @@ steps in order of gain per parameter is optimal for the continuous problem (a fr
 with concave values) and exact whenever every step costs the same; a single pass that skips a
 step that no longer fits leaves no step unused that would still fit (the budget only shrinks).
 
+The curves may be relative (``relative``; ``allocation="relative"``, compress's default): each
+target's gains divided by its squared norm ``||W S||_F^2``, so the sum minimised is that of the
+targets' squared relative errors. It is scale-free: the absolute sum lets a target with large
+outputs starve one with small outputs (a one-hot input weight next to a recurrent weight), and on
+trained character models that cost far more than it saved (docs/calibration.md). The allocation
+below is the same for either curve.
+
 Ranks run from 1 (every target keeps at least rank 1) to the break-even rank: the largest rank
 whose factors are still smaller than the dense weight. Targets with a rank fixed by an override
 take their cost off the budget first.
@@ -109,6 +116,15 @@ def step_gains(singular_values: Tensor) -> Tensor:
     """Per-rank gains from singular values of shape (G, k) or (k,): squares summed over blocks."""
     s2 = singular_values.double() ** 2
     return s2.reshape(-1, s2.shape[-1]).sum(0)
+
+
+def relative(gains: Tensor, diag_gains: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """Gains divided by the target's whole squared norm ``gains.sum()`` (``||W||^2``, or ``||W S||^2``
+    weighted), for ``allocation="relative"``; the diagonal option's by the same norm, so both
+    options of a target stay comparable. A zero weight keeps its (zero) gains."""
+    total = float(gains.double().sum())
+    scale = 1.0 / total if total > 0 else 1.0
+    return gains.double() * scale, None if diag_gains is None else diag_gains.double() * scale
 
 
 def budget_for(params_before: int, *, ratio: float | None = None, params: int | None = None) -> int:

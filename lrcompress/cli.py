@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 # without loading PyTorch (seconds). Each command imports what it needs in its body
 # (tests/test_cli_fast.py holds this).
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Shrink trained recurrent networks with low-rank (+ diagonal) factorizations.")
 
 Force = Annotated[bool, typer.Option("--force", "-f", help="Overwrite the output file if it exists.")]
@@ -64,6 +64,9 @@ def convert(
     energy_scope: Annotated[Optional[str], typer.Option(
         "--energy-scope", help="With --energy: 'matrix' (each matrix keeps the share, default) or 'model' "
                                "(the largest singular values of all targets together).")] = None,
+    allocation: Annotated[Optional[str], typer.Option(
+        "--allocation", help="With --ratio/--params: minimise the summed squared error relative to each target's "
+                             "size ('relative', default) or the absolute summed error ('absolute').")] = None,
     diag: Annotated[bool, typer.Option("--diag", help="Low-rank plus diagonal (where blocks are square).")] = False,
     diag_auto: Annotated[bool, typer.Option(
         "--diag-auto", help="With --ratio/--params: a diagonal only where it pays for its parameters.")] = False,
@@ -99,6 +102,10 @@ def convert(
                         "(--trust-pickle).")] = None,
     calib_key: Annotated[Optional[str], typer.Option(
         "--calib-key", help="The entry of a --calib dict of tensors that holds the inputs.")] = None,
+    calib_damping: Annotated[Optional[float], typer.Option(
+        "--calib-damping", help="With --calib: relative ridge lambda >= 0 on each second moment, "
+                                "C + lambda mean(diag C) I (0: exact weighted fit; default 0.01; "
+                                "docs/calibration.md).")] = None,
 ) -> None:
     """Factor the recurrent weights of a trained model and write a compressed safetensors file."""
     from .checkpoints import read_checkpoint, reading_metadata
@@ -110,17 +117,27 @@ def convert(
         raise ConfigError("give --diag or --diag-auto, not both")
     if calib_key is not None and calib is None:
         raise ConfigError("--calib-key names an entry of the --calib file: give --calib too")
+    if calib_damping is not None and calib is None:
+        raise ConfigError("--calib-damping damps the --calib statistics: give --calib too")
+    if calib_damping is not None:
+        from .whitening import check_damping
+
+        check_damping(calib_damping, "--calib-damping")
     options = dict(rank=None if rank is None else _rank_value(rank), energy=energy, ratio=ratio,
                    params=None if params is None else _count(params, "--params"), energy_scope=energy_scope,
+                   allocation=allocation,
                    diag="auto" if diag_auto else diag, tied=tied,
                    include_input=include_input, include_projection=include_projection, targets=_selection(targets, targets_regex, "targets"),
-                   exclude=_selection(exclude, exclude_regex, "exclude"), ranks=_overrides(rank_for), svd=svd, diag_iters=diag_iters)
+                   exclude=_selection(exclude, exclude_regex, "exclude"), ranks=_overrides(rank_for), svd=svd, diag_iters=diag_iters,
+                   damping=calib_damping)
     if config_file is not None:
         given = [name for name, value in options.items()
-                 if value not in (None, False, (), {}) and not (name == "svd" and value == "auto")]
+                 if (value is not None if name == "damping" else value not in (None, False, (), {}))
+                 and not (name == "svd" and value == "auto")]
         if given:  # one source of truth: a file plus flags would leave the result ambiguous
+            flags = ("--" + {"damping": "calib_damping"}.get(n, n).replace("_", "-") for n in given)
             raise ConfigError(f"--config {config_file} holds every compression option; drop "
-                              f"{', '.join('--' + n.replace('_', '-') for n in given)} or --config")
+                              f"{', '.join(flags)} or --config")
         config = CompressionConfig.load(config_file)
     else:  # an option not given keeps the config's default
         config = CompressionConfig(**{name: value for name, value in options.items() if value is not None})
@@ -176,8 +193,9 @@ def inspect(
     """Dense file: singular-value energy kept per rank, per matrix. Compressed file: its layers."""
     from . import summary
     from .checkpoints import read_checkpoint
-    from .config import int_list
+    from .config import ALL_LINEAR, int_list
     from .convert import unwrap
+    from .errors import TargetError
     from .validate import check_compressed, shared_tensors
 
     loaded, meta = read_checkpoint(path, trust_pickle=trust_pickle, key=key, rename=rename or ())
@@ -188,7 +206,19 @@ def inspect(
         result = summary.compressed_summary(tensors, specs, shared_tensors(tensors, meta, path))
     else:
         at = int_list(ranks, "--ranks")
-        result = summary.spectra(tensors, at, include_input=include_input, targets=_split(targets), progress=None)
+        linear = None
+        if path.is_dir() and ALL_LINEAR in _split(targets):  # the same Linear names convert uses
+            from .pretrained import linear_names, read_hf_config
+
+            linear = linear_names(path, read_hf_config(path))
+        try:
+            result = summary.spectra(tensors, at, include_input=include_input, targets=_split(targets),
+                                     progress=None, linear=linear)
+        except TargetError as exc:
+            if targets or not str(exc).startswith("no targets found"):
+                raise
+            raise TargetError(f"no recurrent weights found in {path}; add --targets all-linear (or names) "
+                              "to inspect Linear layers") from None
     typer.echo(json.dumps(result.to_dict()) if as_json else str(result))
 
 

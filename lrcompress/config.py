@@ -17,6 +17,9 @@ from torch import Tensor
 
 from .errors import ConfigError, FormatError, RankError
 from .factorize import SVD_METHODS, factored_params, fraction_rank, rank_for_energy
+from .whitening import CALIBRATION_DAMPING, check_damping
+
+ALLOCATIONS = ("absolute", "relative")  # see lrcompress.budget
 
 RankValue = int | float | str
 ROLES = ("recurrent", "input", "projection", "linear")
@@ -159,6 +162,9 @@ class CompressionConfig:
     ratio: float | None = None  # parameters before / after at least this (>= 1)
     params: int | None = None  # at most this many parameters in the whole model
     energy_scope: str = "matrix"  # energy per "matrix", or over all targets together ("model")
+    # What a budget minimises: the summed squared (output) error of all targets ("absolute"), or
+    # the sum of each target's squared error relative to its own ||W S||^2 ("relative").
+    allocation: str = "relative"
     diag: bool | str = False  # add a trainable diagonal where a block is square (paper eq. 5); "auto": where it pays (budgets)
     tied: bool = False  # one R shared by the gates of a weight (the paper's tied variant)
     include_input: bool = False  # also factor input-to-hidden matrices (paper: recurrent only)
@@ -171,6 +177,8 @@ class CompressionConfig:
     svd: str = "auto"  # "exact", "randomized", or "auto" (randomized for large matrices)
     diag_iters: int | None = None  # most diagonal-fit iterations (None: stop below 0.1% gain; cap 50 exact, 20 randomized)
     seed: int = 0  # randomized-SVD seed, for reproducible fits
+    # With calibration data: the relative ridge C + damping * mean(diag C) * I of every fit (docs/calibration.md).
+    damping: float = CALIBRATION_DAMPING
 
     def __post_init__(self) -> None:
         given = [n for n in ("rank", "energy", "ratio", "params") if getattr(self, n) is not None]
@@ -189,6 +197,7 @@ class CompressionConfig:
         if self.diag_iters is not None and (isinstance(self.diag_iters, bool) or not isinstance(self.diag_iters, int)
                                             or self.diag_iters < 0):
             raise ConfigError(f"diag_iters must be a non-negative int, got {self.diag_iters!r}")
+        self.damping = check_damping(self.damping)
 
     @property
     def budgeted(self) -> bool:
@@ -202,6 +211,8 @@ class CompressionConfig:
             raise ConfigError(f"ratio must be a number >= 1 (parameters before / after), got {ratio!r}")
         if params is not None and (isinstance(params, bool) or not isinstance(params, int) or params < 1):
             raise ConfigError(f"params must be a positive int (the whole model's parameter budget), got {params!r}")
+        if self.allocation not in ALLOCATIONS:
+            raise ConfigError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}")
         if self.energy_scope not in ("matrix", "model"):
             raise ConfigError(f"energy_scope must be 'matrix' or 'model', got {self.energy_scope!r}")
         if self.energy_scope == "model" and (self.budgeted or self.rule().kind != "energy"):

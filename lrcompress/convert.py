@@ -30,6 +30,7 @@ from .report import Report, TargetReport
 from .targets import (Candidate, find_state_dict_targets, find_targets, recurrent_kind,
                       weight_norm_kind)
 from .validate import check_weight
+from .whitening import CALIBRATION_DAMPING
 
 
 @dataclass
@@ -47,7 +48,8 @@ def compress(model: nn.Module, rank: RankValue | None = None, *, energy: float |
              targets: Selection | list[str] = (), exclude: Selection | list[str] = (),
              ranks: dict[str, RankValue] | None = None, svd: str = "auto", diag_iters: int | None = None,
              seed: int = 0, config: CompressionConfig | None = None, progress: bool | None = False,
-             calibration=None, forward=None) -> Report:
+             calibration=None, forward=None, damping: float = CALIBRATION_DAMPING,
+             allocation: str = "relative") -> Report:
     """Replace the recurrent (and selected Linear) weights of ``model`` by SVD-fitted factors.
 
     In place; returns a ``Report``. Either pass the options or a ready ``config``.
@@ -65,7 +67,12 @@ def compress(model: nn.Module, rank: RankValue | None = None, *, energy: float |
     over that data (``lrcompress.calibration``), budgets and energies weigh errors the same way,
     and the report gives each target's and the whole model's ``output_error``. The model's
     outputs on all of the calibration data are kept (on CPU) to compare the compressed model's
-    against: memory as large as those outputs.
+    against: memory as large as those outputs. ``damping`` (``lambda >= 0``): every fit uses
+    ``C + lambda mean(diag C) I`` for the second moment ``C``; 0 is the exact weighted optimum,
+    large values tend to the plain fit (``whitening.whitening``; the default's evidence:
+    docs/calibration.md). ``allocation`` (budgets): ``"relative"`` minimises the sum of every
+    target's squared error relative to its own (weighted) norm, ``"absolute"`` the summed
+    squared error itself (``lrcompress.budget``; docs/calibration.md says why relative is the default).
 
     A wrapper (``nn.DataParallel``/``DistributedDataParallel`` ``.module``, ``torch.compile``'s
     ``._orig_mod``, nested) is compressed through the module it wraps: report names are that
@@ -88,7 +95,7 @@ def compress(model: nn.Module, rank: RankValue | None = None, *, energy: float |
                                    diag=diag, tied=tied, include_input=include_input,
                                    include_projection=include_projection, targets=targets,
                                    exclude=exclude, ranks=dict(ranks or {}), svd=svd,
-                                   diag_iters=diag_iters, seed=seed)
+                                   diag_iters=diag_iters, seed=seed, damping=damping, allocation=allocation)
     model, prefix = unwrap(model)
     config = _without_prefix(config, prefix)
     before = count_params(model)
@@ -107,7 +114,8 @@ def compress(model: nn.Module, rank: RankValue | None = None, *, energy: float |
         calibration, reference = calibration_batches(calibration), []
         found = collect_second_moments(model, calibration, [c.name for c in candidates], progress=progress,
                                        forward=_recording(forward, reference))  # the dense outputs, same pass
-        moments = {name: whitening(m.C) for name, m in found.items()}  # factored once, used by spectra and fits
+        # factored once, used by spectra and fits
+        moments = {name: whitening(m.C, damping=config.damping) for name, m in found.items()}
     weights = _current_weights(model, candidates)
     fits = fit_targets(candidates, weights, config, progress=progress, moments=moments, params_before=before)
     for module, weight in normed.values():  # every check passed: only now change the model
@@ -251,7 +259,7 @@ def _plan(candidates: list[Candidate], weights: dict[str, Tensor], config: Compr
     Each target's error curve is its (weighted) spectrum; with a diagonal, the spectrum of
     ``W - diag(W)`` (``lrcompress.budget`` says why). Overrides (``fixed``) keep their rank.
     """
-    from .budget import Target, allocate, budget_for, energy_ranks, options, step_gains
+    from .budget import Target, allocate, budget_for, energy_ranks, options, relative, step_gains
 
     targets = []
     for c in candidates:
@@ -263,6 +271,8 @@ def _plan(candidates: list[Candidate], weights: dict[str, Tensor], config: Compr
         if config.diag is not False and c.rows == c.cols and config.budgeted:
             hollow = blocks - torch.diag_embed(torch.diagonal(blocks, dim1=-2, dim2=-1))
             diag_gains = step_gains(weighted_spectrum(hollow, C, tied=tied))
+        if config.budgeted and config.allocation == "relative":  # each target's error relative to ||W S||^2
+            gains, diag_gains = relative(gains, diag_gains)
         targets.append(Target(c.name, c.gates, c.rows, c.cols, tied, options(gains, diag_gains, config.diag),
                               fixed.get(c.name)))
     if not config.budgeted:  # energy_scope="model"

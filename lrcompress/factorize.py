@@ -53,8 +53,9 @@ class Factors:
     of the last one; None when none ran) and ``diag_stop`` (one of ``DIAG_STOPS``); other fits
     leave them empty. A fit to calibration data (``C`` given) also records ``weighted_error``,
     the relative error of the weight's output on that data (``whitening.weighted_error``), and
-    ``damping``, the eigenvalue floor its whitening applied (0.0: none); ``rel_error`` stays the
-    plain weight error.
+    ``damping``, the most its whitening added to ``C``'s eigenvalues (absolute: the relative ridge
+    ``damping x mean(diag C)`` plus the rank-deficiency floor where it raised any; 0.0: the exact
+    weighted fit, ``whitening.Whitening.damping``); ``rel_error`` stays the plain weight error.
     """
 
     L: Tensor  # (G, m, d)

@@ -23,17 +23,21 @@ from torch import Tensor
 from .errors import ConfigError, WeightError
 
 # Eigenvalues of C below this fraction of the largest are raised to it (see ``whitening``).
-DAMPING = 1e-8
+FLOOR = 1e-8
+# The relative ridge ``compress`` applies by default with calibration data (docs/calibration.md
+# gives the measurements it was chosen by); ``whitening`` itself defaults to none.
+CALIBRATION_DAMPING = 0.01
 
 
 @dataclass(frozen=True)
 class Whitening:
-    """A factor ``S`` (``n x n``, float64) with ``S S^T = C`` plus the damping rank-deficient data needs.
+    """A factor ``S`` (``n x n``, float64) with ``S S^T = C + ridge I``, floored where ``C`` is rank-deficient.
 
     ``S = Q diag(sqrt(lambda'))`` from the eigendecomposition ``C = Q diag(lambda) Q^T``, with
-    ``lambda' = max(lambda, floor)``. ``floor`` is the absolute eigenvalue floor and ``floored``
-    how many eigenvalues it raised (0 when ``C`` needed no damping: then ``S S^T = C`` up to
-    round-off and every fit is the exact weighted optimum). ``C`` is the moment as given, which
+    ``lambda' = max(lambda + ridge, floor)``. ``ridge`` is the absolute ridge (``damping`` times
+    ``mean(diag C)``), ``floor`` the absolute eigenvalue floor and ``floored`` how many
+    eigenvalues it raised. With ``ridge == 0`` and ``floored == 0``, ``S S^T = C`` up to
+    round-off and every fit is the exact weighted optimum. ``C`` is the moment as given, which
     ``weighted_error`` uses.
     """
 
@@ -43,62 +47,86 @@ class Whitening:
     basis: Tensor  # (n, n) eigenvectors Q
     floor: float
     floored: int
+    ridge: float = 0.0
 
     @property
     def damping(self) -> float:
-        """The eigenvalue floor actually applied (0.0 when ``C`` needed none)."""
-        return self.floor if self.floored else 0.0
+        """What was added to ``C``'s eigenvalues at most: the ridge, plus the floor where it raised any (absolute)."""
+        return self.ridge + (self.floor if self.floored else 0.0)
 
     def damped(self) -> Tensor:
-        """``S S^T``: ``C`` with its small eigenvalues raised to the floor (n x n, float64)."""
+        """``S S^T``: ``C`` plus the ridge, its small eigenvalues raised to the floor (n x n, float64)."""
         return self.S @ self.S.mT
 
     def unwhiten(self, Y: Tensor) -> Tensor:
         """``Y S^{-1}`` (maps a whitened ``W S`` back to ``W``); stable: ``S^{-1} = diag(lambda'^-1/2) Q^T``."""
-        scale = self.eigenvalues.clamp_min(self.floor).rsqrt()
+        scale = (self.eigenvalues + self.ridge).clamp_min(self.floor).rsqrt()
         return (Y * scale.to(Y.dtype)) @ self.basis.mT.to(Y.dtype)
 
 
-def whitening(C: Tensor, *, damping: float | None = None) -> Whitening:
-    """Factor a second moment ``C`` (``n x n``, symmetric positive semi-definite) as ``S S^T``.
+def whitening(C: Tensor, *, damping: float = 0.0, floor: float | None = None) -> Whitening:
+    """Factor a damped second moment ``C + damping mean(diag C) I`` (``C``: ``n x n``, PSD) as ``S S^T``.
 
-    Eigenvalues below ``damping`` (default ``DAMPING = 1e-8``) times the largest -- the
-    directions the data never (or barely) visits, and round-off below zero -- are raised to that
-    floor, so ``S`` is invertible and every direction keeps a tiny weight. A ``C`` whose
-    eigenvalues all lie above the floor is left exactly as it is (no ridge is added), so its fit
-    is the exact weighted optimum. A zero ``C`` (no data reached the weight) becomes ``I``: the
-    fit is then the plain one. Raises ``WeightError`` when ``C`` holds NaN or Inf,
-    ``ConfigError`` for a non-square ``C`` or a damping outside [0, 1).
+    ``damping`` (``lambda >= 0``, scale-free): a relative ridge. ``0`` fits the exact weighted
+    optimum of the data; larger values trust the data less, and as ``lambda -> infinity`` the
+    fit tends to the plain (unweighted) one, since ``S S^T / (lambda mean(diag C)) -> I``. Why a
+    ridge helps (docs/calibration.md): a weighted fit spends no rank on directions the
+    calibration data barely visits, and a recurrent weight's errors are fed back through the
+    next step's state, which the one-step objective does not see (the damped fits of SVD-LLM
+    and ASVD, the ridge of GPTQ's Hessian).
+
+    After the ridge, eigenvalues below ``floor`` (default ``FLOOR = 1e-8``) times the largest
+    -- the directions the data never visits, and round-off below zero -- are raised to that
+    floor, so ``S`` is invertible and the problem has one answer. With ``damping=0`` a ``C``
+    whose eigenvalues all lie above the floor is used exactly as it is. A zero ``C`` (no data
+    reached the weight) becomes ``I``: the fit is then the plain one. Raises ``WeightError``
+    when ``C`` holds NaN or Inf, ``ConfigError`` for a non-square ``C``, a ``damping`` that is
+    negative or not finite, or a ``floor`` outside [0, 1).
 
     >>> white = whitening(torch.diag(torch.tensor([4.0, 1.0, 0.0])))
     >>> white.floored, white.damping                      # the unvisited direction is floored
     (1, 4e-08)
     >>> torch.allclose(white.S @ white.S.mT, torch.diag(torch.tensor([4.0, 1.0, 4e-8], dtype=torch.float64)))
     True
+    >>> whitening(torch.diag(torch.tensor([4.0, 1.0, 1.0])), damping=0.5).damped().diagonal()  # + 0.5 * 2
+    tensor([5.0000, 2.0000, 2.0000], dtype=torch.float64)
     """
     if C.dim() != 2 or C.shape[0] != C.shape[1]:
         raise ConfigError(f"a second moment must be a square matrix, got shape {tuple(C.shape)}")
-    if damping is None:
-        damping = DAMPING
-    if not 0.0 <= damping < 1.0:
-        raise ConfigError(f"damping must be in [0, 1), got {damping!r}")
+    check_damping(damping)
+    if floor is None:
+        floor = FLOOR
+    if not 0.0 <= floor < 1.0:
+        raise ConfigError(f"eigenvalue floor must be in [0, 1), got {floor!r}")
     C = C.to(torch.float64)
     if not bool(torch.isfinite(C).all()):
         raise WeightError("second moment holds NaN or Inf (calibration data or activations not finite)")
     C = (C + C.mT) / 2  # exact symmetry: eigh reads one triangle
     eigenvalues, Q = torch.linalg.eigh(C)
-    top = float(eigenvalues[-1]) if C.numel() else 0.0
+    n = C.shape[0]
+    # Relative to the average eigenvalue (tr C / n = mean(diag C)): the same lambda means the
+    # same trust in the data whatever the activations' scale.
+    ridge = float(damping) * float(C.diagonal().sum()) / n if n and damping else 0.0
+    top = float(eigenvalues[-1]) + ridge if C.numel() else 0.0
     # Scale-free floor; a zero C has no scale, and any positive floor then gives the plain fit.
-    floor = damping * top if top > 0 else 1.0
-    floor = max(floor, torch.finfo(torch.float64).tiny)
-    floored = int((eigenvalues < floor).sum())
-    S = Q * eigenvalues.clamp_min(floor).sqrt()
-    return Whitening(C, S, eigenvalues, Q, floor, floored)
+    absolute = floor * top if top > 0 else 1.0
+    absolute = max(absolute, torch.finfo(torch.float64).tiny)
+    floored = int((eigenvalues + ridge < absolute).sum())
+    S = Q * (eigenvalues + ridge).clamp_min(absolute).sqrt()
+    return Whitening(C, S, eigenvalues, Q, absolute, floored, ridge)
+
+
+def check_damping(damping: float, where: str = "damping") -> float:
+    """``damping`` itself when it is a number ``>= 0`` (finite); else ``ConfigError`` naming it."""
+    if (isinstance(damping, bool) or not isinstance(damping, (int, float)) or not math.isfinite(damping)
+            or damping < 0):
+        raise ConfigError(f"{where} must be a finite number >= 0 (a relative ridge; 0: none), got {damping!r}")
+    return float(damping)
 
 
 def as_whitening(C: Tensor | Whitening, damping: float | None = None) -> Whitening:
-    """``C`` itself when already a ``Whitening``, else ``whitening(C, damping=damping)``."""
-    return C if isinstance(C, Whitening) else whitening(C, damping=damping)
+    """``C`` itself when already a ``Whitening``, else ``whitening(C, damping=damping)`` (None: 0)."""
+    return C if isinstance(C, Whitening) else whitening(C, damping=damping or 0.0)
 
 
 def weighted_error(W: Tensor, W_hat: Tensor, C: Tensor | Whitening) -> float:

@@ -8,12 +8,13 @@ import itertools
 import pytest
 import torch
 
-from lrcompress.budget import Target, allocate, budget_for, energy_ranks, options, step_gains
+from lrcompress.budget import Target, allocate, budget_for, energy_ranks, options, relative, step_gains
 from lrcompress.errors import RankError
 
 
 def spectrum_target(name: str, n: int, *, gates: int = 1, cols: int | None = None, tied: bool = False,
-                    diag=False, rank: int | None = None, W: torch.Tensor | None = None) -> Target:
+                    diag=False, rank: int | None = None, W: torch.Tensor | None = None,
+                    scaled: bool = False) -> Target:
     """A target whose curves come from a random (or given) weight, as convert builds them."""
     cols = cols or n
     if W is None:
@@ -23,7 +24,10 @@ def spectrum_target(name: str, n: int, *, gates: int = 1, cols: int | None = Non
     if n == cols:
         off = W - torch.diag_embed(torch.diagonal(W, dim1=-2, dim2=-1))
         diag_gains = step_gains(torch.linalg.svdvals(off.reshape(-1, cols) if tied else off))
-    return Target(name, gates, n, cols, tied, options(step_gains(s), diag_gains, diag), rank)
+    gains = step_gains(s)
+    if scaled:  # allocation="relative": curves divided by the target's ||W||^2, as convert does
+        gains, diag_gains = relative(gains, diag_gains)
+    return Target(name, gates, n, cols, tied, options(gains, diag_gains, diag), rank)
 
 
 def used(targets, choices, untouched=0) -> int:
@@ -159,3 +163,24 @@ def test_budget_for_rounds_down_exactly():
     assert budget_for(1000, ratio=3) == 333
     assert budget_for(1000, ratio=2.5) == 400
     assert budget_for(1000, params=321) == 321
+
+
+def test_relative_allocation_is_scale_free_and_optimal_for_relative_errors():
+    # "big" is "small" times 30 in scale: the absolute criterion starves the small one, the relative
+    # one sees two equal problems; on the relative curves greedy still equals exhaustive search.
+    torch.manual_seed(4)
+    W = torch.randn(3, 12, 12, dtype=torch.float64)
+    budget = 2 * spectrum_target("x", 12, gates=3).params(3, False)
+    absolute = [spectrum_target("big", 12, gates=3, W=30 * W), spectrum_target("small", 12, gates=3, W=W)]
+    scaled = [spectrum_target("big", 12, gates=3, W=30 * W, scaled=True),
+              spectrum_target("small", 12, gates=3, W=W, scaled=True)]
+    a, r = allocate(absolute, budget), allocate(scaled, budget)
+    assert a["big"].rank > a["small"].rank and r["big"].rank == r["small"].rank == 3
+    assert scaled[0].options[0].errors[0] == pytest.approx(1.0, rel=1e-12)  # rank 0 leaves all of ||W||^2
+    for b in range(sum(t.params(1, False) for t in scaled), budget + 200, 23):
+        choices = allocate(scaled, b)
+        assert error(scaled, choices) == pytest.approx(exhaustive(scaled, b), rel=1e-12)
+    diag = spectrum_target("d", 12, gates=3, W=W, diag="auto", scaled=True)
+    plain = spectrum_target("d", 12, gates=3, W=W, scaled=True)
+    torch.testing.assert_close(diag.options[0].gains, plain.options[0].gains)  # one norm for both options
+    assert diag.options[1].errors[0] < 1.0

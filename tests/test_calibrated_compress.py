@@ -108,12 +108,16 @@ def test_model_energy_keeps_the_top_singular_values_of_all_targets():
 
 def test_config_round_trips_and_checks_budgets():
     for config in (CompressionConfig(ratio=4, diag="auto"), CompressionConfig(params=200_000, tied=True),
-                   CompressionConfig(energy=0.9, energy_scope="model")):
+                   CompressionConfig(energy=0.9, energy_scope="model"),
+                   CompressionConfig(ratio=2, damping=0.3, allocation="absolute")):
         assert CompressionConfig.from_json(config.to_json()) == config
     for bad, match in ((dict(rank=4, ratio=2), "exactly one"), (dict(ratio=0.5), "ratio must be"),
                        (dict(params=1.5), "params must be"), (dict(rank=4, diag="auto"), "diag must be"),
                        (dict(rank=4, energy_scope="model"), "energy_scope='model' needs"),
-                       (dict(energy=0.9, energy_scope="global"), "energy_scope must be")):
+                       (dict(energy=0.9, energy_scope="global"), "energy_scope must be"),
+                       (dict(ratio=4, damping=-1), "damping must be a finite number >= 0"),
+                       (dict(ratio=4, damping=float("nan")), "damping must be a finite number >= 0"),
+                       (dict(ratio=4, allocation="summed"), "allocation must be one of")):
         with pytest.raises(lrc.ConfigError, match=match):
             CompressionConfig(**bad)
 
@@ -208,6 +212,10 @@ def test_cli_ratio_params_and_diag_auto(run, tmp_path):
     (["--ratio", "80"], "the smallest this model can get is"),
     (["--ratio", "3", "--calib-key", "x"], "give --calib too"),
     (["--ratio", "3", "--calib", "x.pt"], "bare state dicts cannot be calibrated"),
+    (["--ratio", "3", "--calib-damping", "0.1"], "give --calib too"),
+    (["--ratio", "3", "--calib", "x.pt", "--calib-damping", "-1"], "--calib-damping must be a finite number >= 0"),
+    (["--ratio", "3", "--calib", "x.pt", "--calib-damping", "nan"], "--calib-damping must be a finite number >= 0"),
+    (["--ratio", "3", "--allocation", "summed"], "allocation must be one of absolute, relative"),
 ])
 def test_cli_budget_errors_are_one_line(run, tmp_path, args, message):
     code, out, err = run("convert", state_dict_file(tmp_path), *args)
@@ -234,3 +242,35 @@ def test_cli_calibration_of_a_trusted_whole_model(run, tmp_path):
         code, out, err = run("convert", tmp_path / "whole.pt", "--trust-pickle", "--ratio", "1.5", "--calib",
                              tmp_path / "calib.safetensors", *extra, "--force")
         assert code == 2 and message in err, err
+
+
+def test_damping_and_allocation_reach_the_fits_and_the_report():
+    x = inputs(steps=20)
+    default = lrc.compress(gru(), ratio=3, include_input=True, calibration=x)
+    assert default.config["damping"] == 0.01 and default.config["allocation"] == "relative"  # as documented
+    # lambda = 0 is the exact weighted optimum: the least output error per target at the same ranks;
+    # a huge ridge gives the plain fit at those ranks.
+    ranks = {r.name: r.rank for r in default.targets}
+    plain = lrc.compress(gru(), rank=1, ranks=ranks, include_input=True, calibration=x, damping=1e9)
+    unweighted = lrc.compress(gru(), rank=1, ranks=ranks, include_input=True)
+    for a, b in zip(plain.targets, unweighted.targets):
+        assert a.rel_error == pytest.approx(b.rel_error, rel=1e-5)
+    zero = lrc.compress(gru(), rank=1, ranks=ranks, include_input=True, calibration=x, damping=0.0)
+    for a, b in zip(zero.targets, plain.targets):
+        assert a.output_error <= b.output_error + 1e-9
+    absolute = lrc.compress(gru(), ratio=3, include_input=True, calibration=x, allocation="absolute")
+    assert absolute.config["allocation"] == "absolute" and absolute.params_after <= absolute.params_before / 3
+
+
+def test_cli_calibration_damping_and_allocation(run, tmp_path):
+    torch.save(gru(), tmp_path / "whole.pt")
+    torch.save(inputs(), tmp_path / "calib.pt")
+    code, out, err = run("convert", tmp_path / "whole.pt", "--trust-pickle", "--ratio", "1.5", "--calib",
+                         tmp_path / "calib.pt", "--calib-damping", "0", "--allocation", "absolute", "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["config"]["damping"] == 0.0 and doc["config"]["allocation"] == "absolute"
+    CompressionConfig(ratio=2).save(tmp_path / "c.json")
+    code, out, err = run("convert", tmp_path / "whole.pt", "--trust-pickle", "--config", tmp_path / "c.json",
+                         "--calib", tmp_path / "calib.pt", "--calib-damping", "0", "--force")
+    assert code == 2 and "drop --calib-damping" in err and len(err.strip().splitlines()) == 1, err

@@ -213,3 +213,40 @@ def test_bad_moments_are_refused(bad: Tensor, error: type) -> None:
         whitening(bad)
     with pytest.raises(ConfigError, match="damping"):
         whitening(torch.eye(3), damping=-1.0)
+
+
+# -- damping: the relative ridge C + lambda mean(diag C) I ----------------------------------------
+
+def test_damping_adds_a_relative_ridge_and_zero_is_the_exact_moment() -> None:
+    C = spd(8, seed=30)
+    for lam in (0.0, 0.1, 3.0):
+        white = whitening(C, damping=lam)
+        want = C + lam * float(C.diagonal().mean()) * torch.eye(8, dtype=torch.float64)
+        torch.testing.assert_close(white.damped(), want, rtol=0, atol=1e-12)
+        # the same lambda whatever the activations' scale: scaling C scales the ridge with it
+        torch.testing.assert_close(whitening(1e3 * C, damping=lam).damped(), 1e3 * want, rtol=1e-12, atol=0)
+    W = randn(3, 6, 8, seed=31)
+    exact, damped = fit_low_rank(W, 2, method="exact", C=C, damping=0.0), fit_low_rank(W, 2, method="exact", C=C,
+                                                                                         damping=1.0)
+    s = torch.linalg.svdvals(W @ torch.linalg.cholesky(C))
+    optimum = math.sqrt(float((s[:, 2:] ** 2).sum() / (s ** 2).sum()))
+    assert exact.weighted_error == pytest.approx(optimum, rel=1e-9)  # lambda = 0: the weighted optimum
+    assert damped.weighted_error > exact.weighted_error * (1 + 1e-6)  # a ridge trades output error away
+    assert damped.damping == pytest.approx(float(C.diagonal().mean()), rel=1e-12)
+
+
+@pytest.mark.parametrize("fit", [fit_low_rank, fit_low_rank_plus_diagonal])
+def test_infinite_damping_tends_to_the_plain_fit(fit) -> None:
+    W, C = randn(3, 8, 8, seed=32), spd(8, seed=33, decay=0.5)
+    plain = fit(W, 3, method="exact").compose()
+    errors = [float((fit(W, 3, method="exact", C=C, damping=lam).compose() - plain).norm() / plain.norm())
+              for lam in (1e2, 1e4, 1e8)]
+    assert errors[0] > errors[1] > errors[2] and errors[2] < 1e-6  # O(1 / lambda) convergence
+    assert float((fit(W, 3, method="exact", C=C).compose() - plain).norm() / plain.norm()) > 1e-2
+
+
+@pytest.mark.parametrize("bad", [-0.1, float("nan"), float("inf"), True, "0.1"])
+def test_bad_damping_is_one_clear_error(bad) -> None:
+    with pytest.raises(ConfigError, match=r"damping must be a finite number >= 0.*got") as info:
+        whitening(torch.eye(3), damping=bad)
+    assert "\n" not in str(info.value)
