@@ -150,3 +150,12 @@ def test_json_errors_are_one_line_on_stderr(run, tmp_path, args):
     result = run(*[a.format(tmp=tmp_path) for a in args], "--json")
     assert result.code == 2 and result.out == ""
     assert len(result.err.splitlines()) == 1 and result.err.startswith("error: ")
+
+
+def test_sweep_refuses_an_impossible_rank_before_any_point(run, dense_run, tmp_path):
+    # rank 99 exceeds the 6x6 recurrent blocks: the sweep must fail before fine-tuning rank 1
+    result = run("sweep", dense_run, "--out", tmp_path / "sweep", "--ranks", "1,99,7", "--steps", "2", "--json")
+    assert result.code == 2 and result.out == ""
+    assert result.err.strip() == (f"error: ranks 7, 99 are impossible for rnn.weight_hh_l0 (gru recurrent, 3 block(s) "
+                                  f"of {HIDDEN}x{HIDDEN}): ranks must be 1..{HIDDEN}")
+    assert not (tmp_path / "sweep").exists()

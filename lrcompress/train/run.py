@@ -125,6 +125,7 @@ def sweep(source: str | os.PathLike, out: str | os.PathLike, *, ranks: list[int]
     _check_apart(Path(source), Path(out))
     _check_out(out, resume=True)
     _check_source(Path(source), recipe, overrides)  # a bad source: one error, and no sweep.json left behind
+    _check_ranks(Path(source), recipe, overrides, ranks, tied)  # before the first point trains, not after it
     _claim(out)
     _save_json(out / "sweep.json", {"source": str(source), "ranks": list(ranks), "diag": diag,
                                      "both_diag": both_diag, "tied": tied, "overrides": list(overrides)})
@@ -237,6 +238,26 @@ def _check_source(source: Path, recipe, overrides) -> None:
     if weights.suffix == ".safetensors":
         tensors, meta = read_safetensors(weights)
         check_compressed(tensors, meta, weights)
+
+
+def _check_ranks(source: Path, recipe, overrides, ranks: list[int], tied: bool) -> None:
+    """Every rank of a sweep is possible for every target of the source's model (built, not
+    loaded: only shapes matter), so a bad rank fails before any point is fine-tuned."""
+    from ..config import CompressionConfig
+    from ..errors import RankError
+    from ..parametrizations import max_rank
+    from ..targets import find_targets
+
+    _, base = _source(source, recipe)
+    _, model = build(_recipe(base, overrides))
+    config = CompressionConfig(rank=max(ranks), tied=tied)
+    for c in find_targets(model, config):
+        full = max_rank(c.gates, c.rows, c.cols, config.tied and c.gates > 1)
+        bad = sorted(r for r in set(ranks) if r > full)
+        if bad:
+            what = f"rank {bad[0]} is" if len(bad) == 1 else f"ranks {', '.join(map(str, bad))} are"
+            raise RankError(f"{what} impossible for {c.name} ({c.layer} {c.role}, "
+                            f"{c.gates} block(s) of {c.rows}x{c.cols}): ranks must be 1..{full}")
 
 
 def _check_apart(source: Path, out: Path) -> None:
