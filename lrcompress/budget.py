@@ -131,9 +131,12 @@ def budget_for(params_before: int, *, ratio: float | None = None, params: int | 
     """Most whole-model parameters allowed: ``params``, or ``params_before / ratio`` rounded down (exactly)."""
     if (ratio is None) == (params is None):
         raise ConfigError("give exactly one of ratio and params")
-    if params is not None:
-        return int(params)
-    return math.floor(Fraction(params_before) / Fraction(ratio))
+    budget = int(params) if params is not None else math.floor(Fraction(params_before) / Fraction(ratio))
+    if budget >= params_before:  # every target would sit at its break-even rank: bigger errors, no saving
+        asked = f"params={int(params):,}" if params is not None else f"ratio={ratio:g}"
+        raise RankError(f"{asked} allows {budget:,} parameters and the model has {params_before:,}: nothing to "
+                        "compress; ask for fewer parameters")
+    return budget
 
 
 def allocate(targets: list[Target], budget: int, *, untouched: int = 0,

@@ -33,7 +33,7 @@ from torch import Tensor, _VF, nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.rnn import PackedSequence
 
-from .errors import ConfigError, TargetError
+from .errors import ConfigError, LRCompressError, TargetError
 from .progress import bar
 
 _KERNELS = {"GRU": _VF.gru, "LSTM": _VF.lstm, "RNN_TANH": _VF.rnn_tanh, "RNN_RELU": _VF.rnn_relu}
@@ -111,7 +111,15 @@ def collect_second_moments(model: nn.Module, data: Any, names: Iterable[str], *,
         batches = 0
         with torch.no_grad():
             for batch in bar(_batches(data), progress=progress, desc="calibrating", unit="batch"):
-                run_batch(model, batch, forward)
+                try:
+                    run_batch(model, batch, forward)
+                except LRCompressError:
+                    raise
+                except Exception as exc:  # torch's shape errors, a user's forward: say it was the calibration
+                    detail = (str(exc).strip().splitlines() or [""])[0]
+                    raise ConfigError(f"calibration batch {batches}: the model's call failed "
+                                      f"({type(exc).__name__}: {detail}); check the batch's shape and keys, "
+                                      "or pass forward=") from exc
                 batches += 1
     finally:
         for handle in handles:

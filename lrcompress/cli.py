@@ -115,6 +115,8 @@ def convert(
 
     if diag and diag_auto:
         raise ConfigError("give --diag or --diag-auto, not both")
+    if diag_auto and ratio is None and params is None:
+        raise ConfigError("--diag-auto chooses diagonals within a budget: give --ratio or --params with it")
     if calib_key is not None and calib is None:
         raise ConfigError("--calib-key names an entry of the --calib file: give --calib too")
     if calib_damping is not None and calib is None:
@@ -390,6 +392,9 @@ def read_calibration(path: Path, key: str | None = None):
         raise FormatError(f"{path} holds a {type(obj).__name__}; --calib needs a tensor or a dict of tensors")
     names = ", ".join(map(str, list(obj)[:8])) + (", ..." if len(obj) > 8 else "")
     if key is None:
+        if any(str(k).endswith((".weight", ".bias")) or str(k).startswith(("weight_", "bias_")) for k in obj):
+            raise FormatError(f"{path} holds model weights ({names}), not inputs: --calib takes a tensor of input "
+                              "batches (or a dict of them with --calib-key)")
         raise FormatError(f"{path} holds a dict ({names}): name the inputs with --calib-key")
     if key not in obj:
         raise FormatError(f"--calib-key {key!r} is not in {path} (it holds {names})")

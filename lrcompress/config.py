@@ -218,9 +218,10 @@ class CompressionConfig:
         if self.energy_scope == "model" and (self.budgeted or self.rule().kind != "energy"):
             raise ConfigError("energy_scope='model' needs an energy rank (energy=F), "
                               f"got {'a budget' if self.budgeted else f'rank {self.rank!r}'}")
-        if self.diag not in (True, False, "auto") or (self.diag == "auto" and not self.budgeted):
-            want = "" if self.diag not in (True, False, "auto") else " ('auto' chooses diagonals within a ratio or params budget)"
-            raise ConfigError(f"diag must be true, false or 'auto'{want}, got {self.diag!r}")
+        if self.diag not in (True, False, "auto"):
+            raise ConfigError(f"diag must be true, false or 'auto', got {self.diag!r}")
+        if self.diag == "auto" and not self.budgeted:
+            raise ConfigError("diag='auto' chooses diagonals within a budget: give ratio= or params= with it")
 
     def rule(self) -> RankRule:
         if self.budgeted:

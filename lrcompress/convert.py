@@ -96,6 +96,8 @@ def compress(model: nn.Module, rank: RankValue | None = None, *, energy: float |
                                    include_projection=include_projection, targets=targets,
                                    exclude=exclude, ranks=dict(ranks or {}), svd=svd,
                                    diag_iters=diag_iters, seed=seed, damping=damping, allocation=allocation)
+    if forward is not None and calibration is None:  # forward= alone would be ignored without a word
+        raise ConfigError("forward= says how to call the model on calibration batches: give calibration= too")
     model, prefix = unwrap(model)
     config = _without_prefix(config, prefix)
     before = count_params(model)

@@ -112,7 +112,8 @@ def test_config_round_trips_and_checks_budgets():
                    CompressionConfig(ratio=2, damping=0.3, allocation="absolute")):
         assert CompressionConfig.from_json(config.to_json()) == config
     for bad, match in ((dict(rank=4, ratio=2), "exactly one"), (dict(ratio=0.5), "ratio must be"),
-                       (dict(params=1.5), "params must be"), (dict(rank=4, diag="auto"), "diag must be"),
+                       (dict(params=1.5), "params must be"), (dict(rank=4, diag="auto"), "diag=.auto. chooses diagonals within a budget"),
+                       (dict(rank=4, diag="yes"), "diag must be"),
                        (dict(rank=4, energy_scope="model"), "energy_scope='model' needs"),
                        (dict(energy=0.9, energy_scope="global"), "energy_scope must be"),
                        (dict(ratio=4, damping=-1), "damping must be a finite number >= 0"),
@@ -196,10 +197,10 @@ def test_cli_ratio_params_and_diag_auto(run, tmp_path):
     assert code == 0, err
     doc = json.loads(out)
     assert doc["params_after"] <= before // 3 and doc["config"]["ratio"] == 3
-    code, out, err = run("convert", src, "--params", "12k", "--include-input", "--diag-auto", "--json", "--force")
+    code, out, err = run("convert", src, "--params", "8k", "--include-input", "--diag-auto", "--json", "--force")
     assert code == 0, err
     doc = json.loads(out)
-    assert doc["params_after"] <= 12_000 and doc["config"]["params"] == 12_000 and doc["config"]["diag"] == "auto"
+    assert doc["params_after"] <= 8_000 and doc["config"]["params"] == 8_000 and doc["config"]["diag"] == "auto"
     code, out, err = run("convert", src, "--energy", "0.6", "--energy-scope", "model", "--force")
     assert code == 0 and "wrote" in out, err
 
@@ -274,3 +275,43 @@ def test_cli_calibration_damping_and_allocation(run, tmp_path):
     code, out, err = run("convert", tmp_path / "whole.pt", "--trust-pickle", "--config", tmp_path / "c.json",
                          "--calib", tmp_path / "calib.pt", "--calib-damping", "0", "--force")
     assert code == 2 and "drop --calib-damping" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_trial_faults_are_one_clear_error_and_leave_the_model_alone(tmp_path, run):
+    # From a new-user trial: a budget the model already meets, a batch the model cannot take, a raising
+    # forward, forward= without data, --diag-auto without a budget, model weights given as --calib.
+    import pytest
+    import torch
+
+    import lrcompress as lrc
+    from lrcompress.errors import ConfigError, RankError
+
+    torch.manual_seed(0)
+    model = torch.nn.GRU(8, 16, num_layers=2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(10, 4, 8)
+    n = lrc.count_params(model)
+    for budget in (dict(ratio=1), dict(params=n), dict(params=10 * n)):
+        with pytest.raises(RankError, match="nothing to compress"):
+            lrc.compress(model, calibration=x, **budget)
+    with pytest.raises(ConfigError, match=r"calibration batch 0: the model's call failed \(RuntimeError"):
+        lrc.compress(model, ratio=2, calibration=torch.randn(10, 4, 7))
+    with pytest.raises(ConfigError, match=r"calibration batch 0: the model's call failed \(ValueError: boom"):
+        lrc.compress(model, ratio=2, calibration=x, forward=lambda m, b: (_ for _ in ()).throw(ValueError("boom")))
+    with pytest.raises(ConfigError, match="give calibration= too"):
+        lrc.compress(model, rank=2, forward=lambda m, b: m(b))
+    with pytest.raises(ConfigError, match="give ratio= or params= with it"):
+        lrc.compress(model, rank=2, diag="auto")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing half done
+
+    torch.save(model, tmp_path / "gru.pt")
+    torch.save(model.state_dict(), tmp_path / "weights.pt")
+    torch.save(torch.randn(10, 4, 7), tmp_path / "bad.pt")
+    result = run("convert", tmp_path / "gru.pt", "--trust-pickle", "--ratio", "2", "--calib", tmp_path / "bad.pt")
+    assert result.code == 2 and result.err.startswith("error: calibration batch 0: the model's call failed")
+    assert len(result.err.strip().splitlines()) == 1
+    result = run("convert", tmp_path / "gru.pt", "--trust-pickle", "--rank", "2", "--diag-auto")
+    assert result.code == 2 and "--diag-auto chooses diagonals within a budget" in result.err
+    result = run("convert", tmp_path / "gru.pt", "--trust-pickle", "--ratio", "2", "--calib", tmp_path / "weights.pt")
+    assert result.code == 2 and "holds model weights" in result.err
+    assert not list(tmp_path.glob("*.lr.*"))

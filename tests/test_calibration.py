@@ -202,8 +202,9 @@ def test_a_failing_forward_leaves_the_model_as_it_was() -> None:
         m(batch)
         raise RuntimeError("user code failed")
 
-    with pytest.raises(RuntimeError, match="user code failed"):
+    with pytest.raises(ConfigError, match=r"calibration batch 0: the model's call failed \(RuntimeError: user code failed\)") as raised:
         collect_second_moments(model, torch.randn(5, 2, 3), ["rnn.weight_hh_l0"], forward=broken)
+    assert isinstance(raised.value.__cause__, RuntimeError)  # the user's error stays reachable
     assert model.training and model.rnn.training and not model.rnn._forward_hooks
     with torch.no_grad():
         model.rnn.weight_hh_l0[0, 0] = float("nan")
