@@ -110,7 +110,7 @@ def collect_second_moments(model: nn.Module, data: Any, names: Iterable[str], *,
             handles.append(module.register_forward_hook(hook, with_kwargs=True))
         batches = 0
         with torch.no_grad():
-            for batch in bar(_batches(data), progress=progress, desc="calibrating", unit="batch"):
+            for batch in bar(as_batches(data), progress=progress, desc="calibrating", unit="batch"):
                 try:
                     run_batch(model, batch, forward)
                 except LRCompressError:
@@ -159,7 +159,8 @@ def _resolve(model: nn.Module, names: list[str]) -> dict[str, set[str]]:
     return wanted
 
 
-def _batches(data: Any) -> Iterable[Any]:
+def as_batches(data: Any) -> Iterable[Any]:
+    """``data`` as an iterable of batches: one Tensor, PackedSequence or dict is one batch."""
     if isinstance(data, (Tensor, PackedSequence, Mapping)):
         return [data]
     if not isinstance(data, Iterable):

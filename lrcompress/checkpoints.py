@@ -78,7 +78,7 @@ def read_checkpoint(path: str | os.PathLike, *, trust_pickle: bool = False, key:
         obj, meta, kind = read_model_directory(path, trust_pickle=trust_pickle)
     else:
         path = existing_file(path)
-        obj, meta, kind = _read_file(path, trust_pickle)
+        obj, meta, kind = read_file(path, trust_pickle)
     if specs_from_metadata(meta, path):  # already compressed: the names are the file format's
         if rules:
             raise ConfigError(f"--rename applies to dense checkpoints; {path} is already compressed")
@@ -97,7 +97,7 @@ def read_checkpoint(path: str | os.PathLike, *, trust_pickle: bool = False, key:
     return state, meta
 
 
-def _read_file(path: Path, trust_pickle: bool) -> tuple[object, dict[str, str], str]:
+def read_file(path: Path, trust_pickle: bool) -> tuple[object, dict[str, str], str]:
     """What one checkpoint file holds, its safetensors metadata ({} for other kinds) and its kind."""
     kind = sniff(path)
     if kind == "safetensors":
@@ -130,7 +130,7 @@ def read_model_directory(path: str | os.PathLike, *, trust_pickle: bool = False
         raise FormatError(f"{path} is a directory with no model weights (looked for {', '.join(DIRECTORY_WEIGHTS)})")
     if found.name.endswith(".index.json"):
         return _read_sharded(found), {}, "hf-directory/sharded"
-    obj, meta, kind = _read_file(found, trust_pickle)
+    obj, meta, kind = read_file(found, trust_pickle)
     return obj, meta, f"hf-directory/{kind}"
 
 
@@ -150,7 +150,7 @@ def _read_sharded(index: Path) -> dict[str, Tensor]:
         if not (index.parent / shard).is_file():
             raise FormatError(f"{index} maps tensors to shard {shard}, which is missing from {index.parent}")
     for shard in shards:
-        obj, _, kind = _read_file(index.parent / shard, trust_pickle=False)
+        obj, _, kind = read_file(index.parent / shard, trust_pickle=False)
         tensors = obj if kind == "safetensors" else select_state_dict(obj, None, index.parent / shard)
         expected = {k for k, v in weight_map.items() if v == shard}
         extra, missing = sorted(set(tensors) - expected), sorted(expected - set(tensors))

@@ -58,7 +58,7 @@ def convert(
         help="Per matrix, the smallest rank keeping this share of the squared singular values.")] = None,
     ratio: Annotated[Optional[float], typer.Option(
         "--ratio", help="Whole-model budget: parameters before / after at least this; every target's rank is "
-                        "chosen for the least summed error (docs/calibration.md).")] = None,
+                        "chosen for the least summed (relative) error (docs/calibration.md).")] = None,
     params: Annotated[Optional[str], typer.Option(
         "--params", help="Whole-model budget: at most this many parameters (200000, 200k, 1.5M).")] = None,
     energy_scope: Annotated[Optional[str], typer.Option(
@@ -380,10 +380,10 @@ def read_calibration(path: Path, key: str | None = None):
     """
     from torch import Tensor
 
-    from .checkpoints import _read_file
+    from .checkpoints import read_file
     from .io import existing_file
 
-    obj = _read_file(existing_file(path), False)[0]
+    obj = read_file(existing_file(path), False)[0]
     if isinstance(obj, Tensor):
         if key is not None:
             raise FormatError(f"--calib-key {key!r}: {path} holds one tensor, not a dict")

@@ -143,9 +143,9 @@ def calibration_batches(data) -> list:
     outputs): a one-shot iterator would be empty the second time, and a shuffling ``DataLoader``
     would compare outputs of different inputs. A tensor, ``PackedSequence`` or dict is one batch.
     """
-    from .calibration import _batches  # the one place that tells a batch from an iterable of batches
+    from .calibration import as_batches  # the one place that tells a batch from an iterable of batches
 
-    return list(_batches(data))
+    return list(as_batches(data))
 
 
 def model_outputs(model: nn.Module, batches: list, forward=None) -> list[Tensor]:
