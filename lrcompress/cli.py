@@ -258,7 +258,7 @@ def merge(
     if as_json:
         typer.echo(json.dumps({"output": str(output), "rebuilt": [s.name for s in specs], "tensors": len(merged)}))
     else:
-        typer.echo(f"wrote {output} ({len(specs)} weights rebuilt dense)")
+        typer.echo(f"wrote {output} ({len(specs)} weight{'s' if len(specs) != 1 else ''} rebuilt dense)")
 
 
 app.command(epilog=BENCH_EPILOG)(bench)
@@ -318,9 +318,11 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except Exception as exc:
         # Usage errors (unknown option, bad value) come as click exceptions when standalone_mode
-        # is off; they know how to print themselves and carry exit code 2.
-        if hasattr(exc, "show") and isinstance(getattr(exc, "exit_code", None), int):
-            exc.show()
+        # is off, with exit code 2: one line like every other user error, not click's usage block.
+        if hasattr(exc, "format_message") and isinstance(getattr(exc, "exit_code", None), int):
+            ctx = getattr(exc, "ctx", None)
+            hint = f" (see: {ctx.command_path} --help)" if ctx is not None else ""
+            typer.echo(f"error: {exc.format_message()}{hint}", err=True)
             sys.exit(exc.exit_code)
         raise
     if code == 130:  # typer turns a Ctrl-C (KeyboardInterrupt) inside a command into exit code 130
