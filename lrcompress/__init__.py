@@ -24,6 +24,10 @@ _LAZY = {
     "LowRank": "parametrizations", "LowRankPlusDiagonal": "parametrizations", "low_rank": "parametrizations",
     "Report": "report",
     "fold_weight_norm": "checkpoints", "read_checkpoint": "checkpoints", "rename_keys": "checkpoints",
+    # Structures beyond low rank (docs/structures.md), one module each in lrcompress.structured.
+    "Kronecker": "structured.kronecker", "kronecker": "structured.kronecker", "unitary_penalty": "structured.kronecker",
+    "TensorTrain": "structured.tensor_train", "tensor_train": "structured.tensor_train",
+    "ScaledCayley": "structured.orthogonal", "scaled_cayley": "structured.orthogonal", "STRUCTURES": "structures",
 }
 
 
@@ -48,4 +52,6 @@ __all__ = [
     "__version__", "accelerate", "apply", "compress", "count_params", "fit_low_rank", "fit_low_rank_plus_diagonal",
     "load_model", "low_rank", "merge", "save_model",
     "fold_weight_norm", "read_checkpoint", "rename_keys", "from_pretrained", "save_pretrained",
+    "Kronecker", "STRUCTURES", "ScaledCayley", "TensorTrain", "kronecker", "scaled_cayley", "tensor_train",
+    "unitary_penalty",
 ]

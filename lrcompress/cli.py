@@ -17,7 +17,7 @@ import typer
 
 from . import progress as progress_bars
 from .cli_bench import EPILOG as BENCH_EPILOG, bench
-from .cli_train import Progress, finetune, report, stdout_to_stderr, sweep, train
+from .cli_train import Progress, evaluate, finetune, report, stdout_to_stderr, sweep, train
 from .errors import ConfigError, FormatError, LRCompressError, OutputExistsError
 from .version import __version__
 
@@ -47,7 +47,10 @@ Rename = Annotated[Optional[list[str]], typer.Option(
 
 @app.command(epilog="Examples:  lrcompress convert model.pt --rank 24 --diag  |  "
                     "lrcompress convert model.pt --energy 0.9 --json  |  "
-                    "lrcompress convert ckpt.pt --key model --rank 0.25 -o small.safetensors")
+                    "lrcompress convert ckpt.pt --key model --rank 0.25 -o small.safetensors  |  "
+                    "lrcompress convert model.pt --structure kronecker --kron-factors 64x64  |  "
+                    "lrcompress convert model.pt --structure tt --tt-ranks 8 --tt-shape 8x8x8x8  |  "
+                    "lrcompress convert model.pt --structure orthogonal")
 def convert(
     path: Annotated[Path, typer.Argument(
         help="Trained model: a state dict or checkpoint (torch, Lightning .ckpt, safetensors, .npz; by content), "
@@ -106,6 +109,24 @@ def convert(
         "--calib-damping", help="With --calib: relative ridge lambda >= 0 on each second moment, "
                                 "C + lambda mean(diag C) I (0: exact weighted fit; default 0.01; "
                                 "docs/calibration.md).")] = None,
+    structure: Annotated[Optional[str], typer.Option(
+        "--structure", help="lowrank (default; --rank etc.), kronecker (--kron-factors, --terms), tt (--tt-ranks, "
+                            "--tt-shape, --joint) or orthogonal (square recurrent gate blocks; docs/structures.md).")
+    ] = None,
+    kron_factors: Annotated[Optional[str], typer.Option(
+        "--kron-factors", help="kronecker: square factor sizes AxB[xC...] (64x64: 64x64 kron 64x64) or block shapes "
+                               "m1xn1,m2xn2.")] = None,
+    terms: Annotated[Optional[int], typer.Option(
+        "--terms", help="kronecker: a sum of this many Kronecker products (default 1).")] = None,
+    tt_ranks: Annotated[Optional[str], typer.Option(
+        "--tt-ranks", help="tt: one TT-rank for every bond (8) or one per bond (4,8,4); capped to each bond's "
+                           "maximal rank, with a note.")] = None,
+    tt_shape: Annotated[Optional[str], typer.Option(
+        "--tt-shape", help="tt: mode sizes m1xm2x... (8x8x8x8 for 4096x4096 blocks) or pairs m1xn1,m2xn2,...")] = None,
+    joint: Annotated[bool, typer.Option(
+        "--joint", help="tt: one tensor train for all gate blocks of a weight (the fully tensorized RNN).")] = False,
+    negatives: Annotated[Optional[int], typer.Option(
+        "--negatives", help="orthogonal: -1 entries of the scaling diagonal D (scoRNN's rho).")] = None,
 ) -> None:
     """Factor the recurrent weights of a trained model and write a compressed safetensors file."""
     from .checkpoints import read_checkpoint, reading_metadata
@@ -132,6 +153,10 @@ def convert(
                    include_input=include_input, include_projection=include_projection, targets=_selection(targets, targets_regex, "targets"),
                    exclude=_selection(exclude, exclude_regex, "exclude"), ranks=_overrides(rank_for), svd=svd, diag_iters=diag_iters,
                    damping=calib_damping)
+    from .structures import cli_options
+
+    options.update(cli_options(structure, kron_factors=kron_factors, terms=terms, tt_ranks=tt_ranks,
+                               tt_shape=tt_shape, joint=joint, negatives=negatives))
     if config_file is not None:
         given = [name for name, value in options.items()
                  if (value is not None if name == "damping" else value not in (None, False, (), {}))
@@ -162,13 +187,14 @@ def convert(
             if calib is not None:
                 raise ConfigError(_NO_CALIBRATION.format(what=f"{path} (a state dict)"))
             tensors, specs, report = compress_state_dict(loaded, config, progress=progress)
-            write_compressed(tensors, specs, output, force=force, metadata=reading_metadata(meta))
+            write_compressed(tensors, specs, output, force=force,
+                             metadata={**reading_metadata(meta), **_errors_metadata(report)})
         else:  # a trusted, pickled whole module
             from .io import save_model
 
             data = None if calib is None else read_calibration(calib, calib_key)
             report = compress(loaded, config=config, progress=progress, calibration=data)
-            save_model(loaded, output, force=force, metadata=reading_metadata(meta))
+            save_model(loaded, output, force=force, metadata={**reading_metadata(meta), **_errors_metadata(report)})
     folded = set(json.loads(meta.get("weight_norm_folded", "[]")))
     for row in report.targets:
         if row.name in folded:
@@ -198,14 +224,15 @@ def inspect(
     from .config import ALL_LINEAR, int_list
     from .convert import unwrap
     from .errors import TargetError
-    from .validate import check_compressed, shared_tensors
+    from .validate import check_compressed, recorded_errors, shared_tensors
 
     loaded, meta = read_checkpoint(path, trust_pickle=trust_pickle, key=key, rename=rename or ())
     # A trusted whole module: the names of the module it wraps, as convert (compress) sees them.
     tensors = loaded if isinstance(loaded, dict) else unwrap(loaded)[0].state_dict()
     specs = check_compressed(tensors, meta, path)  # a lying file is refused, not tabulated
     if specs:
-        result = summary.compressed_summary(tensors, specs, shared_tensors(tensors, meta, path))
+        result = summary.compressed_summary(tensors, specs, shared_tensors(tensors, meta, path),
+                                            recorded_errors(meta, specs, path))
     else:
         at = int_list(ranks, "--ranks")
         linear = None
@@ -344,6 +371,13 @@ def _rank_value(text: str) -> RankValue:
     return text
 
 
+def _errors_metadata(report) -> dict[str, str]:
+    """Each target's conversion error, for ``inspect`` to show (``validate.recorded_errors``)."""
+    from .validate import ERRORS_KEY
+
+    return {ERRORS_KEY: json.dumps({t.name: t.rel_error for t in report.targets})}
+
+
 def _split(values: Optional[list[str]]) -> tuple[str, ...]:
     return tuple(p.strip() for v in values or () for p in v.split(",") if p.strip())
 
@@ -445,6 +479,7 @@ app.command(epilog="Example:  lrcompress train recipes/addition-gru-small.toml -
 app.command(epilog="Example:  lrcompress finetune runs/dense --rank 24 --diag --out runs/lrd24 --steps 2000")(finetune)
 app.command(epilog="Example:  lrcompress sweep runs/dense --ranks 4,8,16,24,48 --both-diag --out runs/sweep")(sweep)
 app.command(epilog="Example:  lrcompress report runs/sweep --csv sweep.csv --plot sweep.png")(report)
+app.command(epilog="Example:  lrcompress evaluate runs/ptb-gru-512 --dynamic --lr 0.01 --symbols 20000")(evaluate)
 
 
 @app.command(epilog="Examples:  lrcompress demo  |  lrcompress demo --text my_novel.txt --out runs/mine  |  "

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from .errors import ConfigError, FormatError, RankError
 from .factorize import SVD_METHODS, factored_params, fraction_rank, rank_for_energy
+from .structures import LOWRANK, OPTION_FIELDS, get as get_structure
 from .whitening import CALIBRATION_DAMPING, check_damping
 
 ALLOCATIONS = ("absolute", "relative")  # see lrcompress.budget
@@ -94,6 +95,43 @@ def int_list(text: str, option: str) -> list[int]:
     if not values or min(values) < 1:
         raise ConfigError(f"{option} must be a comma list of positive ints, got {text!r}")
     return values
+
+
+def _modes(value, name: str, parse) -> tuple:
+    """Factor / mode shapes: the CLI text (``"64x64"``, parsed by the structure module's parser) or
+    a sequence of positive ints or of ``(m, n)`` pairs, as nested tuples."""
+    if isinstance(value, str):
+        if parse is None:
+            raise ConfigError(f"{name} must be a list of sizes, got {value!r}")
+        value = parse(value)
+    try:
+        items = tuple(tuple(v) if isinstance(v, (list, tuple)) else v for v in value)
+    except TypeError:
+        items = ()
+
+    def size(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+    if not items or not all(size(v) or (isinstance(v, tuple) and len(v) == 2 and all(map(size, v)))
+                            for v in items):
+        raise ConfigError(f"{name} must be positive sizes (a, b, ...) or (m, n) pairs, got {value!r}")
+    return items
+
+
+def _ranks(value, parse=None) -> int | tuple[int, ...]:
+    """``tt_ranks``: one positive int, or one per bond (a sequence, or the text ``"4,8,4"``)."""
+    if isinstance(value, str):
+        if parse is not None:
+            value = parse(value)
+        else:
+            values = int_list(value, "tt_ranks")
+            value = values[0] if len(values) == 1 else tuple(values)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    if isinstance(value, (list, tuple)) and value and all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value):
+        return tuple(value)
+    raise ConfigError(f"tt_ranks must be a positive int or one per bond, got {value!r}")
 
 
 def name_matches(pattern: str, name: str) -> bool:
@@ -179,8 +217,24 @@ class CompressionConfig:
     seed: int = 0  # randomized-SVD seed, for reproducible fits
     # With calibration data: the relative ridge C + damping * mean(diag C) * I of every fit (docs/calibration.md).
     damping: float = CALIBRATION_DAMPING
+    # The structure of every target (lrcompress.structures): "lowrank" (the options above), or
+    # "kronecker", "tt", "orthogonal" with their own options below (docs/structures.md).
+    structure: str = LOWRANK
+    kron_factors: tuple | str | None = None  # kronecker: (a, b, ...) square factors or ((m1, n1), ...); "64x64"
+    terms: int | None = None  # kronecker: a sum of this many Kronecker products (default 1)
+    tt_ranks: int | tuple[int, ...] | str | None = None  # tt: one TT-rank for every bond, or one per bond
+    tt_shape: tuple | str | None = None  # tt: mode sizes (m1, m2, ...) or ((m1, n1), ...); "8x8x8x8"
+    joint: bool = False  # tt: one tensor train for all gate blocks of a weight (paper 002's fully tensorized RNN)
+    negatives: int | None = None  # orthogonal: -1 entries of the scaling diagonal D (scoRNN's rho)
 
     def __post_init__(self) -> None:
+        if self.structure != LOWRANK:
+            self._check_structure()
+            return
+        stray = [f for f in OPTION_FIELDS if getattr(self, f) not in (None, False)]
+        if stray:
+            raise ConfigError(f"{stray[0]} is an option of structure {OPTION_FIELDS[stray[0]]!r}, not of "
+                              f"'lowrank' (give structure={OPTION_FIELDS[stray[0]]!r})")
         given = [n for n in ("rank", "energy", "ratio", "params") if getattr(self, n) is not None]
         if len(given) != 1:
             raise ConfigError(f"give exactly one of rank and energy (or a ratio or params budget), got "
@@ -198,6 +252,44 @@ class CompressionConfig:
                                             or self.diag_iters < 0):
             raise ConfigError(f"diag_iters must be a non-negative int, got {self.diag_iters!r}")
         self.damping = check_damping(self.damping)
+
+    def _check_structure(self) -> None:
+        """A non-low-rank structure: its own options only, each of the right kind (normalised to
+        tuples, so a config equals itself read back from JSON); the shapes they must fit are
+        checked per target by the structure's ``check`` when compressing."""
+        entry = get_structure(self.structure)
+        lowrank = {"rank": None, "energy": None, "ratio": None, "params": None, "energy_scope": "matrix",
+                   "allocation": "relative", "diag": False, "tied": False, "ranks": {}, "svd": "auto",
+                   "diag_iters": None, "damping": CALIBRATION_DAMPING}
+        for name, default in lowrank.items():
+            if getattr(self, name) != default:
+                raise ConfigError(f"{name} is a low-rank option; structure {self.structure!r} takes "
+                                  f"{', '.join(entry.field_names) or 'no options'}")
+        for name, owner in OPTION_FIELDS.items():
+            if owner != self.structure and getattr(self, name) not in (None, False):
+                raise ConfigError(f"{name} is an option of structure {owner!r}, not of {self.structure!r}")
+        missing = [f for f in entry.required if getattr(self, f) is None]
+        if missing:
+            raise ConfigError(f"structure {self.structure!r} needs {' and '.join(missing)}")
+        code = entry.code if self.structure in ("kronecker", "tt") else None
+        if self.kron_factors is not None:
+            self.kron_factors = _modes(self.kron_factors, "kron_factors", getattr(code, "parse_factors", None))
+        if self.tt_shape is not None:
+            self.tt_shape = _modes(self.tt_shape, "tt_shape", getattr(code, "parse_shape", None))
+        if self.tt_ranks is not None:
+            self.tt_ranks = _ranks(self.tt_ranks, getattr(code, "parse_ranks", None))
+        for name, low in (("terms", 1), ("negatives", 0)):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+                raise ConfigError(f"{name} must be an int >= {low}, got {value!r}")
+        if not isinstance(self.joint, bool):
+            raise ConfigError(f"joint must be true or false, got {self.joint!r}")
+        for name in ("targets", "exclude"):
+            setattr(self, name, _selection(name, getattr(self, name)))
+
+    def structure_options(self) -> dict:
+        """The keyword options of the structure's class (``Kronecker(..., factors=, terms=)``, ...)."""
+        return get_structure(self.structure).options_of(self)
 
     @property
     def budgeted(self) -> bool:
@@ -247,6 +339,9 @@ class CompressionConfig:
         for name in ("targets", "exclude"):
             value = getattr(self, name)
             d[name] = value if isinstance(value, str) else list(value)
+        if self.structure == LOWRANK:  # a low-rank config reads as before (and older lrcompress reads it)
+            for name in ("structure", *OPTION_FIELDS):
+                d.pop(name)
         return d
 
     def to_json(self) -> str:
@@ -303,7 +398,11 @@ class CompressionConfig:
 
 @dataclass(frozen=True)
 class TargetSpec:
-    """One factored weight as recorded in a saved file: ``<module>.<weight>`` and its shape."""
+    """One factored weight as recorded in a saved file: ``<module>.<weight>``, its shape and structure.
+
+    Low rank (``structure="lowrank"``) is described by ``rank``, ``diag``, ``tied``; every other
+    structure by its class's normalised ``options`` (JSON values), with ``rank`` 0.
+    """
 
     module: str  # dotted module path ("" for the root)
     weight: str  # parameter name, e.g. "weight_hh_l0"
@@ -312,13 +411,24 @@ class TargetSpec:
     gates: int  # stacked gate blocks: 3 GRU, 4 LSTM, 1 RNN/Linear/projection
     rows: int  # rows of one block
     cols: int
-    rank: int
-    diag: bool
-    tied: bool
+    rank: int = 0  # low rank only
+    diag: bool = False
+    tied: bool = False
+    structure: str = LOWRANK  # lrcompress.structures name
+    options: dict = field(default_factory=dict, hash=False)  # the structure's options (not low rank)
+
+    def __post_init__(self) -> None:
+        from .structures import json_options
+
+        object.__setattr__(self, "options", json_options(self.options))  # lists, as read from a file
 
     @property
     def name(self) -> str:
         return f"{self.module}.{self.weight}" if self.module else self.weight
+
+    @property
+    def lowrank(self) -> bool:
+        return self.structure == LOWRANK
 
     @property
     def dense_params(self) -> int:
@@ -326,44 +436,84 @@ class TargetSpec:
 
     @property
     def factored_params(self) -> int:
+        if not self.lowrank:
+            return self._layout()[2]
         return factored_params(self.gates, self.rows, self.cols, self.rank, diag=self.diag, tied=self.tied)
 
+    def describe(self) -> str:
+        """The structure's options in words, e.g. ``rank 24, diag`` or ``factors 16x16, terms 2``."""
+        from .structures import describe
+
+        if self.lowrank:
+            return describe(LOWRANK, {"rank": self.rank, "diag": self.diag, "tied": self.tied})
+        return describe(self.structure, self.options)
+
     def factor_keys(self) -> dict[str, str]:
-        """State-dict keys of the factors in a saved file: ``<name>.L``, ``.R`` (and ``.D``)."""
+        """State-dict keys of the factors in a saved file: ``<name>.L``, ``.R`` (and ``.D``); for
+        other structures ``<name>.original0``, ``.original1``, ... then the buffers (``<name>.signs``)."""
         return {k: f"{self.name}.{k}" for k in self.factor_shapes()}
 
     def factor_shapes(self) -> dict[str, tuple[int, ...]]:
+        if not self.lowrank:
+            originals, buffers, _ = self._layout()
+            return {**{f"original{i}": s for i, s in enumerate(originals)}, **buffers}
         shapes = {"L": (self.gates, self.rows, self.rank),
                   "R": (self.rank, self.cols) if self.tied else (self.gates, self.rank, self.cols)}
         if self.diag:
             shapes["D"] = (self.gates, self.rows)
         return shapes
 
+    def original_count(self) -> int:
+        """How many of ``factor_keys`` are the parametrization's originals (the rest are buffers)."""
+        return len(self._layout()[0]) if not self.lowrank else 2 + self.diag
+
+    def _layout(self) -> tuple:
+        from .structures import layout
+
+        return layout(self.structure, self.gates, self.rows, self.cols, self.options)
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The file's record: version 1's fields for low rank; ``structure`` + ``options`` otherwise."""
+        d = asdict(self)
+        if self.lowrank:
+            del d["structure"], d["options"]
+        else:
+            del d["rank"], d["diag"], d["tied"]
+        return d
 
     @classmethod
     def from_dict(cls, data: dict) -> "TargetSpec":
         """A record read from a file: exactly the known fields, each of its type (``true`` is not
-        ``1``), a known layer and role with their gate count, ``diag`` only on square blocks.
+        ``1``), a known layer and role with their gate count, ``diag`` only on square blocks; a
+        non-low-rank record's options accepted by its structure's ``check`` for the record's shape.
 
         Raises ``FormatError`` naming the first bad field and its value (file input is untrusted).
         """
         if not isinstance(data, dict):
             raise FormatError(f"a target record must be a JSON object, got {type(data).__name__}")
-        names = [f.name for f in fields(cls)]
-        unknown, missing = sorted(set(map(str, data)) - set(names)), [n for n in names if n not in data]
+        structure = data.get("structure", LOWRANK)
+        if structure == LOWRANK:
+            names = [n for n in _RECORD_TYPES if n != "options"]
+            optional = {"structure"}
+        else:
+            names = [n for n in _RECORD_TYPES if n not in ("rank", "diag", "tied")]
+            optional = set()
+        known = set(names)
+        unknown = sorted(set(map(str, data)) - known)
+        missing = [n for n in names if n not in data and n not in optional]
         if unknown or missing:
             raise FormatError(f"target record {_short(data)}: " + "; ".join(
                 filter(None, [unknown and f"unknown fields {unknown[:5]}", missing and f"missing fields {missing}"])))
         for name in names:
+            if name not in data:
+                continue
             kind = _RECORD_TYPES[name]
             value = data[name]
             # bool is an int subclass in Python: a 'true' rank or a '1' diag is a lie, not a value.
             if type(value) is not kind or (kind is int and value <= 0):
-                want = {str: "a string", int: "a positive integer", bool: "true or false"}[kind]
+                want = {str: "a string", int: "a positive integer", bool: "true or false", dict: "an object"}[kind]
                 raise FormatError(f"target record {_short(data)}: {name} must be {want}, got {_short(value)}")
-        spec = cls(**{n: data[n] for n in names})
+        spec = cls(**{n: data[n] for n in names if n in data})
         if spec.layer not in LAYERS or spec.role not in ROLES:
             raise FormatError(f"{spec.name}: unknown layer {_short(spec.layer)} or role {_short(spec.role)} "
                               f"(layers {', '.join(LAYERS)}; roles {', '.join(ROLES)})")
@@ -375,12 +525,37 @@ class TargetSpec:
                               f"the record says {spec.gates}")
         if spec.diag and spec.rows != spec.cols:
             raise FormatError(f"{spec.name}: diag=true needs square blocks, the record says {spec.rows}x{spec.cols}")
+        if not spec.lowrank:
+            spec._check_options()
         return spec
+
+    def _check_options(self) -> None:
+        """A file's structure and options: a known structure whose ``check`` accepts the options
+        for this shape unchanged (a writer stores them normalised)."""
+        import warnings
+
+        from .structures import STRUCTURES, get, json_options
+
+        if self.structure not in STRUCTURES:
+            raise FormatError(f"{self.name}: unknown structure {_short(self.structure)} "
+                              f"(known: {', '.join(STRUCTURES)})")
+        where = f"{self.name} ({self.structure}, {self.gates} block(s) of {self.rows}x{self.cols})"
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # a note such as a capped TT-rank shows as unnormalised options below
+                normalised = json_options(get(self.structure).cls.check(self.gates, self.rows, self.cols,
+                                                                        **self.options))
+        except Exception as exc:  # any refusal of untrusted options is one line, never a traceback
+            raise FormatError(f"{where}: options {_short(self.options)} are invalid "
+                              f"({str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__})") from None
+        if normalised != self.options:
+            raise FormatError(f"{where}: options {_short(self.options)} are not in normal form "
+                              f"({_short(normalised)})")
 
 
 # Field types of a file's target record, and the gate blocks each (layer, role) stacks.
 _RECORD_TYPES = {"module": str, "weight": str, "layer": str, "role": str, "gates": int, "rows": int, "cols": int,
-                 "rank": int, "diag": bool, "tied": bool}
+                 "rank": int, "diag": bool, "tied": bool, "structure": str, "options": dict}
 RECORD_GATES = {("gru", "recurrent"): 3, ("gru", "input"): 3, ("lstm", "recurrent"): 4, ("lstm", "input"): 4,
                 ("lstm", "projection"): 1, ("rnn", "recurrent"): 1, ("rnn", "input"): 1, ("linear", "linear"): 1}
 

@@ -25,8 +25,10 @@ from .factorize import Factors, compose, fit_low_rank, fit_low_rank_plus_diagona
 from .nn.cells import FactoredCell, factored_cell_class
 from .nn.rnn import FactoredRNN, factored_class
 from .progress import bar as progress_bar
-from .parametrizations import factorization, low_rank, max_rank, random_factors
-from .report import Report, TargetReport
+from .parametrizations import LowRank, factorization, low_rank, max_rank, random_factors
+from .report import Report, TargetReport, kind_label
+from . import structures
+from .structures import Fitted
 from .targets import (Candidate, find_state_dict_targets, find_targets, recurrent_kind,
                       weight_norm_kind)
 from .validate import check_weight
@@ -35,11 +37,16 @@ from .whitening import CALIBRATION_DAMPING
 
 @dataclass
 class Fit:
-    """A decided target and its fitted factors."""
+    """A decided target and its fitted factors (``Fitted``: module and originals, other structures)."""
 
     spec: TargetSpec
-    factors: Factors
+    factors: Factors | Fitted
     note: str = ""
+    rel_error: float | None = None  # ||W - W_hat||_F / ||W||_F (low rank: factors.rel_error)
+
+    @property
+    def error(self) -> float:
+        return self.factors.rel_error if self.rel_error is None else self.rel_error
 
 
 def compress(model: nn.Module, rank: RankValue | None = None, *, energy: float | None = None,
@@ -49,10 +56,20 @@ def compress(model: nn.Module, rank: RankValue | None = None, *, energy: float |
              ranks: dict[str, RankValue] | None = None, svd: str = "auto", diag_iters: int | None = None,
              seed: int = 0, config: CompressionConfig | None = None, progress: bool | None = False,
              calibration=None, forward=None, damping: float = CALIBRATION_DAMPING,
-             allocation: str = "relative") -> Report:
+             allocation: str = "relative", structure: str = "lowrank", kron_factors=None, terms: int | None = None,
+             tt_ranks=None, tt_shape=None, joint: bool = False, negatives: int | None = None) -> Report:
     """Replace the recurrent (and selected Linear) weights of ``model`` by SVD-fitted factors.
 
     In place; returns a ``Report``. Either pass the options or a ready ``config``.
+
+    ``structure``: ``"lowrank"`` (default, the options below), or another structure of
+    ``lrcompress.structures`` with its own options (docs/structures.md): ``"kronecker"``
+    (``kron_factors=(64, 64)``, ``terms``), ``"tt"`` (``tt_ranks``, ``tt_shape``, ``joint``),
+    ``"orthogonal"`` (every square recurrent gate block; ``negatives``). Every target is checked
+    by the structure's ``check`` (shapes that factor, ranks that fit), then all are fitted
+    (nearest Kronecker product, TT-SVD, polar factor), then registered: a bad option never
+    leaves the model half converted. Each report row gives the structure, its options, the
+    parameters and ``rel_error``. Budgets, calibration and per-target ranks are low rank only.
 
     The size: one of ``rank`` (per matrix: an int, a fraction of full rank or ``"energy=F"``),
     ``energy`` (``energy_scope="matrix"``: per matrix; ``"model"``: the largest singular values of
@@ -95,7 +112,9 @@ def compress(model: nn.Module, rank: RankValue | None = None, *, energy: float |
                                    diag=diag, tied=tied, include_input=include_input,
                                    include_projection=include_projection, targets=targets,
                                    exclude=exclude, ranks=dict(ranks or {}), svd=svd,
-                                   diag_iters=diag_iters, seed=seed, damping=damping, allocation=allocation)
+                                   diag_iters=diag_iters, seed=seed, damping=damping, allocation=allocation,
+                                   structure=structure, kron_factors=kron_factors, terms=terms, tt_ranks=tt_ranks,
+                                   tt_shape=tt_shape, joint=joint, negatives=negatives)
     if forward is not None and calibration is None:  # forward= alone would be ignored without a word
         raise ConfigError("forward= says how to call the model on calibration batches: give calibration= too")
     model, prefix = unwrap(model)
@@ -108,6 +127,11 @@ def compress(model: nn.Module, rank: RankValue | None = None, *, energy: float |
               if weight_norm_kind(modules[c.module], c.weight)}
     for c in candidates:
         _check_adoptable_but_weight_norm(modules[c.module], c.module, normed)
+    if config.structure != structures.LOWRANK:
+        if calibration is not None:
+            raise ConfigError(f"calibration fits are low rank only; structure {config.structure!r} is fitted to the "
+                              "weights alone (drop calibration=)")
+        candidates = structure_candidates(candidates, config.structure)
     moments, reference = None, None
     if calibration is not None:  # measured on the untouched model
         from .calibration import collect_second_moments
@@ -129,7 +153,7 @@ def compress(model: nn.Module, rank: RankValue | None = None, *, energy: float |
     from .pretrained import record_config
 
     record_config(model, config)  # for save_pretrained's lrcompress_config.json
-    rows = [TargetReport.of(f.spec, f.factors.rel_error, f.note, fit=f.factors) for f in fits]
+    rows = [TargetReport.of(f.spec, f.error, f.note, fit=f.factors) for f in fits]
     report = Report(rows, before, count_params(model), config.to_dict())
     if reference is not None:
         report.output_error = output_error(reference, model_outputs(model, calibration, forward))
@@ -297,6 +321,9 @@ def fit_targets(candidates: list[Candidate], weights: dict[str, Tensor], config:
     ``moments``: input second moments by target name; a target with one gets the fit weighted by
     it (``factorize``'s ``C``). ``params_before``: see ``decide``.
     """
+    if config.structure != structures.LOWRANK:
+        return fit_structured(decide_structured(candidates, weights, config), weights, progress=progress,
+                              options=config.structure_options())
     decided = decide(candidates, weights, config, moments=moments, params_before=params_before)
     moments = moments or {}
     fits = []
@@ -312,8 +339,66 @@ def fit_targets(candidates: list[Candidate], weights: dict[str, Tensor], config:
     return fits
 
 
-def apply(model: nn.Module, specs: list[TargetSpec], factors: dict[str, Factors]) -> nn.Module:
-    """Register the factorizations ``specs`` on ``model`` with the given factors.
+def structure_candidates(candidates: list[Candidate], structure: str) -> list[Candidate]:
+    """The candidates a structure takes by default: a square-only structure (orthogonal) leaves
+    out recurrent weights whose blocks are not square (an LSTM's ``proj_size``), with a warning;
+    ``TargetError`` when nothing is left."""
+    if not structures.get(structure).square:
+        return candidates
+    skipped = [c for c in candidates if c.role == "recurrent" and c.rows != c.cols]
+    if skipped:
+        warnings.warn(f"structure {structure!r} needs square blocks: left out {', '.join(c.name for c in skipped[:3])}"
+                      f"{', ...' if len(skipped) > 3 else ''} ({skipped[0].rows}x{skipped[0].cols} blocks)",
+                      UserWarning, stacklevel=3)
+    kept = [c for c in candidates if c not in skipped]
+    if not kept:
+        raise TargetError(f"no targets found: structure {structure!r} needs square gate blocks, and every recurrent "
+                          f"weight found has non-square ones ({candidates[0].name}: {candidates[0].rows}x"
+                          f"{candidates[0].cols})")
+    return kept
+
+
+def decide_structured(candidates: list[Candidate], weights: dict[str, Tensor],
+                      config: CompressionConfig) -> list[tuple[TargetSpec, str]]:
+    """Check every candidate against a non-low-rank structure's options (its class's ``check``:
+    shapes that factor, ranks that fit) before anything is fitted; raises on the first misfit,
+    naming the target and its block shape. A structure no smaller than dense is allowed, with a
+    warning, as a rank is."""
+    for c in candidates:
+        check_weight(c.name, weights[c.name])
+    options = config.structure_options()
+    decided = []
+    for c in candidates:
+        where = f"{c.name} ({kind_label(c.layer, c.role)}, {c.gates} block(s) of {c.rows}x{c.cols})"
+        normalised, notes = structures.check_options(config.structure, c.gates, c.rows, c.cols, options, where=where)
+        spec = TargetSpec(c.module, c.weight, c.layer, c.role, c.gates, c.rows, c.cols, structure=config.structure,
+                          options=normalised)
+        if spec.factored_params >= spec.dense_params and not notes:  # (a class may have said so itself)
+            msg = (f"{config.structure} {spec.describe()} is no smaller than dense "
+                   f"({spec.factored_params:,} >= {spec.dense_params:,} params)")
+            warnings.warn(f"{spec.name}: {msg}", UserWarning, stacklevel=4)
+            notes.append(msg)
+        decided.append((spec, "; ".join(notes)))
+    return decided
+
+
+def fit_structured(decided: list[tuple[TargetSpec, str]], weights: dict[str, Tensor], *,
+                   progress: bool | None = False, options: dict | None = None) -> list[Fit]:
+    """Fit every decided non-low-rank target (a pure step: nothing is modified). A fit may settle
+    options of its own (the orthogonal fit's sign count): the spec records the fitted module's.
+    ``options``: the options as the user gave them (default: each spec's normalised ones), so a
+    fit can tell an option asked for from a default (an orthogonal fit's ``negatives``)."""
+    fits = []
+    for spec, note in progress_bar(decided, progress=progress, desc="fitting", unit="weight"):
+        fitted, error = structures.fit(spec.structure, spec.gates, spec.rows, spec.cols,
+                                       spec.options if options is None else options, weights[spec.name])
+        fits.append(Fit(replace(spec, options=fitted.param.options()), fitted, note, error))
+    return fits
+
+
+def apply(model: nn.Module, specs: list[TargetSpec], factors: dict[str, Factors | Fitted]) -> nn.Module:
+    """Register the factorizations ``specs`` on ``model`` with the given factors (``Fitted`` for
+    structures other than low rank).
 
     Checks that every spec fits the model first; if registration still fails midway, the
     weights done so far are restored, so the model is never left half converted.
@@ -342,8 +427,11 @@ def apply(model: nn.Module, specs: list[TargetSpec], factors: dict[str, Factors]
             elif isinstance(module, nn.RNNCellBase) and not isinstance(module, FactoredCell):
                 module.__class__ = factored_cell_class(type(module))
             done.append((module, spec.weight, original, cls))
-            low_rank(module, spec.weight, spec.rank, gates=spec.gates, diag=spec.diag, tied=spec.tied,
-                     factors=factors[spec.name])
+            if spec.lowrank:
+                low_rank(module, spec.weight, spec.rank, gates=spec.gates, diag=spec.diag, tied=spec.tied,
+                         factors=factors[spec.name])
+            else:
+                structures.register(module, spec.weight, factors[spec.name])
     except Exception:
         for module, name, original, cls in reversed(done):
             if parametrize.is_parametrized(module, name):
@@ -364,7 +452,7 @@ def merge(model: nn.Module) -> nn.Module:
             continue
         _own_class(module)
         for name in list(module.parametrizations):
-            if factorization(module, name) is not None:
+            if structures.parametrization(module, name) is not None:
                 parametrize.remove_parametrizations(module, name, leave_parametrized=True)
         if isinstance(module, FactoredRNN) and not parametrize.is_parametrized(module):
             module.__class__ = module._dense_class
@@ -395,23 +483,30 @@ def factored_specs(model: nn.Module) -> list[TargetSpec]:
     specs = []
     for mod_name, module in model.named_modules():
         for weight in list(getattr(module, "parametrizations", {})):
-            p = factorization(module, weight)
+            p = structures.parametrization(module, weight)
             if p is None:
                 continue
-            L, R = module.parametrizations[weight].original0, module.parametrizations[weight].original1
             layer, role = recurrent_kind(module, weight)
-            specs.append(TargetSpec(mod_name, weight, layer, role, p.gates, L.shape[1], R.shape[-1], p.rank,
-                                    p.diag, p.tied))
+            if isinstance(p, LowRank):
+                L, R = module.parametrizations[weight].original0, module.parametrizations[weight].original1
+                specs.append(TargetSpec(mod_name, weight, layer, role, p.gates, L.shape[1], R.shape[-1], p.rank,
+                                        p.diag, p.tied))
+            else:
+                rows, cols = structures.weight_shape(module, weight, p)
+                specs.append(TargetSpec(mod_name, weight, layer, role, p.gates, rows, cols,
+                                        structure=structures.structure_of(p), options=p.options()))
     return specs
 
 
 def factored_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """``model.state_dict()`` with factor keys renamed to the file format's ``<name>.L/.R/.D``."""
+    """``model.state_dict()`` with factor keys renamed to the file format's ``<name>.L/.R/.D``
+    (other structures: ``<name>.original<i>`` and the parametrization's buffers ``<name>.<buffer>``)."""
     renames = {}
     for spec in factored_specs(model):
         prefix = f"{spec.module}.parametrizations.{spec.weight}" if spec.module else f"parametrizations.{spec.weight}"
-        for i, key in enumerate(spec.factor_keys().values()):
-            renames[f"{prefix}.original{i}"] = key
+        originals = spec.original_count()
+        for i, (part, key) in enumerate(spec.factor_keys().items()):
+            renames[f"{prefix}.original{i}" if i < originals else f"{prefix}.0.{part}"] = key
     return {renames.get(k, k): v for k, v in model.state_dict().items()}
 
 
@@ -433,16 +528,25 @@ def compress_state_dict(tensors: dict[str, Tensor], config: CompressionConfig, *
     candidates = find_state_dict_targets(tensors, config, linear=linear)
     # torch.load keeps tied weights as two keys over one storage: never untie them either.
     _check_unshared(_owners(tensors.items(), storage_key), candidates)
+    if config.structure != structures.LOWRANK:
+        candidates = structure_candidates(candidates, config.structure)
     fits = fit_targets(candidates, {c.name: tensors[c.name] for c in candidates}, config, progress=progress,
                        params_before=_numel(tensors))
     done = {f.spec.name for f in fits}
     out = {k: v for k, v in tensors.items() if k not in done}
     for f in fits:
-        for key, t in zip(f.spec.factor_keys().values(), (f.factors.L, f.factors.R, f.factors.D)):
-            out[key] = t.contiguous()
-    rows = [TargetReport.of(f.spec, f.factors.rel_error, f.note, fit=f.factors) for f in fits]
+        for key, t in zip(f.spec.factor_keys().values(), _stored_parts(f.factors)):
+            out[key] = t.detach().contiguous()
+    rows = [TargetReport.of(f.spec, f.error, f.note, fit=f.factors) for f in fits]
     report = Report(rows, _numel(tensors), _numel(out), config.to_dict())
     return out, [f.spec for f in fits], report
+
+
+def _stored_parts(factors: Factors | Fitted) -> tuple[Tensor, ...]:
+    """What a file stores for one weight, in ``TargetSpec.factor_keys`` order."""
+    if isinstance(factors, Fitted):
+        return (*factors.originals, *structures.persistent_buffers(factors.param).values())
+    return tuple(t for t in (factors.L, factors.R, factors.D) if t is not None)
 
 
 def merge_state_dict(tensors: dict[str, Tensor], specs: list[TargetSpec]) -> dict[str, Tensor]:
@@ -450,8 +554,14 @@ def merge_state_dict(tensors: dict[str, Tensor], specs: list[TargetSpec]) -> dic
     out = dict(tensors)
     for spec in specs:
         keys = spec.factor_keys()
-        parts = [out.pop(keys[k]) for k in keys]
-        W = compose(*parts).flatten(0, 1).contiguous()
+        if spec.lowrank:
+            parts = [out.pop(keys[k]) for k in keys]
+            W = compose(*parts).flatten(0, 1).contiguous()
+        else:
+            fitted = structures.from_parts(spec.structure, spec.gates, spec.rows, spec.cols, spec.options,
+                                           {k: out.pop(key) for k, key in keys.items()})
+            with torch.no_grad():
+                W = fitted.param(*fitted.originals).contiguous()
         # Broadcasting in compose could turn lying factor shapes into a wrong-sized weight: refuse it
         # (readers run validate.check_compressed first, which names the bad tensor).
         if tuple(W.shape) != (spec.gates * spec.rows, spec.cols):
@@ -461,14 +571,33 @@ def merge_state_dict(tensors: dict[str, Tensor], specs: list[TargetSpec]) -> dic
     return out
 
 
-def factor_from_scratch(module: nn.Module, *, rank: RankValue, diag: bool = False, tied: bool = False,
-                        include_input: bool = False, include_projection: bool = False) -> None:
-    """Factor a freshly built layer with random factors (no SVD): for training from scratch."""
+def factor_from_scratch(module: nn.Module, *, rank: RankValue | None = None, diag: bool = False,
+                        tied: bool = False, include_input: bool = False, include_projection: bool = False,
+                        structure: str = "lowrank", **options) -> None:
+    """Factor a freshly built layer with random factors (no SVD): for training from scratch.
+
+    ``structure`` other than ``"lowrank"`` takes that structure's config options instead of a rank
+    (``kron_factors``, ``terms``; ``tt_ranks``, ``tt_shape``, ``joint``; ``negatives``: see
+    ``CompressionConfig``); the originals come from the structure's ``random_originals`` at the
+    scale of PyTorch's ``U(-1/sqrt(hidden), 1/sqrt(hidden))`` init.
+
+    >>> gru = torch.nn.GRU(8, 16)
+    >>> factor_from_scratch(gru, structure="kronecker", kron_factors=(4, 4))  # doctest: +SKIP
+    """
     config = CompressionConfig(rank=rank, diag=diag, tied=tied, include_input=include_input,
-                               include_projection=include_projection)
-    if config.rule().kind == "energy":
+                               include_projection=include_projection, structure=structure, **options)
+    if config.structure == structures.LOWRANK and config.rule().kind == "energy":
         raise ConfigError(f"rank {rank!r}: an energy rank needs trained weights; give an int or a fraction")
     candidates = find_targets(module, config)
+    if config.structure != structures.LOWRANK:
+        candidates = structure_candidates(candidates, config.structure)
+        specs = [spec for spec, _ in decide_structured(candidates, _current_weights(module, candidates), config)]
+        modules = dict(module.named_modules())
+        fitted = {s.name: structures.random_fitted(s.structure, s.gates, s.rows, s.cols, s.options,
+                                                   bound=_default_bound(module, s.rows),
+                                                   like=getattr(modules[s.module], s.weight)) for s in specs}
+        apply(module, specs, fitted)
+        return
     specs = [spec for spec, _ in decide(candidates, _current_weights(module, candidates), config)]
     apply(module, specs, {s.name: _random(s, module) for s in specs})
 
@@ -477,6 +606,17 @@ def reset_factors(module: nn.Module) -> None:
     """Re-draw the random factors of every factored weight of ``module`` (not its children)."""
     with torch.no_grad():
         for name in list(getattr(module, "parametrizations", {})):
+            s = structures.structured(module, name)
+            if s is not None:
+                params = module.parametrizations[name]
+                like = params.original0
+                rows, cols = structures.weight_shape(module, name, s)
+                drawn = structures.get(structures.structure_of(s)).code.random_originals(
+                    s.gates, rows, cols, options=s.options(), bound=_default_bound(module, rows), dtype=like.dtype,
+                    device=like.device)
+                for i, t in enumerate(drawn):
+                    getattr(params, f"original{i}").copy_(t)
+                continue
             p = factorization(module, name)
             if p is None:
                 continue

@@ -1,9 +1,12 @@
 """Files: safetensors with the factorization in the metadata; a safe loading policy.
 
 A compressed file holds the model's state dict with each factored weight ``<name>`` replaced by
-``<name>.L``, ``<name>.R`` (and ``<name>.D``), and in its metadata ``format=lrcompress``,
-``format_version``, ``lrcompress_version`` and ``targets`` (JSON list of ``TargetSpec``): enough
-to rebuild the factorization on a dense skeleton. See docs/format.md.
+``<name>.L``, ``<name>.R`` (and ``<name>.D``), or for another structure (Kronecker, tensor train,
+orthogonal) by ``<name>.original0``, ``.original1``, ... and its buffers (``<name>.signs``), and
+in its metadata ``format=lrcompress``, ``format_version``, ``lrcompress_version`` and ``targets``
+(JSON list of ``TargetSpec``): enough to rebuild the factorization on a dense skeleton. A file
+whose targets are all low rank is written as format 1, readable by every lrcompress; one with
+another structure as format 2. See docs/format.md.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from . import structures
 from .config import TargetSpec
 from .convert import apply, factored_specs, factored_state_dict, storage_key, unwrap
 from .errors import FormatError, LRCompressError, OutputExistsError
@@ -32,7 +36,9 @@ from .validate import SHARED_KEY, check_compressed, targets_from_metadata
 from .version import __version__
 
 FORMAT = "lrcompress"
-FORMAT_VERSION = 1
+# 2: records of structures other than low rank (``structure`` + ``options``, originals and buffers
+# as tensors). Writers use the lowest version that holds the file's records (``format_version``).
+FORMAT_VERSION = 2
 _log = logging.getLogger(__name__)  # "lrcompress.io"
 
 
@@ -54,9 +60,15 @@ def save_model(model: nn.Module, path: str | os.PathLike, *, force: bool = True,
 def write_compressed(tensors: dict[str, Tensor], specs: list[TargetSpec], path: str | os.PathLike, *,
                      force: bool = False, metadata: dict[str, str] | None = None) -> Path:
     meta = dict(metadata or {})
-    meta.update(format=FORMAT, format_version=str(FORMAT_VERSION), lrcompress_version=__version__,
+    meta.update(format=FORMAT, format_version=str(format_version(specs)), lrcompress_version=__version__,
                 targets=json.dumps([s.to_dict() for s in specs]))
     return write_safetensors(tensors, path, metadata=meta, force=force)
+
+
+def format_version(specs: list[TargetSpec]) -> int:
+    """The lowest format version that records ``specs``: 1 when every target is low rank (so older
+    lrcompress reads the file), 2 with any other structure."""
+    return 1 if all(s.lowrank for s in specs) else 2
 
 
 def load_model(model: nn.Module, path: str | os.PathLike, *, strict: bool = True,
@@ -77,7 +89,8 @@ def load_model(model: nn.Module, path: str | os.PathLike, *, strict: bool = True
     """
     tensors, meta = read_safetensors(path)
     specs = check_compressed(tensors, meta, path)  # metadata against tensors, before anything is computed
-    factors = {spec.name: Factors(*(tensors.pop(k) for k in spec.factor_keys().values())) for spec in specs}
+    factors = {spec.name: stored_factors(spec, {part: tensors.pop(key) for part, key in spec.factor_keys().items()})
+               for spec in specs}  # low-rank Factors, or another structure's module and originals
     target, tensors, specs, factors = _align_keys(model, tensors, specs, factors, prefix, strict, path)
     # A skeleton built factored (e.g. LowRankGRU) already carries some factorizations: they
     # must be the recorded ones, and then only their values are loaded.
@@ -96,14 +109,32 @@ def load_model(model: nn.Module, path: str | os.PathLike, *, strict: bool = True
             originals = modules[spec.module].parametrizations[spec.weight]
             for i, t in enumerate(_parts(factors[spec.name])):
                 getattr(originals, f"original{i}").copy_(t)
+            if isinstance(factors[spec.name], structures.Fitted):  # buffers too (an orthogonal weight's signs)
+                live = structures.persistent_buffers(originals[0])
+                for key, t in structures.persistent_buffers(factors[spec.name].param).items():
+                    live[key].copy_(t)
     return model
 
 
-def _parts(f: Factors) -> tuple[Tensor, ...]:
+def stored_factors(spec: TargetSpec, parts: dict[str, Tensor]) -> Factors | structures.Fitted:
+    """One weight's tensors from a file, ``{part: tensor}`` keyed as ``spec.factor_shapes()``, as
+    ``convert.apply`` takes them: low-rank ``Factors``, or another structure's ``Fitted`` (its
+    module with the buffers loaded, and its originals). The tensors were checked by
+    ``validate.check_compressed``."""
+    if spec.lowrank:
+        return Factors(*parts.values())
+    return structures.from_parts(spec.structure, spec.gates, spec.rows, spec.cols, spec.options, parts)
+
+
+def _parts(f: Factors | structures.Fitted) -> tuple[Tensor, ...]:
+    if isinstance(f, structures.Fitted):
+        return f.originals
     return (f.L, f.R) if f.D is None else (f.L, f.R, f.D)
 
 
 def _describe(spec: TargetSpec) -> str:
+    if not spec.lowrank:
+        return f"{spec.structure} ({spec.describe()})"
     return f"rank {spec.rank}{' + diagonal' if spec.diag else ''}{' tied' if spec.tied else ''}"
 
 

@@ -8,7 +8,8 @@ A compressed model directory holds
   versions refuse the safetensors file, whose metadata ``format`` is ``lrcompress``, not ``pt``);
 - ``model.safetensors``: the lrcompress format (docs/format.md): factors, dense rest, records;
 - ``lrcompress_config.json``: the compression config, the target records and the counts;
-- ``README.md``: a model card (source, ranks, parameters before/after, metrics).
+- ``README.md``: a model card (source, the rank -- or structure and options -- of every factored
+  weight, parameters before/after, metrics).
 
 ``model.safetensors`` is written last, after the old one is removed, so a crash never leaves a
 directory that looks complete. transformers is never imported here: models are duck-typed
@@ -27,12 +28,14 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from . import structures
 from .config import ALL_LINEAR, CompressionConfig, TargetSpec
 from .convert import count_params, factored_specs, factored_state_dict, merge_state_dict, unwrap
 from .errors import ConfigError, FormatError, LRCompressError, OutputExistsError, TargetError
-from .io import (FORMAT, FORMAT_VERSION, load_model, read_safetensors, specs_from_metadata, write_compressed,
-                 write_safetensors, write_text_atomic)
+from .io import (FORMAT, FORMAT_VERSION, format_version, load_model, read_safetensors, specs_from_metadata,
+                 write_compressed, write_safetensors, write_text_atomic)
 from .report import Report
+from .structures import LOWRANK
 from .validate import check_compressed, load_json
 from .version import __version__
 
@@ -150,7 +153,7 @@ def write_directory(directory: str | os.PathLike, tensors: dict[str, Tensor], sp
     if isinstance(config, CompressionConfig):
         config = config.to_dict()
     ratio = params_before / params_after if params_after else float("inf")
-    record = {"format": FORMAT, "format_version": FORMAT_VERSION, "lrcompress_version": __version__,
+    record = {"format": FORMAT, "format_version": format_version(specs), "lrcompress_version": __version__,
               "weights": WEIGHTS_NAME, "source": source, "config": config,
               "targets": [s.to_dict() for s in specs], "params_before": params_before,
               "params_after": params_after, "ratio": ratio, "metrics": metrics or {}}
@@ -213,24 +216,32 @@ def written_by_lrcompress(directory: Path) -> bool:
 def model_card(record: dict, name: str, hf_config: dict | None) -> str:
     """The ``README.md`` of a compressed model directory, from its ``lrcompress_config.json`` record."""
     arch = (hf_config or {}).get("architectures") or []
-    lines = ["---", "library_name: lrcompress", "tags:", "- lrcompress", "- low-rank", "---", _CARD_MARK, "",
-             f"# {name}: low-rank compressed", "",
-             "Weights replaced by low-rank (`W = L R`) or low-rank plus diagonal (`W = L R + D`) factors "
-             "with lrcompress (Miceli Barone, 2016, *Low-rank passthrough neural networks*).", "",
+    specs = [TargetSpec.from_dict(t) for t in record["targets"]]
+    used = list(dict.fromkeys(s.structure for s in specs)) or [LOWRANK]
+    lines = ["---", "library_name: lrcompress", "tags:", "- lrcompress", *(f"- {_TAGS[u]}" for u in used), "---",
+             _CARD_MARK, "", (f"# {name}: low-rank compressed" if used == [LOWRANK] else
+              f"# {name}: compressed ({', '.join(structures.get(u).label for u in used)})"), "",
+             "Weights replaced with lrcompress by " + "; ".join(_CARD_METHODS[u] for u in used) + ".", "",
              f"- source: {record['source'] or 'not recorded'}",
              f"- parameters: {record['params_before']:,} before, {record['params_after']:,} after "
              f"({record['ratio']:.2f}x smaller)" if record["params_after"] <= record["params_before"] else
              f"- parameters: {record['params_before']:,} before, {record['params_after']:,} after (larger)",
              f"- factored weights: {len(record['targets'])}",
              f"- lrcompress {record['lrcompress_version']}, format {record['format_version']}", ""]
-    if record["targets"]:
+    if specs and used == [LOWRANK]:  # the version-1 card: low rank alone
         lines += ["## Ranks", "", "| weight | kind | dense shape | rank | diag | tied | params before | after |",
                   "|---|---|---|---:|---|---|---:|---:|"]
-        for t in record["targets"]:
-            spec = TargetSpec.from_dict(t)
+        for spec in specs:
             lines.append(f"| `{spec.name}` | {spec.layer}/{spec.role} | {spec.gates * spec.rows}x{spec.cols} | "
                          f"{spec.rank} | {'yes' if spec.diag else 'no'} | {'yes' if spec.tied else 'no'} | "
                          f"{spec.dense_params:,} | {spec.factored_params:,} |")
+        lines.append("")
+    elif specs:  # other structures have no rank: each row names its structure and options (registry's describe)
+        lines += ["## Structures", "", "| weight | kind | dense shape | structure | options | params before | after |",
+                  "|---|---|---|---|---|---:|---:|"]
+        for spec in specs:
+            lines.append(f"| `{spec.name}` | {spec.layer}/{spec.role} | {spec.gates * spec.rows}x{spec.cols} | "
+                         f"{spec.structure} | {spec.describe()} | {spec.dense_params:,} | {spec.factored_params:,} |")
         lines.append("")
     metrics = record["metrics"] or {}
     if metrics:
@@ -252,6 +263,20 @@ def model_card(record: dict, name: str, hf_config: dict | None) -> str:
     if record["config"]:
         lines += ["## Compression config", "", "```json", json.dumps(record["config"], indent=2), "```", ""]
     return "\n".join(lines)
+
+
+# The card's tag and one-line description of each structure (the method and its source).
+_TAGS = {LOWRANK: "low-rank", "kronecker": "kronecker", "tt": "tensor-train", "orthogonal": "orthogonal"}
+_CARD_METHODS = {
+    LOWRANK: "low-rank (`W = L R`) or low-rank plus diagonal (`W = L R + D`) factors (Miceli Barone, 2016, "
+             "*Low-rank passthrough neural networks*)",
+    "kronecker": "sums of Kronecker products of small factors (Jose, Cisse and Fleuret, 2018, *Kronecker "
+                 "recurrent units*), fitted by the nearest Kronecker product (Van Loan and Pitsianis, 1993)",
+    "tt": "tensor-train matrices (Oseledets, 2011, *Tensor-train decomposition*, fitted by TT-SVD; the "
+          "\"fully tensorized\" RNN of Onu, Miller and Precup, 2020)",
+    "orthogonal": "scaled Cayley orthogonal matrices `W = (I + A)^-1 (I - A) D` (Helfrich, Willmott and Ye, "
+                  "2018, *Orthogonal recurrent neural networks with scaled Cayley transform*)",
+}
 
 
 def _number(value) -> str:
@@ -444,26 +469,34 @@ def remove_stale_shards(directory: Path) -> list[str]:
 
 
 def _file_keys(state_dict: dict[str, Tensor], specs: list[TargetSpec]) -> dict[str, Tensor]:
-    """A live state dict (``<m>.parametrizations.<w>.original<i>``) renamed to the file format's keys."""
-    renames = {}
-    for spec in specs:
-        for i, key in enumerate(spec.factor_keys().values()):
-            renames[_live_key(spec, i)] = key
+    """A live state dict (``<m>.parametrizations.<w>.original<i>``, ``...<w>.0.<buffer>``) renamed
+    to the file format's keys, as ``convert.factored_state_dict`` writes them."""
+    renames = {live: key for spec in specs for key, live in _live_keys(spec).items()}
     return {renames.get(k, k): v for k, v in state_dict.items()}
 
 
-def _live_key(spec: TargetSpec, i: int) -> str:
-    head = f"{spec.module}.parametrizations" if spec.module else "parametrizations"
-    return f"{head}.{spec.weight}.original{i}"
+def _live_keys(spec: TargetSpec) -> dict[str, str]:
+    """``{file key: live state-dict key}`` of one factored weight, relative to the module holding it.
+
+    The first ``original_count`` parts are torch's originals (``parametrizations.<w>.original<i>``);
+    the rest are the parametrization's persistent buffers, which torch keeps on the
+    parametrization module, the first of the list (``parametrizations.<w>.0.<buffer>``, e.g. an
+    orthogonal weight's ``signs``): the same mapping as ``convert.factored_state_dict``.
+    """
+    head = f"{spec.module}.parametrizations.{spec.weight}" if spec.module else f"parametrizations.{spec.weight}"
+    originals = spec.original_count()
+    return {key: f"{head}.original{i}" if i < originals else f"{head}.0.{part}"
+            for i, (part, key) in enumerate(spec.factor_keys().items())}
 
 
 def _file_keys_pre_hook(module, state_dict, prefix, *args) -> None:
     # Trainer resumes a checkpoint with model.load_state_dict(load_file(...), strict=False): file-format
-    # factor keys (<name>.L/.R/.D) are renamed to the live ones so the factors really load.
+    # factor keys (<name>.L/.R/.D, <name>.original<i>, <name>.signs) are renamed to the live ones so
+    # the factors (and buffers) really load.
     for spec in factored_specs(module):
-        for i, key in enumerate(spec.factor_keys().values()):
+        for key, live in _live_keys(spec).items():
             if prefix + key in state_dict:
-                state_dict[prefix + _live_key(spec, i)] = state_dict.pop(prefix + key)
+                state_dict[prefix + live] = state_dict.pop(prefix + key)
 
 
 def is_hf_model(module: nn.Module) -> bool:

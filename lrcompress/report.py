@@ -31,15 +31,19 @@ class TargetReport:
     # With calibration data: ||(W - W_hat) v|| / ||W v|| over every input v the weight met there
     # (whitening.weighted_error), the relative error of this weight's output; None without data.
     output_error: float | None = None
+    # The structure (lrcompress.structures) and its options: low rank's are rank, diag, tied.
+    structure: str = "lowrank"
+    options: dict = field(default_factory=dict)
 
     @classmethod
     def of(cls, spec: TargetSpec, rel_error: float, note: str = "", *, fit=None) -> "TargetReport":
         """``fit``: the ``factorize.Factors`` of the target, for how its diagonal fit ended and,
         when fitted to calibration data, its output error."""
+        options = {"rank": spec.rank, "diag": spec.diag, "tied": spec.tied} if spec.lowrank else dict(spec.options)
         return cls(spec.name, spec.layer, spec.role, (spec.gates * spec.rows, spec.cols), spec.gates, spec.rank,
                    spec.diag, spec.tied, spec.dense_params, spec.factored_params, rel_error, note,
                    getattr(fit, "diag_iterations", None), getattr(fit, "diag_last_change", None),
-                   getattr(fit, "diag_stop", ""), getattr(fit, "weighted_error", None))
+                   getattr(fit, "diag_stop", ""), getattr(fit, "weighted_error", None), spec.structure, options)
 
     @property
     def diag_fit(self) -> str:
@@ -73,6 +77,8 @@ class Report:
 
     def __str__(self) -> str:
         calibrated = any(t.output_error is not None for t in self.targets)
+        if any(t.structure != "lowrank" for t in self.targets):
+            return "\n".join(self._structure_table() + self._footer())
         header = ("target", "kind", "shape", "rank", "diag", "params", "factored", "rel.err",
                   *(("out.err",) if calibrated else ()), "diag fit")
         rows = [(t.name, kind_label(t.layer, t.role) + ("/tied" if t.tied else ""), f"{t.shape[0]}x{t.shape[1]}",
@@ -80,13 +86,26 @@ class Report:
                  f"{t.rel_error:.4g}", *((_number(t.output_error),) if calibrated else ()), t.diag_fit)
                 for t in self.targets]
         lines = format_table(header, rows, right={2, 3, 5, 6, 7, 8} if calibrated else {2, 3, 5, 6, 7})
+        return "\n".join(lines + self._footer())
+
+    def _structure_table(self) -> list[str]:
+        """The table of a conversion to another structure: its options instead of rank and diagonal."""
+        from .structures import describe
+
+        header = ("target", "kind", "shape", "structure", "options", "params", "factored", "rel.err")
+        rows = [(t.name, kind_label(t.layer, t.role), f"{t.shape[0]}x{t.shape[1]}", t.structure,
+                 describe(t.structure, t.options), f"{t.params_before:,}", f"{t.params_after:,}", f"{t.rel_error:.4g}")
+                for t in self.targets]
+        return format_table(header, rows, right={2, 5, 6, 7})
+
+    def _footer(self) -> list[str]:
         notes = [f"  note: {t.name}: {t.note}" for t in self.targets if t.note]
         total = (f"model parameters: {self.params_before:,} -> {self.params_after:,} "
                  f"({self.ratio:.2f}x smaller)" if self.params_after <= self.params_before else
                  f"model parameters: {self.params_before:,} -> {self.params_after:,} (larger)")
         output = ([f"model output error on the calibration data: {self.output_error:.4g}"]
                   if self.output_error is not None else [])
-        return "\n".join(lines + notes + [total] + output)
+        return notes + [total] + output
 
 
 def _number(value: float | None) -> str:

@@ -12,6 +12,7 @@ from .config import CompressionConfig, TargetSpec
 from .factorize import rank_for_energy
 from .progress import bar as progress_bar
 from .report import format_table, kind_label
+from .structures import describe
 from .targets import find_state_dict_targets
 from .validate import check_weight
 
@@ -82,25 +83,53 @@ class CompressedSummary:
                 "ratio": self.dense / self.stored if self.stored else None}
 
     def __str__(self) -> str:
-        header = ("target", "kind", "shape", "rank", "diag", "tied", "dense", "factored", "ratio")
-        body = [(r["name"], kind_label(r["layer"], r["role"]), f"{r['shape'][0]}x{r['shape'][1]}", str(r["rank"]),
-                 "yes" if r["diag"] else "no", "yes" if r["tied"] else "no", f"{r['dense_params']:,}",
-                 f"{r['factored_params']:,}", f"{r['dense_params'] / r['factored_params']:.2f}x") for r in self.rows]
+        errors = any(r["rel_error"] is not None for r in self.rows)
+        structured = any(r["structure"] != "lowrank" for r in self.rows)
+        if structured:  # the structure and its options in words instead of rank / diag / tied
+            header = ("target", "kind", "shape", "structure", "options", "dense", "factored", "ratio")
+            right = {2, 5, 6, 7}
+        else:
+            header = ("target", "kind", "shape", "rank", "diag", "tied", "dense", "factored", "ratio")
+            right = {2, 3, 6, 7, 8}
+        body = []
+        for r in self.rows:
+            what = ((r["structure"], describe(r["structure"], r["options"])) if structured else
+                    (str(r["rank"]), "yes" if r["diag"] else "no", "yes" if r["tied"] else "no"))
+            body.append((r["name"], kind_label(r["layer"], r["role"]), f"{r['shape'][0]}x{r['shape'][1]}", *what,
+                         f"{r['dense_params']:,}", f"{r['factored_params']:,}",
+                         f"{r['dense_params'] / r['factored_params']:.2f}x",
+                         *((_number(r["rel_error"]),) if errors else ())))
+        if errors:
+            header += ("rel.err",)
+            right |= {len(header) - 1}
         total = (f"file: {self.stored:,} stored values for a dense model of {self.dense:,} "
                  f"({self.dense / self.stored:.2f}x smaller)")
-        return "\n".join(format_table(header, body, right={2, 3, 6, 7, 8}) + [total])
+        note = ["rel.err: ||W - W_hat||_F / ||W||_F when converted (recorded by lrcompress convert)"] if errors else []
+        return "\n".join(format_table(header, body, right=right) + [total] + note)
 
 
 def compressed_summary(tensors: dict[str, Tensor], specs: list[TargetSpec],
-                       shared: dict[str, str] | None = None) -> CompressedSummary:
+                       shared: dict[str, str] | None = None,
+                       errors: dict[str, float] | None = None) -> CompressedSummary:
     """Rows per factored weight and the file's totals; ``shared`` keys (tied weights stored twice,
-    see ``validate.shared_tensors``) are counted once, as the conversion counted them."""
-    shared = shared or {}
+    see ``validate.shared_tensors``) are counted once, as the conversion counted them. ``errors``:
+    each target's relative error when it was converted (``validate.recorded_errors``), if recorded.
+
+    A row holds the file's record (``structure`` and ``options``: low rank's are ``rank``, ``diag``,
+    ``tied``), the dense and factored parameter counts and ``rel_error`` (None when not recorded).
+    """
+    shared, errors = shared or {}, errors or {}
     stored = sum(t.numel() for k, t in tensors.items() if k not in shared)
-    rows = [{**s.to_dict(), "name": s.name, "shape": [s.gates * s.rows, s.cols], "dense_params": s.dense_params,
-             "factored_params": s.factored_params} for s in specs]
+    rows = [{**s.to_dict(), "name": s.name, "structure": s.structure,
+             "options": {"rank": s.rank, "diag": s.diag, "tied": s.tied} if s.lowrank else s.options,
+             "shape": [s.gates * s.rows, s.cols], "dense_params": s.dense_params,
+             "factored_params": s.factored_params, "rel_error": errors.get(s.name)} for s in specs]
     dense = stored + sum(s.dense_params - s.factored_params for s in specs)
     return CompressedSummary(rows, stored, dense)
+
+
+def _number(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4g}"
 
 
 def _pct(x: float | None) -> str:

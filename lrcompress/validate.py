@@ -12,9 +12,13 @@ file, the record and the bad value) on the first problem:
    consistent (GRU 3 gates, LSTM 4, RNN / projection / Linear 1; layers ``weight_hh_l0``, cells
    ``weight_hh``), one layer kind per module;
 3. records against tensors: each factor present with exactly the shape the record implies
-   (``L`` (G, m, d), ``R`` (G, d, n) or (d, n) tied, ``D`` (G, m) iff ``diag``), the dense key
-   absent, floating dtypes, one dtype per target, finite values; a bias next to a factored
-   weight has the weight's row count.
+   (``L`` (G, m, d), ``R`` (G, d, n) or (d, n) tied, ``D`` (G, m) iff ``diag``; for another
+   structure its originals ``original<i>`` and buffers, shaped as its class lays them out for
+   the recorded options), the dense key absent, floating dtypes, one dtype per target, finite
+   values; a bias next to a factored weight has the weight's row count.
+
+A record of a structure other than low rank (format 2) names a known structure whose ``check``
+accepts its options, in normal form, for the recorded block shape (``TargetSpec.from_dict``).
 
 ``check_weight`` is the matching check for a dense weight about to be factored or analysed.
 """
@@ -104,6 +108,9 @@ def targets_from_metadata(meta: dict[str, str] | None, path="file") -> list[Targ
             _check_name(spec)
         except FormatError as exc:
             raise FormatError(f"{path}: target record {i}: {exc}") from None
+        if version < 2 and isinstance(record, dict) and "structure" in record:
+            raise FormatError(f"{path}: target record {i} names a structure, which format {version} files do not "
+                              "record (format 2 does)")
         specs.append(spec)
     _check_together(specs, path)
     return specs
@@ -121,7 +128,30 @@ def check_compressed(tensors: dict[str, Tensor], meta: dict[str, str] | None, pa
     if (meta or {}).get("format") == "lrcompress":
         _check_unrecorded(specs, tensors, path)
     shared_tensors(tensors, meta, path)
+    recorded_errors(meta, specs, path)
     return specs
+
+
+ERRORS_KEY = "rel_errors"  # optional: {target: ||W - W_hat||_F / ||W||_F when converted}, written by convert
+
+
+def recorded_errors(meta: dict[str, str] | None, specs: list[TargetSpec], path="file") -> dict[str, float]:
+    """The relative error of each target when it was converted, if the file records them
+    (``lrcompress convert`` does): ``{name: error}`` of recorded targets, each finite and >= 0."""
+    text = (meta or {}).get(ERRORS_KEY)
+    if text is None:
+        return {}
+    errors = load_json(text, f"{path}: '{ERRORS_KEY}' metadata", max_depth=2)
+    names = {s.name for s in specs}
+    if not isinstance(errors, dict):
+        raise FormatError(f"{path}: '{ERRORS_KEY}' metadata is not an object of target: error")
+    for name, value in errors.items():
+        if name not in names:
+            raise FormatError(f"{path}: '{ERRORS_KEY}' names {name[:80]!r}, which 'targets' does not record")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+            raise FormatError(f"{path}: '{ERRORS_KEY}' gives {name} the error {str(value)[:40]!r}, not a finite "
+                              "number >= 0")
+    return {k: float(v) for k, v in errors.items()}
 
 
 SHARED_KEY = "shared_tensors"  # io writes it: {key: first key holding the same tensor}
@@ -145,6 +175,7 @@ def shared_tensors(tensors: dict[str, Tensor], meta: dict[str, str] | None, path
     return shared
 
 
+_ORIGINAL = re.compile(r"original\d+")  # a non-low-rank weight's stored originals: <name>.original<i>
 # A key below a recurrent weight's name (``rnn.weight_hh_l0.L``): weights are never modules.
 _BELOW_RNN_WEIGHT = re.compile(r"(?:^|\.)weight_(?:hh|ih|hr)_l\d+(?:_reverse)?\.")
 
@@ -158,11 +189,14 @@ def _check_unrecorded(specs: list[TargetSpec], tensors: dict[str, Tensor], path)
         if key in recorded:
             continue
         base, _, part = key.rpartition(".")
-        stray = part in ("L", "R", "D") and base and base not in tensors and (
-            f"{base}.L" in tensors and f"{base}.R" in tensors)
+        stray = bool(part in ("L", "R", "D") and base and base not in tensors and (
+            f"{base}.L" in tensors and f"{base}.R" in tensors))
+        stray |= bool(_ORIGINAL.fullmatch(part) and base and base not in tensors and f"{base}.original0" in tensors)
         if stray or _BELOW_RNN_WEIGHT.search(key):
-            recorded_base = any(spec.name == base for spec in specs)
-            raise FormatError(f"{path}: {key} is not a factor of the format (only .L, .R, .D)" if recorded_base else
+            owner = next((spec for spec in specs if spec.name == base), None)
+            parts = "only .L, .R, .D" if owner is None or owner.lowrank else \
+                f"{owner.structure} stores {', '.join('.' + p for p in owner.factor_shapes())}"
+            raise FormatError(f"{path}: {key} is not a factor of the format ({parts})" if owner is not None else
                               f"{path}: {key} looks like a factor of {base}, but 'targets' has no record of {base}")
 
 
@@ -216,24 +250,35 @@ def _check_factors(spec: TargetSpec, tensors: dict[str, Tensor], path) -> None:
     if spec.name in tensors:
         raise FormatError(f"{path}: {spec.name} is stored dense although 'targets' records it as factored")
     shapes = spec.factor_shapes()
-    if not spec.diag and f"{spec.name}.D" in tensors:
+    if spec.lowrank and not spec.diag and f"{spec.name}.D" in tensors:
         raise FormatError(f"{path}: {spec.name}.D (a diagonal) is stored but 'targets' says diag=false")
+    originals = spec.original_count()  # the rest are a structure's buffers (orthogonal: signs)
     dtypes = set()
-    for part, shape in shapes.items():
+    for i, (part, shape) in enumerate(shapes.items()):
         key = f"{spec.name}.{part}"
         t = tensors.get(key)
         if t is None:
-            raise FormatError(f"{path}: factor {key} is missing")
+            raise FormatError(f"{path}: {'factor' if i < originals else 'buffer'} {key} is missing")
         if tuple(t.shape) != shape:
             raise FormatError(f"{path}: {key} has shape {tuple(t.shape)}, but its record ({_describe(spec)}) "
                               f"implies {shape}")
-        if not t.is_floating_point():
+        if i < originals and not t.is_floating_point():
             raise FormatError(f"{path}: {key} has dtype {t.dtype}; factors must be floating point")
-        if not torch.isfinite(t).all():
+        if (t.is_floating_point() or t.is_complex()) and not torch.isfinite(t).all():
             raise FormatError(f"{path}: {key} holds NaN or Inf values")
-        dtypes.add(t.dtype)
+        if i < originals:
+            dtypes.add(t.dtype)
     if len(dtypes) > 1:
         raise FormatError(f"{path}: the factors of {spec.name} mix dtypes {sorted(map(str, dtypes))}")
+    if originals < len(shapes):  # a structure's buffers (signs) must say what its recorded options say
+        from .structures import from_parts, json_options
+
+        parts = {part: tensors[f"{spec.name}.{part}"] for part in shapes}
+        found = json_options(from_parts(spec.structure, spec.gates, spec.rows, spec.cols, spec.options,
+                                        parts).param.options())
+        if found != spec.options:
+            raise FormatError(f"{path}: the buffers of {spec.name} give options {found}, its record says "
+                              f"{spec.options}")
     bias = _bias_key(spec)
     rows = spec.gates * spec.rows
     if bias in tensors and tuple(tensors[bias].shape) != (rows,):
@@ -269,5 +314,7 @@ def _bias_key(spec: TargetSpec) -> str | None:
 
 
 def _describe(spec: TargetSpec) -> str:
+    if not spec.lowrank:
+        return f"{spec.gates} gate(s) of {spec.rows}x{spec.cols}, {spec.structure} {spec.describe()}"
     return (f"{spec.gates} gate(s) of {spec.rows}x{spec.cols}, rank {spec.rank}"
             f"{', tied' if spec.tied else ''}{', diag' if spec.diag else ''}")

@@ -93,7 +93,7 @@ LIES = {  # class of lie -> (how to make it, a fragment the one-line error must 
     "targets not JSON": (_set("targets", '[{"module": '), "not valid JSON"),
     "targets not a list": (_set("targets", '{"module": ""}'), "not a list"),
     "huge integer": (_set("targets", '[{"rank": ' + "9" * 5000 + "}]"), "not valid JSON"),
-    "newer format": (_set("format_version", "2"), "upgrade lrcompress"),
+    "newer format": (_set("format_version", "3"), "upgrade lrcompress"),
     "bad format version": (_set("format_version", "one"), "bad format_version"),
     "no targets": (lambda t, m: m.pop("targets"), "no 'targets'"),
     "record not an object": (_record(lambda r: r.append([1, 2])), "must be a JSON object"),

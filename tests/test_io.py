@@ -122,7 +122,7 @@ def rewrite(path: Path, *, drop: str | None = None, **metadata: str) -> Path:
     return out
 
 
-@pytest.mark.parametrize("edit", [dict(format_version="2"), dict(format_version="one"),
+@pytest.mark.parametrize("edit", [dict(format_version="3"), dict(format_version="one"),
                                   dict(drop="rnn.weight_hh_l1.R"), dict(targets="[{\"module\": \"rnn\"}]")],
                          ids=["future version", "bad version", "missing factor", "bad target record"])
 def test_an_unreadable_file_is_refused_and_the_skeleton_left_unchanged(tmp_path: Path, edit: dict) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..config import CompressionConfig
 from ..convert import compress, count_params
 from ..errors import ConfigError, FormatError, LRCompressError, OutputExistsError
 from ..io import load_model, read_safetensors, save_model, write_text_atomic
@@ -65,8 +66,13 @@ def train_recipe(recipe: str | os.PathLike | dict, out: str | os.PathLike | None
 def finetune(source: str | os.PathLike, out: str | os.PathLike, *, rank=None, energy: float | None = None,
              diag: bool = False, tied: bool = False, recipe: str | os.PathLike | None = None,
              overrides: list[str] | tuple[str, ...] = (), resume: bool = False,
-             progress: bool | None = None, tensorboard: str | os.PathLike | None = None) -> dict:
+             progress: bool | None = None, tensorboard: str | os.PathLike | None = None,
+             structure: str = "lowrank", **structure_options) -> dict:
     """Convert a trained model at ``rank`` (or ``energy``), evaluate it, fine-tune it, evaluate again.
+
+    ``structure`` other than ``"lowrank"`` converts to that structure instead, with its options
+    as ``compress`` takes them (``kron_factors=(16, 16)``, ``tt_ranks=8, tt_shape=...``, ...); the
+    summary records ``structure`` and ``options``.
 
     ``source`` is a run directory (its ``recipe.toml`` and ``model.safetensors``), or a state
     dict file with ``recipe`` naming the recipe that builds its model. The fine-tuning follows
@@ -82,18 +88,17 @@ def finetune(source: str | os.PathLike, out: str | os.PathLike, *, rank=None, en
     weights, base = _source(source, recipe)
     recipe = load_recipe(out / RECIPE_FILE, overrides) if resume and (out / RECIPE_FILE).is_file() else \
         _recipe(base, overrides)
-    if recipe["model"]["rank"]:
-        raise ConfigError(f"{source} holds a model trained low-rank (model.rank = {recipe['model']['rank']}); "
-                          "finetune converts dense models")
+    _check_dense(source, recipe["model"], "finetune")
+    config = CompressionConfig(rank=None if energy is not None else rank, energy=energy,
+                               diag=diag, tied=tied, structure=structure, **structure_options)
     task, model = build(recipe)
     load_model(model, weights)
     state = _read_json(out / FINETUNE_FILE) if resume and (out / "last.safetensors").is_file() else None
     eval_data = _eval_data(task, recipe)
     if state is None:
         state = {"source": str(source), "weights": str(weights), "rank": rank, "energy": energy, "diag": diag,
-                 "tied": tied, "dense": _metrics(model, task, eval_data, progress)}
-    conversion = compress(model, None if energy is not None else rank, energy=energy, diag=diag, tied=tied,
-                          progress=progress)
+                 "tied": tied, **_structure_record(config), "dense": _metrics(model, task, eval_data, progress)}
+    conversion = compress(model, config=config, progress=progress)
     if "converted" not in state:
         state["converted"] = _metrics(model, task, eval_data, progress)
         state["conversion"] = conversion.to_dict()
@@ -101,7 +106,8 @@ def finetune(source: str | os.PathLike, out: str | os.PathLike, *, rank=None, en
     _write_text(out / RECIPE_FILE, dump_recipe(recipe))
     _save_json(out / FINETUNE_FILE, state)
     extra = {"kind": "finetune", "recipe": recipe["meta"]["name"], "source": str(source), "rank": rank,
-             "energy": energy, "diag": diag, "tied": tied, "params_dense": conversion.params_before,
+             "energy": energy, "diag": diag, "tied": tied, **_structure_record(config),
+             "params_dense": conversion.params_before,
              "params": conversion.params_after, "ratio": conversion.ratio, "dense": state["dense"],
              "converted": state["converted"]}
     result = _fit(model, task, recipe, out, resume=resume, progress=progress, summary=extra, tensorboard=tensorboard)
@@ -111,37 +117,55 @@ def finetune(source: str | os.PathLike, out: str | os.PathLike, *, rank=None, en
 def sweep(source: str | os.PathLike, out: str | os.PathLike, *, ranks: list[int], diag: bool = False,
           both_diag: bool = False, tied: bool = False, recipe: str | os.PathLike | None = None,
           overrides: list[str] | tuple[str, ...] = (), progress: bool | None = None, echo=print,
-          tensorboard: str | os.PathLike | None = None) -> list[dict]:
+          tensorboard: str | os.PathLike | None = None, structure: str = "lowrank", **structure_options) -> list[dict]:
     """``finetune`` at every rank (with and without diagonal when ``both_diag``), one run
     directory per point under ``out``. Resumable: finished points are skipped, an interrupted
     one continues. ``echo`` gets one line per point; a bar counts the points ("point 3 of 8").
     With ``tensorboard``, each point logs to ``tensorboard/<point name>``. Returns the points'
-    summaries."""
+    summaries.
+
+    ``structure``: ``"tt"`` sweeps the TT-rank (``tt_ranks``), ``"kronecker"`` the number of
+    Kronecker ``terms``, each point with the other ``structure_options`` (``tt_shape``,
+    ``kron_factors``, ...); every point is checked against the model before the first trains."""
     if tensorboard is not None:
         require_tensorboard()
     if not ranks or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in ranks):
         raise ConfigError(f"ranks must be positive ints, got {ranks!r}")
+    if structure != "lowrank":
+        if structure not in SWEPT:
+            raise ConfigError(f"structure {structure!r} has no size to sweep (a sweep varies low-rank ranks, "
+                              f"TT-ranks or Kronecker terms): use finetune")
+        if diag or both_diag or tied:
+            raise ConfigError("diag, both_diag and tied are low-rank options; a structure sweep takes none of them")
+        if SWEPT[structure] in structure_options:
+            raise ConfigError(f"{SWEPT[structure]} is what the sweep varies (ranks=...); leave it out")
     out = Path(out)
     _check_apart(Path(source), Path(out))
     _check_out(out, resume=True)
     _check_source(Path(source), recipe, overrides)  # a bad source: one error, and no sweep.json left behind
-    _check_ranks(Path(source), recipe, overrides, ranks, tied)  # before the first point trains, not after it
+    if structure == "lowrank":
+        _check_ranks(Path(source), recipe, overrides, ranks, tied)  # before the first point trains, not after it
+    else:
+        _check_structure_points(Path(source), recipe, overrides, ranks, structure, structure_options)
     _claim(out)
+    record = {} if structure == "lowrank" else {"structure": structure, "options": dict(structure_options)}
     _save_json(out / "sweep.json", {"source": str(source), "ranks": list(ranks), "diag": diag,
-                                     "both_diag": both_diag, "tied": tied, "overrides": list(overrides)})
+                                     "both_diag": both_diag, "tied": tied, **record, "overrides": list(overrides)})
     plan = [(r, d) for r in ranks for d in ((False, True) if both_diag else (diag,))]
     points = []
     with progress_bar(total=len(plan), progress=progress, desc="sweep", unit="point") as bar:
         for i, (rank, d) in enumerate(plan, 1):
-            where = out / point_name(rank, d, tied)
+            where = out / point_name(rank, d, tied, structure)
             bar.set_description(f"point {i} of {len(plan)} ({where.name})")
             summary = _read_json(where / SUMMARY_FILE)
             if summary is not None and summary.get("stopped") != "interrupted":
                 echo(f"{where.name}: done earlier, skipped; " + point_line(summary))
             else:
                 board = None if tensorboard is None else Path(tensorboard) / where.name
-                summary = finetune(source, where, rank=rank, diag=d, tied=tied, recipe=recipe, overrides=overrides,
-                                   resume=True, progress=progress, tensorboard=board)
+                size = {"rank": rank} if structure == "lowrank" else {SWEPT[structure]: rank}
+                summary = finetune(source, where, diag=d, tied=tied, recipe=recipe, overrides=overrides,
+                                   resume=True, progress=progress, tensorboard=board, structure=structure,
+                                   **structure_options, **size)
                 echo(f"{where.name}: " + point_line(summary))
             points.append(summary)
             bar.update(1)
@@ -150,8 +174,36 @@ def sweep(source: str | os.PathLike, out: str | os.PathLike, *, ranks: list[int]
     return points
 
 
-def point_name(rank: int, diag: bool, tied: bool = False) -> str:
+# What a sweep varies for each structure: the low-rank rank, the TT-rank, the Kronecker terms.
+SWEPT = {"tt": "tt_ranks", "kronecker": "terms"}
+
+
+def point_name(rank: int, diag: bool, tied: bool = False, structure: str = "lowrank") -> str:
+    if structure != "lowrank":
+        return {"tt": f"tt-rank{rank}", "kronecker": f"kronecker-terms{rank}"}[structure]
     return f"rank{rank}" + ("-diag" if diag else "") + ("-tied" if tied else "")
+
+
+def _structure_record(config) -> dict:
+    """A conversion's structure and its options (as ``compress`` takes them) for a run's summary;
+    nothing extra for low rank."""
+    from ..structures import get, json_options
+
+    if config.structure == "lowrank":
+        return {}
+    fields = get(config.structure).field_names
+    given = {f: getattr(config, f) for f in fields if getattr(config, f) not in (None, False)}
+    return {"structure": config.structure, "options": json_options(given)}
+
+
+def _check_dense(source, model: dict, command: str) -> None:
+    """``finetune``/``sweep`` convert dense models: not one trained low-rank or structured."""
+    if model["rank"]:
+        raise ConfigError(f"{source} holds a model trained low-rank (model.rank = {model['rank']}); "
+                          f"{command} converts dense models")
+    if model.get("structure") not in (None, "lowrank"):
+        raise ConfigError(f"{source} holds a model trained with structure {model['structure']!r}; "
+                          f"{command} converts dense models")
 
 
 def point_line(summary: dict) -> str:
@@ -232,9 +284,7 @@ def _check_source(source: Path, recipe, overrides) -> None:
     run (or weights + recipe) whose weights file is a readable, consistent safetensors file."""
     weights, base = _source(source, recipe)
     checked = _recipe(base, overrides)
-    if checked["model"]["rank"]:
-        raise ConfigError(f"{source} holds a model trained low-rank (model.rank = {checked['model']['rank']}); "
-                          "sweep converts dense models")
+    _check_dense(source, checked["model"], "sweep")
     if weights.suffix == ".safetensors":
         tensors, meta = read_safetensors(weights)
         check_compressed(tensors, meta, weights)
@@ -258,6 +308,26 @@ def _check_ranks(source: Path, recipe, overrides, ranks: list[int], tied: bool) 
             what = f"rank {bad[0]} is" if len(bad) == 1 else f"ranks {', '.join(map(str, bad))} are"
             raise RankError(f"{what} impossible for {c.name} ({c.layer} {c.role}, "
                             f"{c.gates} block(s) of {c.rows}x{c.cols}): ranks must be 1..{full}")
+
+
+def _check_structure_points(source: Path, recipe, overrides, sizes: list[int], structure: str, options: dict) -> None:
+    """Every point of a structure sweep fits every target of the source's model (built, not
+    loaded: only shapes matter; the structure's ``check``), before any point is fine-tuned."""
+    import warnings
+
+    from ..config import CompressionConfig
+    from ..convert import decide_structured, structure_candidates
+    from ..targets import find_targets
+
+    _, base = _source(source, recipe)
+    _, model = build(_recipe(base, overrides))
+    for size in sizes:
+        config = CompressionConfig(structure=structure, **options, **{SWEPT[structure]: size})
+        candidates = structure_candidates(find_targets(model, config), structure)
+        with warnings.catch_warnings():  # notes (a capped TT-rank) come again when the point converts
+            warnings.simplefilter("ignore")
+            decide_structured(candidates, {c.name: getattr(model.get_submodule(c.module), c.weight)
+                                           for c in candidates}, config)
 
 
 def _check_apart(source: Path, out: Path) -> None:
