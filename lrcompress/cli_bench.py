@@ -17,7 +17,8 @@ if TYPE_CHECKING:
 # torch loads inside the command (see cli.py): `lrcompress bench --help` stays fast.
 
 EPILOG = ("Examples:  lrcompress bench model.lr.safetensors --batch 1 --seq 200 --device cuda  |  "
-          "lrcompress bench --synthetic gru:4096:64:diag --input 51 --seq 50")
+          "lrcompress bench --synthetic gru:4096:64:diag --input 51 --seq 50  |  "
+          "lrcompress bench --synthetic gru:4096:64:diag --train --batch 32 --seq 100")
 
 
 def bench(
@@ -31,9 +32,12 @@ def bench(
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
     rounds: Annotated[int, typer.Option(help="Timed calls of each path (median reported).")] = 5,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads while timing (default: PyTorch's setting).")] = None,
+    train: Annotated[bool, typer.Option("--train", help="Time training steps (forward + backward) and report "
+                                                        "their memory, instead of inference calls.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of a table.")] = False,
 ) -> None:
-    """Time each factored recurrent layer: dense nn module, rebuilt weights, factored loop."""
+    """Time each factored recurrent layer: dense nn module, rebuilt weights, factored loop (with
+    --train: training steps, the factored one backpropagating through the factors, and memory)."""
     import torch
 
     from .execution.timing import recurrent_layers, synthetic_layer, time_layer
@@ -59,17 +63,24 @@ def bench(
             typer.echo(f"note: not timed here: {', '.join(skipped)} (recurrent cells: use benchmarks/bench_cell.py)",
                        err=True)
     results = [time_layer(m, batch=batch, steps=seq, device=target, rounds=rounds, name=n or "<root>",
-                          threads=threads)
+                          threads=threads, train=train)
                for n, m in progress_bar(layers.items(), desc="timing", unit="layer", total=len(layers))]
     if as_json:
         typer.echo(json.dumps({"device": _device_name(target), "threads": threads or torch.get_num_threads(),
                                "layers": [r.to_dict() for r in results]}))
         return
-    typer.echo(f"device {_device_name(target)}, batch {batch}, {seq} steps, median of {rounds} rounds, "
+    what = "training steps (forward + backward)" if train else "inference calls"
+    typer.echo(f"device {_device_name(target)}, {what}, batch {batch}, {seq} steps, median of {rounds} rounds, "
                f"{threads or torch.get_num_threads()} CPU threads")
     header = ("layer", "shape", "dense ms", "rebuilt ms", "factored ms", "dense/fact", "rebuilt/fact", "auto")
     rows = [(r.name, r.shape, f"{r.dense_ms:.2f}", f"{r.rebuilt_ms:.2f}", f"{r.factored_ms:.2f}",
              f"{r.speedup:.1f}x", f"{r.rebuilt_ms / r.factored_ms:.1f}x", r.auto) for r in results]
+    if train:  # memory: kept for the backward, and the step's peak beyond the parameters (MB)
+        header += ("saved MB d/r/f", "peak MB d/r/f")
+        rows = [row + ("/".join(f"{r.saved_mb[k]:.0f}" for k in ("dense", "rebuilt", "factored")),
+                       "/".join("-" if r.peak_mb[k] is None else f"{r.peak_mb[k]:.0f}"
+                                for k in ("dense", "rebuilt", "factored")))
+                for row, r in zip(rows, results)]
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         typer.echo("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())

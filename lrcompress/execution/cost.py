@@ -5,6 +5,9 @@ Per step, a weight of G blocks ``m x n`` costs the dense kernel ``B G m n`` mult
 (``G' = 1`` when tied). A step takes the larger of its arithmetic time and its memory time, plus
 a fixed per-step overhead; the dense path also rebuilds every factored weight once per call
 (``G m d n`` multiply-adds), and the loop's unfused gate ops cost ``element`` per gate value.
+A Kronecker or tensor-train weight (``execution.structured``) costs the loop its ``apply_macs``
+and its parameter reads per step plus ``structured_call`` per contraction, and the dense path
+its rebuild (``rebuild_macs``) once per call.
 The speeds come from a ``Profile``: defaults are calibrated (see
 docs/acceleration.md) and ``measure_profile`` re-measures them on the machine at hand.
 
@@ -20,6 +23,9 @@ from dataclasses import dataclass, replace
 import torch
 
 
+# A dense training step's recurrent products over their forward cost (forward, then a backward
+# that measured 1.5x two forwards: bench --train, docs/benchmarks.md).
+DENSE_TRAINING = 4.5
 # The factored loop must be estimated this much faster to be picked: its many small ops make it
 # the more load-sensitive path, and near a tie the dense kernel is the safer bet.
 MARGIN = 0.85
@@ -38,6 +44,11 @@ class Profile:
     dense_step: float  # fixed seconds per step and direction of the dense kernel
     factored_step: float  # fixed seconds per step and direction of the factored loop
     element: float  # seconds per gate value (B x G x m) per step of the factored loop's gate ops
+    # seconds per contraction (Kronecker factor, TT core) of a structured product per step: its
+    # einsum/matmul and reshapes, dispatched from Python, and the plain (unscripted) loop's share
+    # (execution.structured; fitted to GRU steps at n=16 with 2 and 3 factors or cores, scaled to
+    # this profile's factored_step: docs/acceleration.md)
+    structured_call: float = 30e-6
 
 
 # CPU: measure_profile() with 1 thread on the 2-core benchmark machine of docs/benchmarks.md,
@@ -65,11 +76,20 @@ class WeightShape:
     tied: bool = False
     diag: bool = False
     recurrent: bool = True  # multiplied every step (else once per call, over all steps)
+    # A Kronecker or TT weight (execution.structured; 0 otherwise): multiply-adds of its product
+    # per input row (``apply_macs(1)``), its parameter count, the multiply-adds of rebuilding W
+    # once, and the contractions (kernel calls) of one product.
+    apply_macs: int = 0
+    params: int = 0
+    rebuild_macs: int = 0
+    calls: int = 0
 
     def dense_macs(self) -> int:
         return self.gates * self.rows * self.cols
 
     def factored_macs(self) -> int:
+        if self.apply_macs:
+            return self.apply_macs
         if not self.rank:
             return self.dense_macs()
         right = (1 if self.tied else self.gates) * self.rank * self.cols
@@ -93,27 +113,40 @@ class Estimate:
 
 
 def estimate(weights: WeightShape | list[WeightShape], *, batch: int, steps: int, device: str = "cpu",
-             itemsize: int = 4, directions: int = 1, profile: Profile | None = None) -> Estimate:
+             itemsize: int = 4, directions: int = 1, profile: Profile | None = None,
+             training: bool = False) -> Estimate:
     """Seconds per call of the dense rebuild and of the factored loop for these weights.
 
     ``directions`` counts the sequential recurrences (layers x directions) the weights belong to.
+    ``training``: a training step (forward and backward). Each factored product then costs three
+    times its forward (forward, input gradient, weight gradient: ``execution.bptt``'s weight
+    gradients are large products after the loop); the dense kernel's recurrent products 4.5 times
+    (its backward measured 1.5 times slower than two forwards on the CPU, n = 128 to 4096), the
+    rebuild three times (``W = L R`` and the gradients of ``L`` and ``R``), the per-step
+    overheads twice (a forward and a backward loop) and the factored loop's element-wise work
+    twice (the backward's coefficients, computed a cache-sized chunk of steps at a time, cost
+    about what the forward's gate ops do). Checked against measured training steps in
+    docs/benchmarks.md.
     """
     p = profile or PROFILES[device]
     weights = [weights] if isinstance(weights, WeightShape) else weights
+    products, passes = (3, 2) if training else (1, 1)
+    dense_products = DENSE_TRAINING if training else 1
     dense = factored = 0.0
     step_dense = step_factored = 0.0
     for w in weights:
-        if w.rank:  # the dense path rebuilds it and writes the dense matrix, once per call
-            dense += w.dense_macs() * w.rank / p.flops + w.dense_macs() * itemsize / p.bandwidth
+        if w.rank or w.apply_macs:  # the dense path rebuilds it and writes the dense matrix, once per call
+            rebuild = w.rebuild_macs if w.apply_macs else w.dense_macs() * w.rank
+            dense += products * (rebuild / p.flops + w.dense_macs() * itemsize / p.bandwidth)
         if not w.recurrent:  # one matmul over all steps
-            dense += batch * steps * w.dense_macs() / p.flops
-            factored += batch * steps * w.factored_macs() / p.flops
+            dense += products * batch * steps * w.dense_macs() / p.flops
+            factored += products * (batch * steps * w.factored_macs() / p.flops + w.calls * p.structured_call)
             continue
         d, f = _product_seconds(w, batch, itemsize, p)
-        step_dense += d
-        step_factored += f + batch * w.gates * w.rows * p.element
-    dense += steps * (directions * p.dense_step + step_dense)
-    factored += steps * (directions * p.factored_step + step_factored)
+        step_dense += dense_products * d
+        step_factored += products * (f + w.calls * p.structured_call) + passes * batch * w.gates * w.rows * p.element
+    dense += steps * (directions * passes * p.dense_step + step_dense)
+    factored += steps * (directions * passes * p.factored_step + step_factored)
     return Estimate(dense, factored)
 
 
@@ -142,7 +175,7 @@ def _product_seconds(w: WeightShape, batch: int, itemsize: int, p: Profile) -> t
     """Seconds of one step's product with ``w``: (dense, factored); arithmetic or memory, the larger."""
     size = w.dense_macs() * itemsize
     dense = max(batch * w.dense_macs() / p.dense_flops, size / _bandwidth(size, p))
-    size = w.factored_macs() * itemsize
+    size = (w.params if w.apply_macs else w.factored_macs()) * itemsize  # a structured weight reads its params
     factored = max(batch * w.factored_macs() / p.flops, size / min(p.thin_bandwidth, _bandwidth(size, p)))
     return dense, factored
 

@@ -24,7 +24,7 @@ from ..errors import ConfigError, TargetError
 from ..nn.cells import FactoredCell
 from ..nn.rnn import FactoredRNN
 from ..parametrizations import factorization
-from . import cuda, loops
+from . import bptt, cuda, loops, structured
 from .cost import PROFILES, Estimate, Profile, WeightShape, estimate
 from .ops import Cell, Op, prepare, tracked, version
 from .runner import forward, layers
@@ -42,6 +42,8 @@ def accelerate(model: nn.Module, mode: str = "auto", *, training: bool = False, 
     Cells (``nn.GRUCell``/``nn.LSTMCell``/``nn.RNNCell``) run one step per call: ``auto`` picks
     the factored step or PyTorch's cell kernel on a dense weight rebuilt once per weight version;
     with autograd they keep their own forward unless ``training=True`` (see ``execution.cells``).
+    Layers with Kronecker or tensor-train weights multiply by them through the structure's own
+    product, never forming ``W``, in a plain-Python loop with autograd (``execution.structured``).
 
     ``mode``: ``"auto"`` (the cost model picks per layer and per call), ``"factored"`` or
     ``"dense"`` (the plain rebuild-then-cuDNN path, as if never accelerated). ``training=True``
@@ -98,9 +100,10 @@ class LayerPlan:
 
 
 def plan(model: nn.Module, *, batch: int, steps: int, device: str = "cpu", graphs: bool = True,
-         profile: Profile | None = None) -> list[LayerPlan]:
+         profile: Profile | None = None, training: bool = False) -> list[LayerPlan]:
     """The cost model's estimate and choice for every factored recurrent layer and cell of ``model``
-    (for a cell, ``steps`` calls)."""
+    (for a cell, ``steps`` calls); ``training``: for a training step (forward and backward) of
+    each layer (cells are estimated for inference)."""
     from .cells import cell_plan  # cells imports this module
 
     out = []
@@ -109,7 +112,8 @@ def plan(model: nn.Module, *, batch: int, steps: int, device: str = "cpu", graph
             with torch.no_grad():
                 cells = prepare_all(module)
             out.append(LayerPlan(name, weight_shapes(cells),
-                                 estimate_module(module, cells, batch, steps, device, graphs, profile)))
+                                 estimate_module(module, cells, batch, steps, device, graphs and not training, profile,
+                                                 training=training)))
         elif isinstance(module, FactoredCell) and (planned := cell_plan(module, batch, steps, device, profile)):
             out.append(LayerPlan(name, *planned))
     return out
@@ -125,8 +129,11 @@ class Acceleration:
         self._cells: list[Cell] | None = None
         self._macs = 0  # step_macs of _cells
         self._version: tuple | None = None
-        self._choices: dict[tuple, str] = {}
+        self._choices: dict[tuple, Estimate | None] = {}
         self._graphs = cuda.Graphs()
+        # What the last call ran: "factored" or "dense", and the cost model's estimate (None when
+        # the mode forced the path). Training loops log it.
+        self.last: tuple[str, Estimate | None] | None = None
 
     def __repr__(self) -> str:
         return f"Acceleration(mode={self.mode!r}, training={self.training}, cuda_graphs={self.cuda_graphs})"
@@ -144,14 +151,20 @@ class Acceleration:
     def __deepcopy__(self, memo) -> "Acceleration":
         return Acceleration(self.mode, **self.settings())
 
-    def run(self, module: nn.RNNBase, input, hx):
-        """The factored ``module(input, hx)``, or None when the dense path should run instead."""
+    def run(self, module: nn.RNNBase, input, hx, keep: list[Tensor] | None = None):
+        """The factored ``module(input, hx)``, or None when the dense path should run instead.
+
+        ``keep``: per layer and direction (in ``_flat_weights_names`` order), a column scale of
+        the recurrent matrix, ``W diag(keep)`` (Gal's recurrent dropout with one mask per call,
+        ``models.run_with_recurrent_dropout``): applied to the factors, ``L (R diag(keep)) +
+        diag(D keep)``, never forming ``W``."""
         if self.mode == "dense":
             return None
         if module.training and not self.training:
             self.forget()
             return None
         if not supported(module, input, hx):
+            self.last = ("dense", None)
             return None
         packed = isinstance(input, PackedSequence)
         x = input.data if packed else input
@@ -162,21 +175,38 @@ class Acceleration:
             # alone (fused Adam/SGD kernels do not bump them): rebuild from the weights next time.
             self.forget()
         cells = prepare_all(module) if grad else self.cells(module)
-        use_graph = self.cuda_graphs and not grad and not packed and not module.training and cuda.usable(x)
+        if keep is not None:
+            cells = [scale_columns(cell, k) for cell, k in zip(cells, keep)]
+        # Kronecker/TT weights: the plain loop multiplies by them (execution.structured) and
+        # autograd runs through it; neither TorchScript, bptt nor graph capture take them.
+        plain = structured.uses_structured(cells)
+        use_graph = (self.cuda_graphs and not grad and not packed and not module.training and not plain
+                     and cuda.usable(x))
+        if self.mode == "auto" and plain and grad:
+            # Kronecker/TT layers have no written-out backward: autograd through their step loop
+            # records dozens of small ops per step (measured 139 s against 2.4 s for the rebuild
+            # on a psMNIST TT-GRU update), so training keeps the rebuild unless forced.
+            self.last = ("dense", None)
+            return None
         if self.mode == "auto":
             batch, steps = _batch_steps(module, input)
-            key = (batch, steps, x.device.type, use_graph, x.dtype)
+            key = (batch, steps, x.device.type, use_graph, x.dtype, grad)
             if key not in self._choices:
                 if len(self._choices) > 1024:  # streaming with ever new chunk lengths: stay bounded
                     self._choices.clear()
                 self._choices[key] = estimate_module(module, cells, batch, steps, x.device.type, use_graph,
-                                                     self.profile, x.element_size()).choice
-            if self._choices[key] == "dense":
+                                                     self.profile, x.element_size(), training=grad)
+            self.last = (self._choices[key].choice, self._choices[key])
+            if self._choices[key].choice == "dense":
                 return None
+        else:
+            self.last = ("factored", None)
         release_dense_copies(module)
         recur = self._graph_recurrence(module, cells) if use_graph else None
+        # With autograd, each layer and direction is one autograd function whose backward runs
+        # through the factors (bptt); without, the plain step loops.
         if x.is_cuda or recur is not None:  # graph capture needs the plain loop (no TorchScript fusers)
-            return forward(module, input, hx, cells, loops.PLAIN, recur)
+            return forward(module, input, hx, cells, loops.PLAIN if plain or not grad else bptt.LOOPS, recur)
         previous, threads = torch.get_num_threads(), self.threads
         if threads == "auto":
             macs = self._macs if cells is self._cells else step_macs(cells)
@@ -184,7 +214,8 @@ class Acceleration:
         if threads and threads != previous:
             torch.set_num_threads(threads)
         try:
-            return forward(module, input, hx, cells, loops.scripted())
+            return forward(module, input, hx, cells,
+                           loops.PLAIN if plain else (bptt.LOOPS if grad else loops.scripted()))
         finally:
             if torch.get_num_threads() != previous:
                 torch.set_num_threads(previous)
@@ -243,9 +274,25 @@ class Acceleration:
         return recur
 
 
+def scale_columns(cell: Cell, keep: Tensor) -> Cell:
+    """``cell`` with its recurrent matrix ``W`` replaced by ``W diag(keep)`` (autograd ops on the
+    prepared factors: ``R^T`` rows and the diagonal are scaled, or the dense ``W^T`` rows)."""
+    op = cell.hh
+    if isinstance(op.dense, structured.StructuredWeight):  # W diag(keep): x is scaled before the product
+        return cell._replace(hh=op._replace(dense=op.dense.scaled(keep)))
+    if op.factored:
+        op = op._replace(right=op.right * keep.unsqueeze(1),
+                         diag=None if op.diag is None else op.diag * keep)
+    else:
+        op = op._replace(dense=op.dense * keep.unsqueeze(1))
+    return cell._replace(hh=op)
+
+
 def prepare_all(module: nn.RNNBase) -> list[Cell]:
     directions = 2 if module.bidirectional else 1
-    return [prepare(module, layer, d) for layer in range(module.num_layers) for d in range(directions)]
+    # A layer with a Kronecker or TT weight gets its product instead of W (execution.structured).
+    make = structured.prepare if structured.has_fast_weights(module) else prepare
+    return [make(module, layer, d) for layer in range(module.num_layers) for d in range(directions)]
 
 
 def step_macs(cells: list[Cell]) -> int:
@@ -264,6 +311,8 @@ def weight_shapes(cells: list[Cell]) -> list[WeightShape]:
 
 
 def _shape(op: Op, recurrent: bool) -> WeightShape:
+    if isinstance(op.dense, structured.StructuredWeight):
+        return op.dense.weight_shape(recurrent)
     g = op.gates
     if not op.factored:
         cols, total = op.dense.shape
@@ -275,10 +324,10 @@ def _shape(op: Op, recurrent: bool) -> WeightShape:
 
 
 def estimate_module(module: nn.RNNBase, cells: list[Cell], batch: int, steps: int, device: str, graphs: bool,
-                    profile: Profile | None = None, itemsize: int = 4) -> Estimate:
+                    profile: Profile | None = None, itemsize: int = 4, training: bool = False) -> Estimate:
     name = "cpu" if device == "cpu" else ("cuda" if graphs else "cuda-eager")
     return estimate(weight_shapes(cells), batch=batch, steps=steps, itemsize=itemsize, directions=len(cells),
-                    profile=profile or PROFILES.get(name, PROFILES["cpu"]))
+                    profile=profile or PROFILES.get(name, PROFILES["cpu"]), training=training)
 
 
 def _tensors(tree) -> list[Tensor]:
@@ -303,7 +352,7 @@ def supported(module: nn.RNNBase, input, hx) -> bool:
     """Whether the factored loop handles this call; anything else runs (or fails) on the dense path."""
     if torch.jit.is_scripting() or torch.jit.is_tracing() or _compiling():
         return False
-    if getattr(module, "gru_form", "cudnn") != "cudnn":  # the loops implement nn.GRU's eq. 7 only
+    if getattr(module, "gru_form", "cudnn") not in ("cudnn", "paper"):  # the loops know eq. 7 and eq. 6
         return False
     packed = isinstance(input, PackedSequence)
     x = input.data if packed else input

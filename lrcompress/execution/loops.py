@@ -30,13 +30,19 @@ def gates(x: Tensor, count: int, dense: Optional[Tensor], right: Optional[Tensor
         out = torch.mm(x, dense) if bias is None else torch.addmm(bias, x, dense)
         return out.view(rows, count, -1).transpose(0, 1)
     assert right is not None and left is not None
-    xr = torch.mm(x, right)
+    return factored_gates(x, torch.mm(x, right), count, left, diag, bias)
+
+
+def factored_gates(x: Tensor, u: Tensor, count: int, left: Tensor, diag: Optional[Tensor],
+                   bias: Optional[Tensor]) -> Tensor:
+    """``gates`` of a factored op given ``u = x R^T`` (the training loops keep ``u``)."""
+    rows = x.shape[0]
     if left.dim() == 2:  # tied: one (rows, d) product feeds every gate
-        out = torch.mm(xr, left) if bias is None else torch.addmm(bias, xr, left)
+        out = torch.mm(u, left) if bias is None else torch.addmm(bias, u, left)
         out = out.view(rows, count, -1).transpose(0, 1)
     else:
-        xr3 = xr.view(rows, count, -1).transpose(0, 1)
-        out = torch.bmm(xr3, left) if bias is None else torch.baddbmm(bias, xr3, left)
+        u3 = u.view(rows, count, -1).transpose(0, 1)
+        out = torch.bmm(u3, left) if bias is None else torch.baddbmm(bias, u3, left)
     if diag is not None:
         out = torch.addcmul(out, diag, x)
     return out
@@ -119,13 +125,54 @@ def rnn_layer(gi: Tensor, h: Tensor, sizes: List[int], reverse: bool, relu: bool
     return collect(pieces, reverse), h
 
 
+def paper_gru_layer(gi: Tensor, h: Tensor, sizes: List[int], reverse: bool,
+                    dense: Optional[Tensor], right: Optional[Tensor], left: Optional[Tensor],
+                    diag: Optional[Tensor], bias: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """The paper's GRU (eq. 6) over one layer and direction: ``n = tanh(gi_n + W_hn (r * h) + b_hn)``."""
+    pieces: List[Tensor] = []
+    m = h.shape[1]
+    for s, b in order_of(sizes, reverse):
+        hb = h if b == h.shape[0] else h[:b]
+        g = gi.narrow(1, s, b)
+        # The r and z rows of the recurrent product, then the n rows on r * h: the op is cut per
+        # call (views, no copies) so one Op serves both forms.
+        rz = torch.sigmoid(g[:2] + gates(hb, 2, *_part(dense, right, left, diag, bias, 0, 2, m)))
+        hn = gates(rz[0] * hb, 1, *_part(dense, right, left, diag, bias, 2, 1, m))[0]
+        new = torch.lerp(torch.tanh(g[2] + hn), hb, rz[1])
+        pieces.append(new)
+        h = carry(new, h)
+    return collect(pieces, reverse), h
+
+
+def _part(dense: Optional[Tensor], right: Optional[Tensor], left: Optional[Tensor], diag: Optional[Tensor],
+          bias: Optional[Tensor], first: int, count: int, m: int) -> Tuple[Optional[Tensor], Optional[Tensor],
+                                                                          Optional[Tensor], Optional[Tensor],
+                                                                          Optional[Tensor]]:
+    """Gates ``first .. first + count`` of a 3-gate op whose blocks have ``m`` rows."""
+    if dense is not None:
+        dense = dense.narrow(1, first * m, count * m)
+    elif left is not None and right is not None:
+        if left.dim() == 2:  # tied: R shared
+            left = left.narrow(1, first * m, count * m)
+        else:
+            d = left.shape[1]
+            left = left.narrow(0, first, count)
+            right = right.narrow(1, first * d, count * d)
+    if diag is not None:
+        diag = diag.narrow(0, first, count)
+    if bias is not None:
+        bias = bias.narrow(0, first * m, count * m) if bias.dim() == 1 else bias.narrow(0, first, count)
+    return dense, right, left, diag, bias
+
+
 class Loops(NamedTuple):
     gru: Callable
     lstm: Callable
     rnn: Callable
+    paper_gru: Callable
 
 
-PLAIN = Loops(gru_layer, lstm_layer, rnn_layer)
+PLAIN = Loops(gru_layer, lstm_layer, rnn_layer, paper_gru_layer)
 
 
 @functools.lru_cache(maxsize=None)
@@ -138,6 +185,6 @@ def scripted() -> Loops:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # TorchScript's deprecation notice says nothing to act on
-            return Loops(*(torch.jit.script(f) for f in PLAIN))
+            return Loops(*(torch.jit.script(f) for f in PLAIN))  # type: ignore[arg-type]
     except Exception:  # TorchScript missing, or unable to compile on this PyTorch: run them in Python
         return PLAIN

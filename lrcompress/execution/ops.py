@@ -24,7 +24,7 @@ class Op(NamedTuple):
     """``x -> blocks(x W^T + b)`` as (G, rows, m): dense or factored, never both."""
 
     gates: int
-    dense: Optional[Tensor]  # W^T, (n, G m)
+    dense: Optional[Tensor]  # W^T, (n, G m); or execution.structured's stand-in for a Kronecker/TT W^T
     right: Optional[Tensor]  # R^T, (n, G d) untied or (n, d) tied
     left: Optional[Tensor]  # L^T per gate (G, d, m) untied, or (d, G m) tied
     diag: Optional[Tensor]  # (G, 1, m)

@@ -99,7 +99,8 @@ def layers(module: nn.RNNBase, cells: list[Cell], loops: Loops, x: Tensor, sizes
             gi = gates(x, *cell.ih)
             reverse = direction == 1
             if module.mode == "GRU":
-                out, h = loops.gru(gi, h0[k], sizes, reverse, *cell.hh[1:])
+                gru = loops.paper_gru if getattr(module, "gru_form", "cudnn") == "paper" else loops.gru
+                out, h = gru(gi, h0[k], sizes, reverse, *cell.hh[1:])
             elif module.mode == "LSTM":
                 hr = cell.hr
                 p = (None, None, None) if hr is None else hr[1:4]

@@ -79,6 +79,11 @@ class TrainConfig:
     rmsprop_alpha: float = 0.9
     rmsprop_eps: float = 1e-8
     weight_decay: float = 0.0
+    lr_orthogonal: float = 0.0  # > 0: lr of the scaled Cayley skew originals (scoRNN's A); 0: lr
+    unitary_penalty: float = 0.0  # > 0: loss += this * KRU soft unitary penalty of the Kronecker factors
+    # Factored recurrent layers in training: "auto" (the cost model picks, per layer and batch
+    # shape, the factored backward of execution.bptt or the dense rebuild), "factored", "dense".
+    execution: str = "auto"
 
     def __post_init__(self) -> None:
         for key, value in check_train(asdict(self)).items():  # the recipe's checks: one rule book
@@ -116,12 +121,72 @@ class FitResult:
     amp_overflows: int = 0
     wall_time: float = 0.0
     run_dir: Path | None = None
+    execution: dict[str, str] = field(default_factory=dict)  # per factored layer: the path its training ran
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["run_dir"] = None if self.run_dir is None else str(self.run_dir)
         d.pop("history")
         return d
+
+
+def parameter_groups(model: nn.Module, config: TrainConfig) -> list:
+    """The trainable parameters for the recipe's optimiser: one list, or with ``config.lr_orthogonal``
+    two groups, the scaled Cayley skew originals (scoRNN's ``A``, ``nn.scornn.orthogonal_parameters``)
+    at that rate and the rest at ``config.lr`` (Helfrich et al. 2018 train ``A`` at its own, smaller
+    rate). Raises ``ConfigError`` when ``lr_orthogonal`` is set and the model has no such weight."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not config.lr_orthogonal:
+        return trainable
+    from ..nn.scornn import orthogonal_parameters
+
+    skew = [p for p in orthogonal_parameters(model) if p.requires_grad]
+    if not skew:
+        raise ConfigError(f"train.lr_orthogonal = {config.lr_orthogonal} needs a scaled Cayley (orthogonal) "
+                          f"weight, and {type(model).__name__} has none (model.cell = 'scornn' or "
+                          "model.structure = 'orthogonal')")
+    ids = {id(p) for p in skew}
+    rest = [p for p in trainable if id(p) not in ids]
+    return ([{"params": rest}] if rest else []) + [{"params": skew, "lr": config.lr_orthogonal}]
+
+
+def attach_execution(model: nn.Module, execution: str) -> dict[str, nn.Module]:
+    """Give the factored recurrent layers of ``model`` the training-time path ``execution``
+    (``TrainConfig.execution``) and return them by name. Layers a caller already accelerated
+    keep their settings, unless ``execution`` forces a path; ``dense`` attaches nothing."""
+    from ..execution import acceleration, accelerate
+    from ..nn.rnn import FactoredRNN
+
+    if execution == "dense":
+        return {}
+    found = {name or "model": m for name, m in unwrap(model).named_modules() if isinstance(m, FactoredRNN)}
+    for module in found.values():
+        current = acceleration(module)
+        if current is None or execution == "factored":
+            accelerate(module, mode=execution, training=True)
+        elif not current.training:  # the caller's inference choice, now also for training
+            accelerate(module, mode=current.mode, training=True, cuda_graphs=current.cuda_graphs,
+                       threads=current.threads, profile=current.profile)
+    return found
+
+
+def describe_execution(layers: dict[str, nn.Module]) -> dict[str, str]:
+    """What each accelerated layer ran in its last training call, in words (for the log)."""
+    from ..execution import acceleration
+
+    out = {}
+    for name, module in layers.items():
+        current = acceleration(module)
+        last = None if current is None else current.last
+        if last is None:
+            continue
+        choice, estimate = last
+        path = "factored backward through the factors" if choice == "factored" else "dense rebuild"
+        if estimate is None:
+            out[name] = f"{path} ({'forced' if choice == 'factored' else 'no factored backward for this layer or input'})"
+        else:
+            out[name] = f"{path} (cost model: factored {estimate.speedup:.2g}x the speed of dense)"
+    return out
 
 
 def fit(model: nn.Module, train_loader: Data, loss_fn: Callable | None = None, *,
@@ -208,6 +273,8 @@ class Loop:
         if tensorboard is not None:
             require_tensorboard()  # before any work: one line naming the extra
         self.model = model.to(self.device)
+        self.accelerated = attach_execution(model, config.execution)
+        self.execution: dict[str, str] = {}
         if config.dropout or config.recurrent_dropout:  # the recipe's rates replace the model's
             set_dropout(model, dropout=config.dropout or None, recurrent_dropout=config.recurrent_dropout or None)
         if config.weight_norm and not has_weight_norm(model):
@@ -215,8 +282,12 @@ class Loop:
                 warnings.warn("train.weight_norm is set but the model has no factored weights; ignored",
                               UserWarning, stacklevel=3)
         self.optimizer = optimizer or build_optimizer(
-            [p for p in model.parameters() if p.requires_grad], config.optimizer, lr=config.lr,
+            parameter_groups(model, config), config.optimizer, lr=config.lr,
             weight_decay=config.weight_decay, rmsprop_alpha=config.rmsprop_alpha, rmsprop_eps=config.rmsprop_eps)
+        if config.unitary_penalty:
+            from ..structured.kronecker import unitary_penalty
+
+            unitary_penalty(model)  # a model without Kronecker factors: ConfigError now, not at the first update
         self.stabiliser = Stabiliser(model, self.optimizer, clip=config.clip, clip_value=config.clip_value,
                                      nan_policy=config.nan_policy, max_row_norm=config.max_row_norm)
         # a stateful model runs forward_stateful; DDP must wrap the module whose forward is called
@@ -297,7 +368,7 @@ class Loop:
         result = FitResult(self.step, epochs, stopped, self.objective.metric or "loss",
                            self.objective.higher_is_better, self.best_step, self.best_metrics,
                            nan_events=self.nan_events, amp_overflows=self.amp_overflows, wall_time=wall,
-                           history=self.history, run_dir=self.run_dir)
+                           history=self.history, run_dir=self.run_dir, execution=self.execution)
         if stopped == "interrupted":
             return result
         if restore_best and self.best_state is not None:
@@ -341,6 +412,10 @@ class Loop:
         self.step += 1
         self.batch_in_epoch += 1
         bar.update(1)
+        if self.accelerated and not self.execution:
+            self.execution = describe_execution(self.accelerated)
+            if self.execution and self.show is not False and self.dist.main and not is_quiet():
+                bar.write("execution: " + "; ".join(f"{k}: {v}" for k, v in self.execution.items()))
         if self.board is not None:  # one host sync per update, only when asked for
             self.board.update(self.step, float(self.last_loss), self.optimizer.param_groups[0]["lr"])
         if self.on_step is not None:
@@ -392,6 +467,10 @@ class Loop:
         with self.autocast():
             output, self.carry = forward(self.train_model, batch, self.carry, self.objective.stateful)
             loss = self.objective.loss(output, batch, self.model)
+            if self.config.unitary_penalty:  # KRU's soft unitary constraint on the Kronecker factors
+                from ..structured.kronecker import unitary_penalty
+
+                loss = loss + self.config.unitary_penalty * unitary_penalty(unwrap(self.model))
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)

@@ -7,8 +7,10 @@ dense head on the final state (``output = "last"``) or on every step (``"sequenc
 ``HighwayClassifier``: the feed-forward highway network of appendix A.1.
 
 ``gru_form = "paper"`` selects ``PaperGRU``, the GRU of the paper's eq. 6 (reset gate applied
-to the state *before* the recurrent product), run by a per-step loop; the default
-``"cudnn"`` is PyTorch's ``nn.GRU`` (eq. 7, reset after the product), much faster.
+to the state *before* the recurrent product), run on lrcompress's step loops with a written-out
+backward (``execution.bptt``): on a CPU about as fast as the fused kernel; on a GPU it runs
+eagerly, step by step, far slower than cuDNN. The default ``"cudnn"`` is PyTorch's ``nn.GRU``
+(eq. 7, reset after the product).
 
     >>> from lrcompress.train.tasks import build_task
     >>> task = build_task({"name": "addition", "length": 20})
@@ -29,21 +31,30 @@ from torch.nn.utils.rnn import PackedSequence
 
 from ..convert import factor_from_scratch
 from ..errors import ConfigError
-from ..nn import Highway, LowRankGRU, LowRankLSTM, LowRankRNN
+from ..nn import Highway, LowRankGRU, LowRankLSTM, LowRankRNN, ScoRNN
 from ..nn.highway import ACTIVATIONS
 from ..nn.rnn import _FACTORED, FactoredRNN
 from .fields import check_fields, check_range
 from .tasks_base import Task
 
 MODEL_DEFAULTS: dict = {
-    "cell": "gru",  # gru, lstm, rnn (tanh) or highway (feed-forward, appendix A.1)
+    "cell": "gru",  # gru, lstm, rnn (tanh), scornn (lrcompress.nn.ScoRNN) or highway (feed-forward, A.1)
     "hidden_size": 128,  # state size n (highway: features per layer)
     "num_layers": 1,  # stacked recurrent layers
     "rank": 0,  # 0: dense recurrent matrices; d > 0: low-rank L R (paper eq. 4)
     "diag": False,  # low-rank plus diagonal L R + D (eq. 5)
     "tied": False,  # one R shared by the gates of a layer
     "include_input": False,  # also factor the input matrices (the paper factors recurrent ones only)
-    "gru_form": "cudnn",  # "cudnn": nn.GRU, eq. 7; "paper": eq. 6, per-step loop
+    # Another structure than low rank (lrcompress.structures; rank stays 0): "kronecker", "tt" or
+    # "orthogonal", with the options of CompressionConfig below (None: not given).
+    "structure": None,
+    "kron_factors": None,  # kronecker: [a, b, ...] square factors, [[m1, n1], ...], or "16x16"
+    "terms": None,  # kronecker: a sum of this many Kronecker products
+    "tt_ranks": None,  # tt: one TT-rank, or one per bond
+    "tt_shape": None,  # tt: [m1, m2, ...] modes, [[m1, n1], ...], or "4x4x4"
+    "joint": None,  # tt: one train for all gates of a weight (fully tensorized RNN)
+    "negatives": None,  # orthogonal and cell = "scornn": -1 entries of the scaling diagonal D
+    "gru_form": "cudnn",  # "cudnn": nn.GRU, eq. 7; "paper": eq. 6 (PaperGRU; step loops, slow on GPUs)
     "update_gate_bias": None,  # total bias of the GRU update (LSTM forget) gate; None: PyTorch's init
     "embedding": 0,  # token inputs: 0 or "none" = one-hot, d > 0 = a learned d-dim embedding
     "input_dropout": 0.0,  # dropout on the model's inputs
@@ -56,8 +67,12 @@ MODEL_DEFAULTS: dict = {
     "batch_norm": False,  # highway: batch norm after the input matrix and each layer matrix
 }
 MODEL_TYPES: dict = {"update_gate_bias": (float, type(None)), "embedding": (int, str),
-                     "output_dropout": (float, type(None))}
-MODEL_CHOICES: dict = {"cell": ("gru", "lstm", "rnn", "highway"), "gru_form": ("cudnn", "paper"),
+                     "output_dropout": (float, type(None)), "structure": (str, type(None)),
+                     "kron_factors": (str, list, type(None)), "terms": (int, type(None)),
+                     "tt_ranks": (int, str, list, type(None)), "tt_shape": (str, list, type(None)),
+                     "joint": (bool, type(None)), "negatives": (int, type(None))}
+STRUCTURE_KEYS = ("kron_factors", "terms", "tt_ranks", "tt_shape", "joint", "negatives")
+MODEL_CHOICES: dict = {"cell": ("gru", "lstm", "rnn", "scornn", "highway"), "gru_form": ("cudnn", "paper"),
                        "activation": tuple(ACTIVATIONS)}
 GATE_BLOCK = {"GRU": (1, 3), "LSTM": (1, 4)}  # (index, count) of the update / forget gate block
 
@@ -77,7 +92,17 @@ def check_model(spec: dict) -> dict:
         check_range("model", out, key, 0.0, 1.0, high_open=True)
     check_range("model", out, "update_gate_bias", None, None)
     check_range("model", out, "transform_bias", None, None)
-    if not out["rank"] and (out["diag"] or out["tied"] or out["include_input"]):
+    if out["cell"] == "scornn":
+        check_scornn(out)
+    elif out["structure"] not in (None, "lowrank"):
+        if out["rank"] or out["diag"] or out["tied"] or out["cell"] == "highway":
+            raise ConfigError(f"model.structure = {out['structure']!r} takes no rank, diag or tied, and a recurrent "
+                              "cell (its options: kron_factors, terms; tt_ranks, tt_shape, joint; negatives)")
+        structure_config(out)  # the options, checked as the converter checks them
+    elif any(out[k] is not None for k in STRUCTURE_KEYS):
+        key = next(k for k in STRUCTURE_KEYS if out[k] is not None)
+        raise ConfigError(f"model.{key} is an option of another structure: set model.structure")
+    elif not out["rank"] and (out["diag"] or out["tied"] or out["include_input"]):
         raise ConfigError("model.diag, model.tied and model.include_input need model.rank > 0")
     if out["gru_form"] == "paper" and out["cell"] != "gru":
         raise ConfigError(f"model.gru_form = 'paper' is for cell = 'gru', not {out['cell']!r}")
@@ -88,6 +113,32 @@ def check_model(spec: dict) -> dict:
     if out["batch_norm"] and out["cell"] != "highway":
         raise ConfigError("model.batch_norm is for cell = 'highway'")
     return out
+
+
+def check_scornn(spec: dict) -> None:
+    """``cell = "scornn"`` (Helfrich et al. 2018) is one ``ScoRNN`` layer: its recurrent matrix is
+    already scaled Cayley orthogonal, so it takes only ``negatives`` (default ``n // 10``)."""
+    taken = [k for k in ("rank", "diag", "tied", "include_input", "structure") if spec[k] not in (0, False, None)]
+    taken += [k for k in STRUCTURE_KEYS if k != "negatives" and spec[k] is not None]
+    if taken or spec["num_layers"] != 1:
+        what = taken[0] if taken else f"num_layers = {spec['num_layers']}"
+        raise ConfigError(f"model.cell = 'scornn' is one orthogonal layer: {what} does not apply "
+                          "(its option: negatives)")
+    n, neg = spec["hidden_size"], spec["negatives"]
+    if neg is not None and not 0 <= neg <= n:
+        raise ConfigError(f"model.negatives must be in 0..hidden_size = {n}, got {neg}")
+
+
+def structure_config(spec: dict) -> dict:
+    """``factor_from_scratch`` options of a ``[model]`` section with another structure than low rank."""
+    from ..config import CompressionConfig
+
+    options = {k: spec[k] for k in STRUCTURE_KEYS if spec[k] is not None}
+    try:
+        CompressionConfig(structure=spec["structure"], **options)
+    except ConfigError as exc:
+        raise ConfigError(f"model: {exc}") from None
+    return {"structure": spec["structure"], "include_input": spec["include_input"], **options}
 
 
 def build_model(spec: dict, task: Task) -> nn.Module:
@@ -124,12 +175,17 @@ def build_rnn(spec: dict, input_size: int) -> nn.RNNBase:
     kwargs = dict(num_layers=spec["num_layers"], batch_first=True,
                   dropout=spec["dropout"] if spec["num_layers"] > 1 else 0.0)
     cell, rank = spec["cell"], spec["rank"]
+    if cell == "scornn":  # no input bias: the authors' cell has only modReLU's bias
+        return ScoRNN(input_size, spec["hidden_size"], negatives=spec["negatives"], batch_first=True, bias=False)
     if cell == "gru" and spec["gru_form"] == "paper":
         dense, factored = PaperGRU, LowRankPaperGRU
     else:
         dense, factored = {"gru": (nn.GRU, LowRankGRU), "lstm": (nn.LSTM, LowRankLSTM),
                            "rnn": (nn.RNN, LowRankRNN)}[cell]
-    if rank:
+    if spec["structure"] not in (None, "lowrank"):
+        rnn = dense(input_size, spec["hidden_size"], **kwargs)
+        factor_from_scratch(rnn, **structure_config(spec))
+    elif rank:
         rnn = factored(input_size, spec["hidden_size"], rank=rank, diag=spec["diag"], tied=spec["tied"],
                        include_input=spec["include_input"], **kwargs)
     else:
@@ -161,9 +217,11 @@ def set_update_gate_bias(rnn: nn.RNNBase, value: float) -> None:
 
 class PaperGRU(nn.GRU):
     """``nn.GRU`` whose candidate follows the paper's eq. 6: ``n = tanh(W_in x + b_in +
-    W_hn (r * h) + b_hn)`` (PyTorch, eq. 7: ``r * (W_hn h + b_hn)``). Same parameters and gate
-    order (r, z, n) as ``nn.GRU``; ``h' = (1 - z) * n + z * h``. A per-step Python loop: slow on
-    long sequences, meant for training from scratch in the paper's exact form.
+    W_hn (r * h) + b_hn)`` (PyTorch, eq. 7: ``r * (W_hn h + b_hn)``). Same parameters, gate
+    order (r, z, n) and inputs as ``nn.GRU`` (padded or packed, batch first or not, layers,
+    directions); ``h' = (1 - z) * n + z * h``. Runs on lrcompress's step loops: TorchScript
+    without autograd, and with autograd one function per layer whose backward is written out
+    (``execution.bptt``), so it trains at about the speed of the fused kernels.
 
     >>> gru = PaperGRU(3, 8, batch_first=True)
     >>> out, h = gru(torch.zeros(2, 5, 3))
@@ -171,55 +229,27 @@ class PaperGRU(nn.GRU):
 
     gru_form = "paper"  # marks the eq. 6 form for code that runs GRUs its own way
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        if self.bidirectional:
-            raise ConfigError("PaperGRU does not support bidirectional=True")
+    def forward(self, input, hx: Tensor | None = None):
+        from ..execution import bptt, loops, runner
+        from ..execution.ops import Cell, Op
 
-    def forward(self, input: Tensor, hx: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        if isinstance(input, PackedSequence):
-            raise ConfigError("PaperGRU does not take a PackedSequence; pass padded batches")
         self._update_flat_weights()
-        batched = input.dim() == 3
-        x = input if batched else input.unsqueeze(0 if self.batch_first else 1)
-        if not self.batch_first:
-            x = x.transpose(0, 1)
-        if hx is None:
-            hx = x.new_zeros(self.num_layers, x.shape[0], self.hidden_size)
-        elif not batched:
-            hx = hx.unsqueeze(1)
         # _flat_weights holds the dense parameters, or tensors set for one call (factored or
-        # masked weights); None entries are factored weights to rebuild.
-        weights = [w if w is not None else getattr(self, n) for w, n in zip(self._flat_weights,
-                                                                            self._flat_weights_names)]
-        per_layer = 4 if self.bias else 2
-        finals = []
-        for k in range(self.num_layers):
-            w_ih, w_hh, *biases = weights[k * per_layer:(k + 1) * per_layer]
-            x, h = paper_gru_layer(x, hx[k], w_ih, w_hh, *(biases or (None, None)))
-            finals.append(h)
-            if self.dropout and self.training and k < self.num_layers - 1:
-                x = F.dropout(x, self.dropout, training=True)
-        out, h_n = (x if self.batch_first else x.transpose(0, 1)), torch.stack(finals)
-        if not batched:
-            out, h_n = out.squeeze(0 if self.batch_first else 1), h_n.squeeze(1)
-        return out, h_n
-
-
-def paper_gru_layer(x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
-                    b_hh: Tensor | None) -> tuple[Tensor, Tensor]:
-    """One eq. 6 GRU layer over (B, T, in) inputs from state h (B, n): (outputs, final state)."""
-    n = h.shape[-1]
-    gi = F.linear(x, w_ih, b_ih)  # input contributions of every step at once
-    w_rz, w_n = w_hh[:2 * n], w_hh[2 * n:]
-    b_rz, b_n = (None, None) if b_hh is None else (b_hh[:2 * n], b_hh[2 * n:])
-    outputs = []
-    for t in range(x.shape[1]):
-        r, z = torch.sigmoid(gi[:, t, :2 * n] + F.linear(h, w_rz, b_rz)).chunk(2, dim=-1)
-        candidate = torch.tanh(gi[:, t, 2 * n:] + F.linear(r * h, w_n, b_n))
-        h = candidate + z * (h - candidate)
-        outputs.append(h)
-    return torch.stack(outputs, dim=1), h
+        # column-dropped weights); None entries are factored weights to rebuild.
+        weights = dict(zip(self._flat_weights_names, [w if w is not None else getattr(self, n) for w, n in
+                                                      zip(self._flat_weights, self._flat_weights_names)]))
+        cells = []
+        for layer in range(self.num_layers):
+            for direction in range(2 if self.bidirectional else 1):
+                suffix = f"l{layer}{'_reverse' if direction else ''}"
+                ops = [Op(3, weights[f"weight_{kind}_{suffix}"].t(), None, None, None,
+                          weights.get(f"bias_{kind}_{suffix}")) for kind in ("ih", "hh")]
+                cells.append(Cell(ops[0], ops[1], None))
+        x = input.data if isinstance(input, PackedSequence) else input
+        grad = torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights.values())
+                                            or (hx is not None and hx.requires_grad))
+        return runner.forward(self, input, hx, cells, bptt.LOOPS if grad else
+                              (loops.PLAIN if x.is_cuda else loops.scripted()))
 
 
 class LowRankPaperGRU(FactoredRNN, PaperGRU):
@@ -235,9 +265,14 @@ class LowRankPaperGRU(FactoredRNN, PaperGRU):
         PaperGRU.__init__(self, *args, **kwargs)
         factor_from_scratch(self, rank=rank, diag=diag, tied=tied, include_input=include_input)
 
-    def forward(self, input: Tensor, hx: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        # FactoredRNN.forward may hand the call to an accelerated eq. 7 kernel; eq. 6 must not
-        # go there, so rebuild the factored weights once and run the eq. 6 loop directly.
+    def forward(self, input, hx: Tensor | None = None):
+        # An attached acceleration runs the factored eq. 6 loops (or answers None); otherwise
+        # rebuild the factored weights once and run PaperGRU's loops on them.
+        accelerated = self.__dict__.get("_lrc_acceleration")
+        if accelerated is not None:
+            result = accelerated.run(self, input, hx)
+            if result is not None:
+                return result
         with parametrize.cached():
             self._flat_weights = [getattr(self, n) if hasattr(self, n) else None for n in self._flat_weights_names]
             try:
@@ -264,12 +299,19 @@ def run_with_recurrent_dropout(rnn: nn.RNNBase, x: Tensor, state, p: float):
     so the fused cuDNN kernel still runs.
     """
     names = rnn._flat_weights_names
-    dense_class = rnn._dense_class if isinstance(rnn, FactoredRNN) else type(rnn)
-    saved = rnn._flat_weights, rnn._flat_weight_refs
+    # One column scale per recurrent matrix, drawn in the same order whichever path runs.
+    ones = next(rnn.parameters()).new_ones(1, rnn.proj_size if getattr(rnn, "proj_size", 0) > 0 else rnn.hidden_size)
+    keep = {n: dropped_columns(ones, p)[0] for n in names if n.startswith("weight_hh")}
+    accelerated = rnn.__dict__.get("_lrc_acceleration")
+    if accelerated is not None:  # the factored path scales the factors' columns, never forming W
+        result = accelerated.run(rnn, x, state, list(keep.values()))
+        if result is not None:
+            return result
     with parametrize.cached():
         weights = [getattr(rnn, n) if hasattr(rnn, n) else None for n in names]
-        rnn._flat_weights = [dropped_columns(w, p) if n.startswith("weight_hh") else w
-                             for n, w in zip(names, weights)]
+        dense_class = rnn._dense_class if isinstance(rnn, FactoredRNN) else type(rnn)
+        saved = rnn._flat_weights, rnn._flat_weight_refs
+        rnn._flat_weights = [w * keep[n] if n in keep else w for n, w in zip(names, weights)]
         rnn._flat_weight_refs = [None] * len(names)  # "unchanged": the forward keeps our tensors
         try:
             return dense_class.forward(rnn, x, state)
@@ -303,8 +345,8 @@ class SequenceModel(nn.Module):
         self.rnn = rnn
         self.input_dropout = nn.Dropout(input_dropout)
         self.output_dropout = nn.Dropout(output_dropout)
-        features = rnn.proj_size or rnn.hidden_size
-        self.head = nn.Linear(features * (2 if rnn.bidirectional else 1), output_size)
+        features = getattr(rnn, "proj_size", 0) or rnn.hidden_size  # ScoRNN has no projection
+        self.head = nn.Linear(features * (2 if getattr(rnn, "bidirectional", False) else 1), output_size)
 
     def forward(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
         return self.forward_stateful(x, None, lengths)[0]
@@ -413,6 +455,8 @@ def set_dropout(model: nn.Module, *, dropout: float | None = None, recurrent_dro
     if recurrent_dropout is not None:
         if not isinstance(model, SequenceModel) and recurrent_dropout > 0:
             raise ConfigError(f"recurrent_dropout needs a recurrent model, not {type(model).__name__}")
+        if recurrent_dropout > 0 and not isinstance(model.rnn, nn.RNNBase):  # it drops nn.RNNBase weight columns
+            raise ConfigError(f"recurrent_dropout is for GRU/LSTM/RNN layers, not {type(model.rnn).__name__}")
         if isinstance(model, SequenceModel):
             model.recurrent_dropout = recurrent_dropout
 

@@ -54,8 +54,12 @@ RECIPE_DEFAULTS: dict = {
     "rmsprop_alpha": 0.9,  # RMSProp decay of the squared-gradient average (paper: 0.9)
     "rmsprop_eps": 1e-8,
     "weight_decay": 0.0,
+    "lr_orthogonal": 0.0,  # > 0: the learning rate of scaled Cayley skew originals (scoRNN's A); 0: lr
+    "unitary_penalty": 0.0,  # > 0: KRU soft unitary penalty weight, times sum ||F^T F - I||^2 over Kronecker factors
+    "execution": "auto",  # factored recurrent layers in training: auto (the cost model picks per
+    #                       layer), factored (backward through the factors) or dense (rebuild W)
 }
-TRAIN_CHOICES: dict = {"optimizer": ("rmsprop", "adam", "adafactor"), "clip": ("none", "element", "norm"),
+TRAIN_CHOICES: dict = {"execution": ("auto", "factored", "dense"), "optimizer": ("rmsprop", "adam", "adafactor"), "clip": ("none", "element", "norm"),
                        "nan_policy": ("skip", "decay", "restore", "none"),
                        "lr_schedule": ("constant", "plateau", "onecycle"), "amp": ("none", "bf16", "fp16"),
                        "device": ("auto", "cpu", "cuda")}
@@ -147,7 +151,7 @@ def check_train(train: dict) -> dict:
     if not out["steps"] and not out["epochs"]:
         raise ConfigError("train.steps and train.epochs are both 0: set at least one limit")
     check_range("train", out, "clip_value", 0.0, low_open=True)
-    for key in ("max_row_norm", "rmsprop_eps", "weight_decay"):
+    for key in ("max_row_norm", "rmsprop_eps", "weight_decay", "lr_orthogonal", "unitary_penalty"):
         check_range("train", out, key, 0.0)
     for key in ("recurrent_dropout", "dropout", "rmsprop_alpha"):
         check_range("train", out, key, 0.0, 1.0, high_open=True)
