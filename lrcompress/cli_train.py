@@ -1,4 +1,4 @@
-"""The training commands of ``lrcompress``: train, finetune, sweep, report.
+"""The training commands of ``lrcompress``: train, finetune, sweep, report, evaluate.
 
 Thin typer wrappers over ``lrcompress.train.run``; ``cli.py`` registers them. Under
 ``torchrun`` the same commands train on every process and only rank 0 prints and writes.
@@ -28,6 +28,16 @@ Recipe = Annotated[Optional[Path], typer.Option(
 Progress = Annotated[Optional[bool], typer.Option(
     "--progress/--no-progress", help="Progress bars on stderr (default: only on a terminal; lrcompress --quiet "
                                      "silences them).")]
+Structure = Annotated[Optional[str], typer.Option(
+    "--structure", help="lowrank (default), kronecker (--kron-factors, --terms), tt (--tt-ranks, --tt-shape, --joint) "
+                        "or orthogonal (docs/structures.md).")]
+KronFactors = Annotated[Optional[str], typer.Option(
+    "--kron-factors", help="kronecker: square factor sizes AxB[xC...] or block shapes m1xn1,m2xn2.")]
+Terms = Annotated[Optional[int], typer.Option("--terms", help="kronecker: Kronecker products summed (default 1).")]
+TTRanks = Annotated[Optional[str], typer.Option("--tt-ranks", help="tt: one TT-rank (8) or one per bond (4,8,4).")]
+TTShape = Annotated[Optional[str], typer.Option("--tt-shape", help="tt: mode sizes m1xm2x... or pairs m1xn1,m2xn2.")]
+Joint = Annotated[bool, typer.Option("--joint", help="tt: one tensor train for all gate blocks of a weight.")]
+Negatives = Annotated[Optional[int], typer.Option("--negatives", help="orthogonal: -1 entries of the scaling D.")]
 TensorBoard = Annotated[Optional[Path], typer.Option(
     "--tensorboard", help="Also log train loss, lr and metrics to TensorBoard event files in this folder "
                           "(needs: pip install 'lrcompress[tensorboard]').")]
@@ -74,14 +84,25 @@ def finetune(
     progress: Progress = None,
     tensorboard: TensorBoard = None,
     as_json: Json = False,
+    structure: Structure = None,
+    kron_factors: KronFactors = None,
+    terms: Terms = None,
+    tt_ranks: TTRanks = None,
+    tt_shape: TTShape = None,
+    joint: Joint = False,
+    negatives: Negatives = None,
 ) -> None:
     """Convert a trained model, evaluate it, fine-tune it with its recipe, evaluate again."""
+    from .structures import cli_options
     from .train.run import finetune as run_finetune
 
     overrides = _overrides(sets, steps=steps, batch_size=batch_size, device=device)
+    options = cli_options(structure, kron_factors=kron_factors, terms=terms, tt_ranks=tt_ranks, tt_shape=tt_shape,
+                          joint=joint, negatives=negatives)
     with stdout_to_stderr(as_json):
         summary = run_finetune(source, out, rank=_rank(rank), energy=energy, diag=diag, tied=tied, recipe=recipe,
-                               overrides=overrides, resume=resume, progress=progress, tensorboard=tensorboard)
+                               overrides=overrides, resume=resume, progress=progress, tensorboard=tensorboard,
+                               **options)
     _report_run(summary, as_json, f"lrcompress finetune {source} --out {out} ... --resume")
 
 
@@ -102,17 +123,26 @@ def sweep(
         "--tensorboard", help="Also log each point to TensorBoard, in DIR/<point name> (needs: pip install "
                               "'lrcompress[tensorboard]').")] = None,
     as_json: Json = False,
+    structure: Annotated[Optional[str], typer.Option(
+        "--structure", help="lowrank (default: --ranks are ranks), tt (--ranks are TT-ranks; --tt-shape) or "
+                            "kronecker (--ranks are numbers of terms; --kron-factors).")] = None,
+    kron_factors: KronFactors = None,
+    tt_shape: TTShape = None,
+    joint: Joint = False,
 ) -> None:
     """Fine-tune at each rank; resumable (finished points are skipped). Then: lrcompress report OUT."""
     from .config import int_list
+    from .structures import cli_options
     from .train.run import sweep as run_sweep
 
     overrides = _overrides(sets, steps=steps, batch_size=batch_size, device=device)
+    options = cli_options(structure, kron_factors=kron_factors, tt_shape=tt_shape, joint=joint)
     # With --json, stdout carries only the final document: the per-point lines go to stderr.
     echo = _echo_err if as_json else _echo
     with stdout_to_stderr(as_json):
         points = run_sweep(source, out, ranks=int_list(ranks, "--ranks"), diag=diag, both_diag=both_diag, tied=tied,
-                           recipe=recipe, overrides=overrides, progress=progress, echo=echo, tensorboard=tensorboard)
+                           recipe=recipe, overrides=overrides, progress=progress, echo=echo, tensorboard=tensorboard,
+                           **options)
     if points and points[-1].get("stopped") == "interrupted":
         echo(f"interrupted; run the same command again to continue the sweep in {out}")
         sys.exit(130)  # typer.Exit codes are lost by cli.main (standalone_mode=False)
@@ -166,6 +196,37 @@ def report(
     if not as_json:
         for _, written in named:
             typer.echo(f"wrote {written}")
+
+
+def evaluate(
+    run_dir: Annotated[Path, typer.Argument(help="A finished language-model run directory (task ptb_char or text).")],
+    dynamic: Annotated[bool, typer.Option(
+        "--dynamic", help="Also dynamic evaluation: a gradient step on each segment after scoring it "
+                          "(Krause et al. 2018; docs/dynamic.md).")] = False,
+    lr: Annotated[Optional[float], typer.Option(
+        "--lr", help="Step size of the dynamic updates (default: sgd 0.01, rms 3e-5).")] = None,
+    decay: Annotated[Optional[float], typer.Option(
+        "--decay", help="Pull toward the trained weights per step, in [0, 1], rms: scaled per weight "
+                        "(default: sgd 0, rms 0.001).")] = None,
+    segment: Annotated[int, typer.Option("--segment", help="Symbols scored per step.")] = 50,
+    method: Annotated[str, typer.Option(
+        "--method", help="sgd, or rms: steps scaled by training-set gradient statistics.")] = "sgd",
+    split: Annotated[str, typer.Option("--split", help="train, valid or test.")] = "test",
+    symbols: Annotated[Optional[int], typer.Option(
+        "--symbols", help="Only the first N predictions of the split (a quick look).")] = None,
+    grad_batches: Annotated[int, typer.Option(
+        "--grad-batches", help="Training batches for --method rms's gradient statistics.")] = 100,
+    device: Annotated[Optional[str], typer.Option("--device", help="auto (default), cpu or cuda.")] = None,
+    progress: Progress = None,
+    as_json: Json = False,
+) -> None:
+    """Bits per character of a language-model run on a split, static and (--dynamic) dynamic side by side."""
+    from .train.dynamic import evaluate_run, format_evaluation
+
+    result = evaluate_run(run_dir, dynamic=dynamic, lr=lr, decay=decay, segment=segment, method=method,
+                          split=split, symbols=symbols, grad_batches=grad_batches, device=device or "auto",
+                          progress=progress)
+    _echo(json.dumps(result) if as_json else format_evaluation(result))
 
 
 @contextlib.contextmanager

@@ -14,7 +14,7 @@ import pytest
 
 from lrcompress.version import __version__
 
-COMMANDS = ("convert", "inspect", "merge", "bench", "train", "finetune", "sweep", "report", "demo")
+COMMANDS = ("convert", "inspect", "merge", "bench", "train", "finetune", "sweep", "report", "evaluate", "demo")
 
 # Runs `lrcompress ARGS` for each ARGS through cli.main in one fresh interpreter and prints, as
 # JSON, each exit code and output, and which heavy modules got imported by the end.

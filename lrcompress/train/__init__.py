@@ -5,6 +5,7 @@
 """
 
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from .dynamic import dynamic_evaluate, gradient_statistics, static_evaluate
 from .engine import FitResult, TrainConfig, evaluate, fit
 from .optim import build_adafactor, build_optimizer, build_rmsprop, build_scheduler, start_accumulator
 from .stabilisers import Stabiliser, decay_gradients_, max_row_norm_, remove_weight_norm, weight_norm
@@ -22,4 +23,6 @@ __all__ = [
     "HighwayClassifier", "LowRankPaperGRU", "MissingDataError", "PaperGRU", "RECIPE_DEFAULTS", "SequenceModel",
     "TASKS", "Task", "build_model", "build_task", "dump_recipe", "load_recipe", "set_dropout",
     "set_update_gate_bias",
+    # dynamic evaluation (Krause et al. 2018)
+    "dynamic_evaluate", "gradient_statistics", "static_evaluate",
 ]
