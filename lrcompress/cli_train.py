@@ -130,7 +130,8 @@ def sweep(
     tt_shape: TTShape = None,
     joint: Joint = False,
 ) -> None:
-    """Fine-tune at each rank; resumable (finished points are skipped). Then: lrcompress report OUT."""
+    """Fine-tune at each rank; resumable (finished points are reused only if made with the same options,
+    overrides and steps, else exit 2). Then: lrcompress report OUT."""
     from .config import int_list
     from .structures import cli_options
     from .train.run import sweep as run_sweep
@@ -208,21 +209,29 @@ def evaluate(
     decay: Annotated[Optional[float], typer.Option(
         "--decay", help="Pull toward the trained weights per step, in [0, 1], rms: scaled per weight "
                         "(default: sgd 0, rms 0.001).")] = None,
-    segment: Annotated[int, typer.Option("--segment", help="Symbols scored per step.")] = 50,
-    method: Annotated[str, typer.Option(
-        "--method", help="sgd, or rms: steps scaled by training-set gradient statistics.")] = "sgd",
+    segment: Annotated[Optional[int], typer.Option(
+        "--segment", help="Symbols scored per dynamic step (default 50).")] = None,
+    method: Annotated[Optional[str], typer.Option(
+        "--method", help="sgd (default), or rms: steps scaled by training-set gradient statistics.")] = None,
     split: Annotated[str, typer.Option("--split", help="train, valid or test.")] = "test",
     symbols: Annotated[Optional[int], typer.Option(
         "--symbols", help="Only the first N predictions of the split (a quick look).")] = None,
-    grad_batches: Annotated[int, typer.Option(
-        "--grad-batches", help="Training batches for --method rms's gradient statistics.")] = 100,
+    grad_batches: Annotated[Optional[int], typer.Option(
+        "--grad-batches", help="Training batches for --method rms's gradient statistics (default 100).")] = None,
     device: Annotated[Optional[str], typer.Option("--device", help="auto (default), cpu or cuda.")] = None,
     progress: Progress = None,
     as_json: Json = False,
 ) -> None:
     """Bits per character of a language-model run on a split, static and (--dynamic) dynamic side by side."""
-    from .train.dynamic import evaluate_run, format_evaluation
+    from .train.dynamic import check_settings, evaluate_run, format_evaluation
 
+    flags = {"--lr": lr, "--decay": decay, "--method": method, "--grad-batches": grad_batches, "--segment": segment}
+    given = [flag for flag, value in flags.items() if value is not None]
+    if given and not dynamic:
+        check_settings(lr=lr, decay=decay, segment=segment, method=method)  # a bad value is named as such first
+        one = len(given) == 1
+        raise ConfigError(f"{', '.join(given)} set{'s' if one else ''} the dynamic steps: add --dynamic, or drop "
+                          f"{'it' if one else 'them'}")
     result = evaluate_run(run_dir, dynamic=dynamic, lr=lr, decay=decay, segment=segment, method=method,
                           split=split, symbols=symbols, grad_batches=grad_batches, device=device or "auto",
                           progress=progress)

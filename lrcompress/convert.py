@@ -25,7 +25,7 @@ from .factorize import Factors, compose, fit_low_rank, fit_low_rank_plus_diagona
 from .nn.cells import FactoredCell, factored_cell_class
 from .nn.rnn import FactoredRNN, factored_class
 from .progress import bar as progress_bar
-from .parametrizations import LowRank, factorization, low_rank, max_rank, random_factors
+from .parametrizations import LowRank, factorization, low_rank, max_rank, own_class, random_factors
 from .report import Report, TargetReport, kind_label
 from . import structures
 from .structures import Fitted
@@ -426,6 +426,7 @@ def apply(model: nn.Module, specs: list[TargetSpec], factors: dict[str, Factors 
                 module.__class__ = factored_class(type(module))
             elif isinstance(module, nn.RNNCellBase) and not isinstance(module, FactoredCell):
                 module.__class__ = factored_cell_class(type(module))
+            own_class(module)  # already parametrized (say, a deepcopy of a converted model): not the original's class
             done.append((module, spec.weight, original, cls))
             if spec.lowrank:
                 low_rank(module, spec.weight, spec.rank, gates=spec.gates, diag=spec.diag, tied=spec.tied,
@@ -450,7 +451,7 @@ def merge(model: nn.Module) -> nn.Module:
     for module in list(model.modules()):
         if not parametrize.is_parametrized(module):
             continue
-        _own_class(module)
+        own_class(module)  # a deepcopy shares the parametrized class: merging it must leave the original alone
         for name in list(module.parametrizations):
             if structures.parametrization(module, name) is not None:
                 parametrize.remove_parametrizations(module, name, leave_parametrized=True)
@@ -464,18 +465,6 @@ def merge(model: nn.Module) -> nn.Module:
 
     release(model)  # dense again: transformers' own save_pretrained is right again
     return model
-
-
-def _own_class(module: nn.Module) -> None:
-    """Give a parametrized ``module`` a private copy of its class before parametrizations are removed.
-
-    ``copy.deepcopy`` of a parametrized module reuses the original's injected class, and
-    ``remove_parametrizations`` deletes the weight's property from that class: merging a copy
-    would otherwise strip the factored weights from the original (and vice versa).
-    """
-    cls = type(module)
-    namespace = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
-    module.__class__ = type(cls.__name__, cls.__bases__, namespace)
 
 
 def factored_specs(model: nn.Module) -> list[TargetSpec]:
@@ -516,7 +505,8 @@ def compress_state_dict(tensors: dict[str, Tensor], config: CompressionConfig, *
     """Compress a bare state dict (no model class): factors replace the selected weights.
 
     Report totals count every stored value, since a state dict does not tell parameters from
-    buffers; keys sharing one storage (tied weights) count once. A selected weight that shares
+    buffers, except the buffers the conversion itself adds (scaled Cayley ``signs``: fixed, not
+    trained); keys sharing one storage (tied weights) count once. A selected weight that shares
     its storage with another key raises ``TargetError``. ``linear``: the model's ``nn.Linear``
     names for ``targets="all-linear"`` (``targets.all_linear_names``; a state dict cannot tell).
     A ``ratio``/``params`` budget counts every stored value too. ``calibration`` is refused
@@ -538,8 +528,11 @@ def compress_state_dict(tensors: dict[str, Tensor], config: CompressionConfig, *
         for key, t in zip(f.spec.factor_keys().values(), _stored_parts(f.factors)):
             out[key] = t.detach().contiguous()
     rows = [TargetReport.of(f.spec, f.error, f.note, fit=f.factors) for f in fits]
-    report = Report(rows, _numel(tensors), _numel(out), config.to_dict())
-    return out, [f.spec for f in fits], report
+    specs = [f.spec for f in fits]
+    # Buffers of the new structured weights (scaled Cayley signs) are stored but are not parameters:
+    # left out, so this count equals compress()'s count_params of the same model.
+    report = Report(rows, _numel(tensors), _numel(out) - structures.buffer_values(specs), config.to_dict())
+    return out, specs, report
 
 
 def _stored_parts(factors: Factors | Fitted) -> tuple[Tensor, ...]:
@@ -672,7 +665,7 @@ def _fold_weight_norm(module: nn.Module, name: str) -> None:
     if weight_norm_kind(module, name) == "hook":
         torch.nn.utils.remove_weight_norm(module, name)  # re-sets the weight: RNNs refresh their flat weights
         return
-    _own_class(module)  # a deepcopy may share the parametrized class: leave the copy's weights alone
+    own_class(module)  # a deepcopy may share the parametrized class: leave the copy's weights alone
     parametrize.remove_parametrizations(module, name, leave_parametrized=True)
     if isinstance(module, nn.RNNBase):
         module._init_flat_weights()

@@ -45,7 +45,9 @@ class LowRank(nn.Module):
         factors, self._pending = self._pending, None
         if factors is None:
             factors = self.fit(W)
-        return tuple(t.to(device=W.device, dtype=W.dtype) for t in self._unpack(factors))
+        # Contiguous once, here: SVD factors are often transposed views (strides like (512, 1, 64)),
+        # and in-place row updates (max-norm, optimisers' foreach paths) want plain row-major storage.
+        return tuple(t.to(device=W.device, dtype=W.dtype).contiguous() for t in self._unpack(factors))
 
     def fit(self, W: Tensor) -> Factors:
         return fit_low_rank(self._blocks(W), self.rank, tied=self.tied, method=self.svd, seed=self.seed)
@@ -99,8 +101,26 @@ def low_rank(module: nn.Module, name: str = "weight", rank: int = 1, *, gates: i
         raise ValueError(f"a diagonal needs square blocks, got {rows}x{cols}")
     cls = LowRankPlusDiagonal if diag else LowRank
     param = cls(gates, rank, tied=tied, svd=svd, diag_iters=diag_iters, factors=factors)
+    own_class(module)
     # Given factors were shape-checked by the caller; skipping the check saves a full rebuild.
     parametrize.register_parametrization(module, name, param, unsafe=factors is not None)
+    return module
+
+
+def own_class(module: nn.Module) -> nn.Module:
+    """Give an already parametrized ``module`` a private copy of its parametrized class. Returns ``module``.
+
+    ``torch.nn.utils.parametrize`` injects one class per parametrized instance and keeps each
+    weight as a property *on that class*; ``copy.deepcopy`` reuses the class, so registering or
+    removing a parametrization on a copy would add or delete a property of the original too
+    (``KeyError`` on its weight). Call this before either. A module that is not parametrized
+    yet gets its own class from ``register_parametrization`` and is left alone. Cheap: one
+    ``type()`` call copying the class namespace (properties included).
+    """
+    if parametrize.is_parametrized(module):
+        cls = type(module)
+        namespace = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
+        module.__class__ = type(cls.__name__, cls.__bases__, namespace)
     return module
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import warnings
 from dataclasses import dataclass
 from importlib import import_module
@@ -113,15 +114,21 @@ def cli_options(structure: str | None, **given) -> dict:
     name = structure or LOWRANK
     entry = get(name)
     for field, value in given.items():
-        if value not in (None, False) and OPTION_FIELDS[field] != name:
+        if _given(value) and OPTION_FIELDS[field] != name:
             raise ConfigError(f"--{field.replace('_', '-')} is an option of --structure {OPTION_FIELDS[field]}, "
                               f"not of {name}")
     out = {"structure": structure} if structure is not None else {}
     parsers = {"kron_factors": "parse_factors", "tt_shape": "parse_shape", "tt_ranks": "parse_ranks"}
     for field, value in given.items():
-        if value not in (None, False):
+        if _given(value):
             out[field] = getattr(entry.code, parsers[field])(value) if field in parsers else value
     return out
+
+
+def _given(value) -> bool:
+    """A CLI flag was given: not None and not an unset switch. By identity, not ``in (None, False)``:
+    ``0 == False``, and ``--terms 0`` must reach the class's check, not vanish."""
+    return value is not None and value is not False
 
 
 def structure_of(p: nn.Module) -> str | None:
@@ -207,6 +214,19 @@ def _layout(structure: str, gates: int, rows: int, cols: int, options_json: str)
 def layout(structure: str, gates: int, rows: int, cols: int, options: dict) -> tuple:
     """``(original shapes, {buffer: shape}, parameter count)`` of a structured weight."""
     return _layout(structure, gates, rows, cols, json.dumps(options, sort_keys=True))
+
+
+def buffer_values(specs) -> int:
+    """Values a file stores for ``specs`` (``TargetSpec``s) that are buffers, not parameters: the
+    structured weights' persistent buffers (``ScaledCayley``'s fixed ``signs``; low rank has none).
+    Stored, never trained: every parameter count (compress, convert, inspect) leaves them out,
+    as ``count_params`` does for a live model."""
+    total = 0
+    for spec in specs:
+        if spec.structure != LOWRANK:
+            for shape in layout(spec.structure, spec.gates, spec.rows, spec.cols, spec.options)[1].values():
+                total += math.prod(shape)
+    return total
 
 
 @dataclass

@@ -12,7 +12,7 @@ from .config import CompressionConfig, TargetSpec
 from .factorize import rank_for_energy
 from .progress import bar as progress_bar
 from .report import format_table, kind_label
-from .structures import describe
+from .structures import buffer_values, describe
 from .targets import find_state_dict_targets
 from .validate import check_weight
 
@@ -77,10 +77,17 @@ class CompressedSummary:
     rows: list[dict]
     stored: int  # values stored in the file
     dense: int  # values the dense model would store
+    buffers: int = 0  # of ``stored``: the structured weights' fixed buffers (scaled Cayley signs), not parameters
+
+    @property
+    def parameters(self) -> int:
+        """Trainable values: ``stored`` less the structured weights' buffers (convert's count)."""
+        return self.stored - self.buffers
 
     def to_dict(self) -> dict:
-        return {"targets": self.rows, "stored_values": self.stored, "dense_values": self.dense,
-                "ratio": self.dense / self.stored if self.stored else None}
+        return {"targets": self.rows, "stored_values": self.stored, "parameters": self.parameters,
+                "buffer_values": self.buffers, "dense_values": self.dense,
+                "ratio": self.dense / self.parameters if self.parameters else None}
 
     def __str__(self) -> str:
         errors = any(r["rel_error"] is not None for r in self.rows)
@@ -102,8 +109,12 @@ class CompressedSummary:
         if errors:
             header += ("rel.err",)
             right |= {len(header) - 1}
-        total = (f"file: {self.stored:,} stored values for a dense model of {self.dense:,} "
-                 f"({self.dense / self.stored:.2f}x smaller)")
+        ratio = f"{self.dense / self.parameters:.2f}x smaller" if self.parameters else "no parameters"
+        if self.buffers:
+            total = (f"file: {self.parameters:,} parameters for a dense model of {self.dense:,} ({ratio}); it also "
+                     f"stores {self.buffers:,} values of fixed buffers (the scaled Cayley signs), not parameters")
+        else:
+            total = f"file: {self.stored:,} stored values for a dense model of {self.dense:,} ({ratio})"
         note = ["rel.err: ||W - W_hat||_F / ||W||_F when converted (recorded by lrcompress convert)"] if errors else []
         return "\n".join(format_table(header, body, right=right) + [total] + note)
 
@@ -115,17 +126,22 @@ def compressed_summary(tensors: dict[str, Tensor], specs: list[TargetSpec],
     see ``validate.shared_tensors``) are counted once, as the conversion counted them. ``errors``:
     each target's relative error when it was converted (``validate.recorded_errors``), if recorded.
 
+    ``stored`` counts every value in the file, ``parameters`` leaves out the structured weights'
+    fixed buffers (scaled Cayley ``signs``), and ``dense`` is the dense model's parameters: the
+    counts ``lrcompress convert`` and ``compress`` report.
+
     A row holds the file's record (``structure`` and ``options``: low rank's are ``rank``, ``diag``,
     ``tied``), the dense and factored parameter counts and ``rel_error`` (None when not recorded).
     """
     shared, errors = shared or {}, errors or {}
     stored = sum(t.numel() for k, t in tensors.items() if k not in shared)
+    buffers = buffer_values(specs)  # stored, not parameters: in neither the compressed nor the dense count
     rows = [{**s.to_dict(), "name": s.name, "structure": s.structure,
              "options": {"rank": s.rank, "diag": s.diag, "tied": s.tied} if s.lowrank else s.options,
              "shape": [s.gates * s.rows, s.cols], "dense_params": s.dense_params,
              "factored_params": s.factored_params, "rel_error": errors.get(s.name)} for s in specs]
-    dense = stored + sum(s.dense_params - s.factored_params for s in specs)
-    return CompressedSummary(rows, stored, dense)
+    dense = stored - buffers + sum(s.dense_params - s.factored_params for s in specs)
+    return CompressedSummary(rows, stored, dense, buffers)
 
 
 def _number(x: float | None) -> str:

@@ -344,3 +344,62 @@ def test_backward_chunks_give_the_same_gradients(monkeypatch, kind, chunk):
     lengths = torch.tensor([3, 7, 1, 5])
     monkeypatch.setattr(bptt, "CHUNK", chunk * 6)  # hidden size 6: `chunk` rows per chunk
     compare(grads(fast, x, packed_lengths=lengths), grads(dense, x, packed_lengths=lengths), 1e-10)
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm", "rnn-tanh", "paper-gru"])
+def test_outputs_can_be_changed_in_place_as_with_nn_gru(kind):
+    """A residual ``out += x`` or an in-place activation on the outputs works as on the dense
+    module, with the same gradients (the functions' outputs are not views of what they keep)."""
+    fast, dense = factored_and_dense(build(kind, diag=True, inputs=6, hidden=6))
+    x = torch.randn(5, 2, 6, dtype=F64)
+    results = []
+    for model in (fast, dense):
+        model.zero_grad()
+        out, _ = model(x)
+        out += x
+        out.tanh_()
+        out.sum().backward()
+        results.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["gru", "paper-gru", "lstm", "lstm-proj", "rnn-tanh", "rnn-relu"])
+def test_plain_python_kernels_equal_the_scripted_ones(monkeypatch, kind):
+    """The step loops run as plain Python on CUDA and without TorchScript: same gradients."""
+    monkeypatch.setattr(bptt, "_kernels_for", lambda t: bptt.kernels(False))
+    fast, dense = factored_and_dense(build(kind, diag=not kind.startswith("lstm-proj"), batch_first=True,
+                                           bidirectional=True))
+    x = torch.randn(4, 7, 4, dtype=F64)
+    lengths = torch.tensor([3, 7, 1, 5])
+    compare(grads(fast, x, packed_lengths=lengths), grads(dense, x, packed_lengths=lengths), 1e-10)
+
+
+@pytest.mark.parametrize("factored", [False, True])
+def test_paper_gru_checks_its_call_as_nn_gru_does(factored):
+    torch.manual_seed(0)
+    model = LowRankPaperGRU(3, 8, rank=2) if factored else PaperGRU(3, 8)
+    reference = nn.GRU(3, 8)
+    x = torch.randn(6, 2, 3)
+    for bad in (torch.randn(1, 3, 8), torch.randn(1, 1, 8), torch.randn(2, 2, 8)):
+        with pytest.raises(RuntimeError, match=r"Expected hidden size \(1, 2, 8\)"):
+            reference(x, bad)
+        with pytest.raises(RuntimeError, match=r"Expected hidden size \(1, 2, 8\)"):
+            model(x, bad)
+    with pytest.raises(RuntimeError, match="input_size. Expected 3, got 4"):
+        model(torch.randn(6, 2, 4))
+    with pytest.raises(ValueError, match="input must have the type torch.float32"):
+        model(x.double())
+    with pytest.raises(ValueError, match="Expected input to be 2D or 3D"):
+        model(torch.randn(6))
+
+
+def test_paper_gru_runs_under_autocast_in_its_weights_precision():
+    torch.manual_seed(0)
+    model = PaperGRU(3, 16, batch_first=True)
+    x = torch.randn(2, 10, 3)
+    want, _ = model(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, h = model(x)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want)

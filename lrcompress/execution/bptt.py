@@ -261,17 +261,19 @@ def paper_gru_backward(gout: Tensor, dh: Tensor, prev: Tensor, rz: Tensor, cand:
 
 def rnn_forward(gi: Tensor, h: Tensor, sizes: List[int], reverse: bool, relu: bool, dense: Optional[Tensor],
                 right: Optional[Tensor], left: Optional[Tensor], diag: Optional[Tensor],
-                bias: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
-    """nn.RNN over one layer and direction, keeping the state before each step."""
+                bias: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """nn.RNN over one layer and direction, keeping the state before each step and the
+    activations (a copy apart from the returned outputs, which the caller may change in place)."""
     rows, m = gi.shape[1], h.shape[1]
-    out, prev = gi.new_empty(rows, m), gi.new_empty(rows, m)
+    out, prev, act = gi.new_empty(rows, m), gi.new_empty(rows, m), gi.new_empty(rows, m)
     for s, b in order_of(sizes, reverse):
         hb = h if b == h.shape[0] else h[:b]
         prev.narrow(0, s, b).copy_(hb)
         pre = gi[0].narrow(0, s, b) + gates(hb, 1, dense, right, left, diag, bias)[0]
-        new = torch.relu(pre, out=out.narrow(0, s, b)) if relu else torch.tanh(pre, out=out.narrow(0, s, b))
+        new = torch.clamp(pre, min=0.0, out=act.narrow(0, s, b)) if relu else torch.tanh(pre, out=act.narrow(0, s, b))
+        out.narrow(0, s, b).copy_(new)
         h = carry(new, h)
-    return out, h.clone(), prev
+    return out, h.clone(), prev, act
 
 
 def rnn_backward(gout: Tensor, dh: Tensor, out: Tensor, relu: bool, sizes: List[int], reverse: bool,
@@ -495,9 +497,9 @@ class RNNFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gi, h0, sizes, reverse, relu, dense, right, left, diag, bias):
         k = _kernels_for(gi)
-        out, hn, prev = k.rnn_forward(gi, h0, sizes, reverse, relu, dense, right, left, diag, bias)
+        out, hn, prev, act = k.rnn_forward(gi, h0, sizes, reverse, relu, dense, right, left, diag, bias)
         ctx.sizes, ctx.reverse, ctx.relu = sizes, reverse, relu
-        ctx.save_for_backward(out, prev, dense, right, left, diag, bias)
+        ctx.save_for_backward(act, prev, dense, right, left, diag, bias)
         return out, hn
 
     @staticmethod

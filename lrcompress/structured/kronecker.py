@@ -56,6 +56,7 @@ from torch.nn.utils import parametrize
 from . import registrable_weight
 from ..errors import ConfigError, RankError, WeightError
 from ..factorize import SVD_METHODS, fit_low_rank
+from ..parametrizations import own_class
 
 # CP-ALS sweeps after the sequential start (k >= 3 factors only): enough for the ALS error to
 # settle on the shapes we convert; each sweep costs about `terms * k` products with the weight.
@@ -404,6 +405,7 @@ def kronecker(module: nn.Module, name: str = "weight", *, factors, terms: int = 
             raise ConfigError(f"Kronecker originals of shapes {[tuple(t.shape) for t in originals]} do not "
                               f"match {want} for {type(module).__name__}.{name}")
         param._pending = tuple(originals)
+    own_class(module)  # a deepcopy shares the parametrized class: leave the original alone
     parametrize.register_parametrization(module, name, param)
     return module
 

@@ -58,6 +58,7 @@ from torch.nn.utils import parametrize
 
 from . import registrable_weight
 from ..errors import ConfigError, WeightError
+from ..parametrizations import own_class
 
 # Columns per panel of the blocked sign-choosing elimination (step 2): the sequential part costs
 # O(n^2 * PANEL), the rest is matrix products.
@@ -337,6 +338,7 @@ def scaled_cayley(module: nn.Module, name: str = "weight", *, negatives=None, ga
                               f"match {want} for {type(module).__name__}.{name}")
         param._pending = tuple(originals)
     param = param.to(device=weight.device)
+    own_class(module)  # a deepcopy shares the parametrized class: leave the original alone
     parametrize.register_parametrization(module, name, param)
     return module
 

@@ -38,6 +38,7 @@ from torch.nn.utils import parametrize
 
 from . import registrable_weight
 from ..errors import ConfigError, RankError, WeightError
+from ..parametrizations import own_class
 
 # A step's SVD runs in float64 when the unfolding's smaller side is at most this (as
 # factorize.FLOAT64_MAX_DIM): cheap there, and it makes a float32 fit exact to the cast.
@@ -359,5 +360,6 @@ def tensor_train(module: nn.Module, name: str = "weight", *, ranks: int | Sequen
     param = TensorTrain(gates, weight.shape[0] // gates, weight.shape[1], ranks=ranks, shape=shape, joint=joint)
     if originals is not None:
         param._pending = tuple(originals)
+    own_class(module)  # a deepcopy shares the parametrized class: leave the original alone
     parametrize.register_parametrization(module, name, param, unsafe=originals is not None)
     return module

@@ -344,7 +344,11 @@ def _wide(logits: Tensor) -> Tensor:
 
 def _figures(nll_sum: float, count: int) -> dict:
     ce = nll_sum / count
-    return {"ce": ce, "bpc": ce / LN2, "ppl": float(2.0 ** (ce / LN2)), "count": count}
+    try:
+        ppl = 2.0 ** (ce / LN2)
+    except OverflowError:  # bpc past ~1024 (diverged dynamic steps): the perplexity is beyond a float
+        ppl = math.inf
+    return {"ce": ce, "bpc": ce / LN2, "ppl": float(ppl), "count": count}
 
 
 def _frozen_copy(model: nn.Module) -> nn.Module:
@@ -370,35 +374,53 @@ def _length(batches) -> int | None:
 
 # -- run directories (lrcompress evaluate) ------------------------------------------------
 
+DYNAMIC_ONLY = ("lr", "decay", "segment", "method", "grad_batches")  # evaluate_run's settings of the dynamic steps
+
+
 def evaluate_run(run_dir: str | os.PathLike, *, dynamic: bool = False, lr: float | None = None,
-                 decay: float | None = None, segment: int = DEFAULT_SEGMENT, method: str = "sgd",
-                 split: str = "test", symbols: int | None = None, grad_batches: int = 100,
+                 decay: float | None = None, segment: int | None = None, method: str | None = None,
+                 split: str = "test", symbols: int | None = None, grad_batches: int | None = None,
                  device: str = "auto", progress: bool | None = None) -> dict:
     """Static (and, with ``dynamic``, dynamic) bits per character of a finished run's model on
     its task's ``split``, read as the task reads it (``as_sequences``) (``lrcompress evaluate``).
 
     ``run_dir`` holds ``recipe.toml`` and ``model.safetensors`` (a trained or fine-tuned run).
     ``symbols``: only the first this many predictions of the split. ``lr``, ``decay`` ``None``:
-    the method's defaults (``DEFAULT_LR``, ``DEFAULT_DECAY``). ``method="rms"`` gathers ``gradient_statistics`` on
-    ``grad_batches`` training batches of the recipe (its batch size and window length).
-    Returns ``{"run", "task", "split", "static"[, "dynamic", "settings"]}``. Raises
-    ``ConfigError`` for a bad value or a task that is not a language model (before reading any
-    data), ``LRCompressError`` for a run directory without its files.
+    the method's defaults (``DEFAULT_LR``, ``DEFAULT_DECAY``); ``segment`` ``None``:
+    ``DEFAULT_SEGMENT``; ``method`` ``None``: ``"sgd"``. ``method="rms"`` gathers
+    ``gradient_statistics`` on ``grad_batches`` (``None``: 100) training batches of the recipe
+    (its batch size and window length). ``lr``, ``decay``, ``segment``, ``method`` and
+    ``grad_batches`` set the dynamic steps: given without ``dynamic`` they are a ``ConfigError``,
+    not silently ignored. Returns ``{"run", "task", "split", "static"[, "dynamic",
+    "settings"]}``. Raises ``ConfigError`` for a bad value or a task that is not a language model
+    (before reading any data), ``FileNotFoundError`` for a missing ``run_dir``,
+    ``LRCompressError`` for a path that is not a run directory or one without its files.
     """
     from ..io import load_model
     from .recipe import load_recipe
     from .run import MODEL_FILE, RECIPE_FILE, build
     from .tasks import task_class
 
-    lr = DEFAULT_LR.get(method, 0.0) if lr is None else lr
-    decay = DEFAULT_DECAY.get(method, 0.0) if decay is None else decay
-    check_settings(lr=lr, decay=decay, segment=segment, method=method)
+    given = [name for name, value in zip(DYNAMIC_ONLY, (lr, decay, segment, method, grad_batches))
+             if value is not None]
+    check_settings(lr=lr, decay=decay, segment=segment, method=method)  # bad values first, named as such
+    method = "sgd" if method is None else method
+    lr = DEFAULT_LR[method] if lr is None else lr
+    decay = DEFAULT_DECAY[method] if decay is None else decay
+    segment = DEFAULT_SEGMENT if segment is None else segment
     if split not in SPLITS:
         raise ConfigError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     for name, value in (("symbols", symbols), ("grad_batches", grad_batches)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ConfigError(f"{name} must be a positive int, got {value!r}")
+    grad_batches = 100 if grad_batches is None else grad_batches
+    if given and not dynamic:
+        raise ConfigError(f"{', '.join(given)} set the dynamic steps and were given without dynamic=True; "
+                          "ask for dynamic evaluation or drop them")
     run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise LRCompressError(f"{run_dir} is a file, not a run directory (the folder lrcompress train or "
+                              "finetune wrote)")
     if not run_dir.is_dir():
         raise FileNotFoundError(f"no such run directory: {run_dir}")
     for name in (RECIPE_FILE, MODEL_FILE):
@@ -454,18 +476,36 @@ def _resolve_device(device: str) -> torch.device:
 def format_evaluation(result: dict) -> str:
     """``evaluate_run``'s result as a few lines of text: static and dynamic side by side."""
     static, dyn = result["static"], result.get("dynamic")
-    head = f"{result['run']} ({result['task']}, {result['split']}, {static['count']:,} symbols predicted)"
+    count = static["count"]
+    head = f"{result['run']} ({result['task']}, {result['split']}, {count:,} symbol{'' if count == 1 else 's'} " \
+           "predicted)"
     if dyn is None:
-        return f"{head}\nstatic bpc {static['bpc']:.4f} (ce {static['ce']:.4f} nats)"
+        lines = [head, f"static bpc {static['bpc']:.4f} (ce {static['ce']:.4f} nats)"]
+        if not math.isfinite(static["ppl"]):
+            lines.append("the model's own predictions are not finite (perplexity overflows or is NaN)")
+        return "\n".join(lines)
     s = result["settings"]
-    gain = static["bpc"] - dyn["bpc"]
-    lines = [head, f"{'':8}{'bpc':>8}{'ce':>9}", f"{'static':8}{static['bpc']:8.4f}{static['ce']:9.4f}",
-             f"{'dynamic':8}{dyn['bpc']:8.4f}{dyn['ce']:9.4f}",
-             f"dynamic - static: {-gain:+.4f} bpc ({s['method']}, lr {s['lr']:g}, decay {s['decay']:g}, "
-             f"segment {s['segment']})"]
+    # a space between the columns, so a diverged run's wide figures stay apart
+    lines = [head, f"{'':8}{'bpc':>8} {'ce':>8}", f"{'static':8}{static['bpc']:8.4f} {static['ce']:8.4f}",
+             f"{'dynamic':8}{dyn['bpc']:8.4f} {dyn['ce']:8.4f}",
+             f"dynamic - static: {_difference(dyn['bpc'] - static['bpc'])} bpc ({s['method']}, lr {s['lr']:g}, "
+             f"decay {s['decay']:g}, segment {s['segment']})"]
     if dyn.get("skipped"):
         lines.append(f"{dyn['skipped']} segment(s) with a non-finite gradient were not stepped on")
+    if not math.isfinite(static["ppl"]):
+        lines.append("the model's own (static) predictions are not finite (perplexity overflows or is NaN)")
+    elif not math.isfinite(dyn["ppl"]):
+        lines.append(f"dynamic evaluation diverged (perplexity {dyn['ppl']}): the steps are too large, try a "
+                     f"smaller lr than {s['lr']:g}")
     return "\n".join(lines)
+
+
+def _difference(value: float) -> str:
+    """A bpc difference with enough digits to show its sign: 4 decimals, or 2 significant
+    figures when it rounds to 0.0000 (never "-0.0000")."""
+    if value == 0 or not math.isfinite(value):
+        return "0" if value == 0 else ("+inf" if value > 0 else str(value))  # -inf, nan
+    return f"{value:+.4f}" if abs(value) >= 5e-5 else f"{value:+.1e}"
 
 
 __all__ = ["DEFAULT_SEGMENT", "DynamicUpdate", "METHODS", "as_sequences", "check_settings", "dynamic_evaluate",

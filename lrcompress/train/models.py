@@ -231,9 +231,17 @@ class PaperGRU(nn.GRU):
 
     def forward(self, input, hx: Tensor | None = None):
         from ..execution import bptt, loops, runner
+        from ..execution.dispatch import _autocast
         from ..execution.ops import Cell, Op
 
         self._update_flat_weights()
+        x = input.data if isinstance(input, PackedSequence) else input
+        dtype = self.weight_ih_l0.dtype
+        if isinstance(x, Tensor) and _autocast(x.device.type):
+            # No fused kernel to autocast: run in the weights' precision, as the loops need one dtype.
+            with torch.autocast(x.device.type, enabled=False):
+                return self.forward(input.to(dtype), None if hx is None else hx.to(dtype))
+        self._check_call(input, hx, dtype)
         # _flat_weights holds the dense parameters, or tensors set for one call (factored or
         # column-dropped weights); None entries are factored weights to rebuild.
         weights = dict(zip(self._flat_weights_names, [w if w is not None else getattr(self, n) for w, n in
@@ -245,11 +253,33 @@ class PaperGRU(nn.GRU):
                 ops = [Op(3, weights[f"weight_{kind}_{suffix}"].t(), None, None, None,
                           weights.get(f"bias_{kind}_{suffix}")) for kind in ("ih", "hh")]
                 cells.append(Cell(ops[0], ops[1], None))
-        x = input.data if isinstance(input, PackedSequence) else input
         grad = torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights.values())
                                             or (hx is not None and hx.requires_grad))
         return runner.forward(self, input, hx, cells, bptt.LOOPS if grad else
                               (loops.PLAIN if x.is_cuda else loops.scripted()))
+
+    def _check_call(self, input, hx, dtype) -> None:
+        """nn.GRU's checks of a call, with its messages: input rank, size and dtype, state shape."""
+        packed = isinstance(input, PackedSequence)
+        x = input.data if packed else input
+        if not isinstance(x, Tensor) or (not packed and x.dim() not in (2, 3)):
+            raise ValueError(f"GRU: Expected input to be 2D or 3D, got {getattr(x, 'dim', lambda: '?')()}D instead")
+        if x.shape[-1] != self.input_size:
+            raise RuntimeError(f"input.size(-1) must be equal to input_size. Expected {self.input_size}, "
+                               f"got {x.shape[-1]}")
+        if x.dtype != dtype:
+            raise ValueError(f"input must have the type {dtype}, got type {x.dtype}")
+        stacks = self.num_layers * (2 if self.bidirectional else 1)
+        if packed:
+            expected = (stacks, int(input.batch_sizes[0]), self.hidden_size)
+        elif x.dim() == 3:
+            expected = (stacks, x.shape[0 if self.batch_first else 1], self.hidden_size)
+        else:
+            expected = (stacks, self.hidden_size)
+        if hx is not None and tuple(hx.shape) != expected:
+            raise RuntimeError(f"Expected hidden size {expected}, got {list(hx.shape)}")
+        if hx is not None and hx.dtype != dtype:
+            raise ValueError(f"hx must have the type {dtype}, got type {hx.dtype}")
 
 
 class LowRankPaperGRU(FactoredRNN, PaperGRU):

@@ -49,25 +49,32 @@ def axis_label(metric: str, split: str | None = None) -> str:
 
 def sweep_figure(rows: list[dict]):
     """Parameters (log x) against the metric, before and after fine-tuning, per family
-    (low-rank, low-rank + diagonal), with the dense model as one point at its size.
+    (low-rank, low-rank + diagonal, each structure with its options: ``tt (shape 4x4x4)``),
+    with the dense model as one point at its size.
 
-    ``rows``: ``run.collect``'s rows. Raises ``LRCompressError`` when no row has a parameter
-    count and a metric.
+    ``rows``: ``run.collect``'s rows. A row is a converted point when it has a rank or a
+    ``structure`` (TT and Kronecker points have no rank), else the dense reference; without a
+    dense run among the rows, the dense point is recovered from a converted one (its dense
+    metric, and params x compression ratio). Raises ``LRCompressError`` when no row has a
+    parameter count and a metric.
     """
+    from .run import family_label
+
     plt = _pyplot()
-    points = [r for r in rows if r["params"] and r["after"] is not None and r["rank"] is not None]
-    dense_rows = [r for r in rows if r["rank"] is None and r["params"] and r["after"] is not None]
+    drawn = [r for r in rows if r["params"] and r["after"] is not None]
+    points = [r for r in drawn if _is_point(r)]
+    dense_rows = [r for r in drawn if not _is_point(r)]
     if not points and not dense_rows:
         raise LRCompressError("nothing to plot: no run has a parameter count and a metric")
     first = (points or dense_rows)[0]
     metric, split = first["metric"], first["split"]
     fig, ax = plt.subplots(figsize=(8.5, 4.8))
-    values, labelled = [], []
-    for diag, marker in ((False, "o"), (True, "s")):
-        group = sorted((r for r in points if bool(r["diag"]) == diag), key=lambda r: r["params"])
-        if not group:
-            continue
-        label = "low-rank + diagonal" if diag else "low-rank"
+    values, labelled, families = [], [], {}
+    for r in points:
+        families.setdefault(family_label(r), []).append(r)
+    for i, (label, group) in enumerate(families.items()):
+        group.sort(key=lambda r: r["params"])
+        marker = MARKERS[i % len(MARKERS)]
         line, = ax.plot([r["params"] for r in group], [r["after"] for r in group], marker=marker,
                         label=f"{label}, fine-tuned")
         values += [r["after"] for r in group]
@@ -76,7 +83,9 @@ def sweep_figure(rows: list[dict]):
             ax.plot(*zip(*before), marker=marker, linestyle=":", alpha=0.6, color=line.get_color(),
                     markerfacecolor="none", label=f"{label}, converted (before fine-tuning)")
             values += [b for _, b in before]
-        labelled.append((diag, group, line.get_color()))
+        # low-rank below its line and low-rank + diagonal above (they nearly coincide); others alternate
+        below = not group[0].get("diag") if group[0].get("structure") in (None, "lowrank") else i % 2 == 0
+        labelled.append((group, line.get_color(), below))
     dense = _dense_point(dense_rows, points)
     if dense is not None:
         ax.plot([dense[0]], [dense[1]], marker="*", markersize=14, linestyle="none", color="black",
@@ -99,9 +108,30 @@ def sweep_figure(rows: list[dict]):
     ax.margins(x=0.08, y=0.1)  # room for the rank labels inside the axes
     _legend_below(ax, ncol=2)
     fig.tight_layout()
-    for diag, group, color in labelled:  # after the layout: the offsets follow the drawn slopes
-        _label_ranks(ax, group, color, below=not diag)
+    for group, color, below in labelled:  # after the layout: the offsets follow the drawn slopes
+        _label_ranks(ax, group, color, below=below)
     return fig
+
+
+MARKERS = ("o", "s", "^", "D", "v", "P")
+
+
+def _is_point(r: dict) -> bool:
+    """A converted run (a rank, or a structure's options), not the dense model it came from."""
+    return r.get("rank") is not None or r.get("structure") is not None
+
+
+def point_label(r: dict) -> str:
+    """The label beside a point: ``r=4`` (rank), ``TT-r=2`` (TT-rank), ``2 terms`` (Kronecker)."""
+    from .run import point_size
+
+    size = point_size(r)
+    structure = r.get("structure")
+    if structure == "tt":
+        return f"TT-r={size}"
+    if structure == "kronecker":
+        return f"{size} term" + ("" if size == 1 else "s")
+    return f"r={size}" if size is not None else r["run"]
 
 
 def _legend_below(ax, ncol: int) -> None:
@@ -110,7 +140,7 @@ def _legend_below(ax, ncol: int) -> None:
 
 
 def _label_ranks(ax, group: list[dict], color, *, below: bool) -> None:
-    """``r=K`` beside each fine-tuned point, off its line: offset perpendicular to the line's
+    """``r=K`` (``point_label``) beside each fine-tuned point, off its line: offset perpendicular to the line's
     local direction on screen, low-rank on the lower side and low-rank + diagonal on the upper
     (the two families nearly coincide: a diagonal adds only n parameters)."""
     screen = ax.transData.transform([(r["params"], r["after"]) for r in group])
@@ -121,7 +151,7 @@ def _label_ranks(ax, group: list[dict], color, *, below: bool) -> None:
         nx, ny = -dy / norm, dx / norm  # a unit normal; flip it to the family's side
         if (ny > 0) == below:
             nx, ny = -nx, -ny
-        ax.annotate(f"r={r['rank']}", (r["params"], r["after"]), textcoords="offset points",
+        ax.annotate(point_label(r), (r["params"], r["after"]), textcoords="offset points",
                     xytext=(9 * nx, 9 * ny), ha="left" if nx > 0.3 else "right" if nx < -0.3 else "center",
                     va="bottom" if ny > 0.3 else "top" if ny < -0.3 else "center", fontsize=7, color=color)
 

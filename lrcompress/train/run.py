@@ -12,6 +12,7 @@ format: ``load_model(skeleton, path)`` reads it) and ``summary.json``. A fine-tu
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from .models import build_model
 from .rundir import check_run_dir, claim_run_dir
 from .recipe import apply_overrides, check_recipe, dump_recipe, load_recipe
 from .stabilisers import remove_weight_norm
+from ..structures import json_options
 from .tasks import build_task
 from .tensorboard import require as require_tensorboard
 from ..progress import bar as progress_bar
@@ -91,6 +93,8 @@ def finetune(source: str | os.PathLike, out: str | os.PathLike, *, rank=None, en
     _check_dense(source, recipe["model"], "finetune")
     config = CompressionConfig(rank=None if energy is not None else rank, energy=energy,
                                diag=diag, tied=tied, structure=structure, **structure_options)
+    if resume:  # the run continued must be this conversion, not another one made into the same folder
+        _check_point(out, _definition(rank, energy, diag, tied, config), None, "fine-tune into another --out")
     task, model = build(recipe)
     load_model(model, weights)
     state = _read_json(out / FINETUNE_FILE) if resume and (out / "last.safetensors").is_file() else None
@@ -120,7 +124,9 @@ def sweep(source: str | os.PathLike, out: str | os.PathLike, *, ranks: list[int]
           tensorboard: str | os.PathLike | None = None, structure: str = "lowrank", **structure_options) -> list[dict]:
     """``finetune`` at every rank (with and without diagonal when ``both_diag``), one run
     directory per point under ``out``. Resumable: finished points are skipped, an interrupted
-    one continues. ``echo`` gets one line per point; a bar counts the points ("point 3 of 8").
+    one continues, but only when made as asked now (structure, options, rank, diag, tied, the
+    recipe with ``overrides``); a point made otherwise, or another structure's point in ``out``,
+    raises ``ConfigError`` naming the point and the option before anything runs. ``echo`` gets one line per point; a bar counts the points ("point 3 of 8").
     With ``tensorboard``, each point logs to ``tensorboard/<point name>``. Returns the points'
     summaries.
 
@@ -147,6 +153,7 @@ def sweep(source: str | os.PathLike, out: str | os.PathLike, *, ranks: list[int]
         _check_ranks(Path(source), recipe, overrides, ranks, tied)  # before the first point trains, not after it
     else:
         _check_structure_points(Path(source), recipe, overrides, ranks, structure, structure_options)
+    _check_points(out, Path(source), recipe, overrides, ranks, diag, both_diag, tied, structure, structure_options)
     _claim(out)
     record = {} if structure == "lowrank" else {"structure": structure, "options": dict(structure_options)}
     _save_json(out / "sweep.json", {"source": str(source), "ranks": list(ranks), "diag": diag,
@@ -194,6 +201,97 @@ def _structure_record(config) -> dict:
     fields = get(config.structure).field_names
     given = {f: getattr(config, f) for f in fields if getattr(config, f) not in (None, False)}
     return {"structure": config.structure, "options": json_options(given)}
+
+
+def _definition(rank, energy, diag, tied, config) -> dict:
+    """What defines a converted point, flat (``option tt_shape``: one structure option), in the
+    JSON form ``finetune.json`` holds it: a point is reused only when all of it matches."""
+    record = _structure_record(config)
+    flat = {"structure": record.get("structure", "lowrank"), "rank": rank, "energy": energy, "diag": bool(diag),
+            "tied": bool(tied)}
+    flat.update({f"option {k}": v for k, v in record.get("options", {}).items()})
+    return json_options(flat)
+
+
+def _made_with(where: Path) -> dict | None:
+    """``_definition`` of the point an earlier command made in ``where`` (None: nothing made yet)."""
+    state = _read_json(where / FINETUNE_FILE) or _read_json(where / SUMMARY_FILE)
+    if state is None:
+        return None
+    options = state.get("options") if isinstance(state.get("options"), dict) else {}
+    flat = {"structure": state.get("structure") or "lowrank", "rank": state.get("rank"),
+            "energy": state.get("energy"), "diag": bool(state.get("diag")), "tied": bool(state.get("tied"))}
+    flat.update({f"option {k}": v for k, v in options.items()})
+    return flat
+
+
+# Recipe keys that say how a run is executed, not what it computes: a point may be resumed or
+# reused on another device or execution path.
+HOW_NOT_WHAT = ("meta.", "train.device", "train.execution")
+
+
+def _flat_recipe(recipe: dict) -> dict:
+    flat = {f"{section}.{key}": value for section, table in recipe.items() if isinstance(table, dict)
+            for key, value in table.items()}
+    return {k: v for k, v in json_options(flat).items() if not k.startswith(HOW_NOT_WHAT)}
+
+
+def _check_point(where: Path, wanted: dict, recipe: dict | None, hint: str, vary: tuple[str, ...] = ()) -> None:
+    """Refuse (``ConfigError``, one line) to reuse or resume the point in ``where`` when what made
+    it (structure, options, rank, diag, tied; with ``recipe``, the resolved recipe: overrides,
+    steps) differs from ``wanted``; keys in ``vary`` may differ (the size a sweep varies)."""
+    have = _made_with(where)
+    if have is None:
+        return
+    if recipe is not None and (where / RECIPE_FILE).is_file():
+        try:
+            have.update(_flat_recipe(load_recipe(where / RECIPE_FILE)))
+            wanted = {**wanted, **_flat_recipe(recipe)}
+        except (OSError, LRCompressError):
+            pass  # a damaged recipe.toml: resuming the point reports it
+    for key in sorted(set(have) | set(wanted), key=_key_order):
+        if key in vary or key.startswith(tuple(v + " " for v in vary)):
+            continue
+        if have.get(key) != wanted.get(key):
+            name = "--" + key[7:].replace("_", "-") if key.startswith("option ") else key
+            raise ConfigError(f"{where} was made with {name} = {_show(have.get(key))}, not {_show(wanted.get(key))} "
+                              f"as asked now; {hint}")
+
+
+def _key_order(key: str) -> tuple:
+    """Structure first (its options differ with it), then its options, rank, diag, tied, energy, recipe keys."""
+    first = ("structure", "option", "rank", "diag", "tied", "energy")
+    head = key.split(" ")[0]
+    return (first.index(head) if head in first else len(first), key)
+
+
+def _show(value) -> str:
+    return "(not set)" if value is None else json.dumps(value)
+
+
+def _check_points(out: Path, source: Path, recipe, overrides, ranks, diag, both_diag, tied, structure,
+                  options) -> None:
+    """Before a sweep into an existing folder: every point already there must have been made like
+    this sweep makes its points (the report tables them together), and a point the sweep would
+    reuse must match in everything, its size included."""
+    if not out.is_dir():
+        return
+    _, base = _source(source, recipe)
+    resolved = _recipe(base, overrides)
+    hint = "sweep into another --out"
+    planned = {}
+    for rank in ranks:
+        for d in ((False, True) if both_diag else (diag,)):
+            size = {"rank": rank} if structure == "lowrank" else {SWEPT[structure]: rank}
+            config = CompressionConfig(structure=structure, diag=d, tied=tied, **options, **size)
+            planned[point_name(rank, d, tied, structure)] = _definition(size.get("rank"), None, d, tied, config)
+    any_point = next(iter(planned.values()))
+    vary = ("rank", "diag") if structure == "lowrank" else ("option " + SWEPT[structure],)
+    for where in sorted(p for p in out.iterdir() if p.is_dir()):
+        if where.name in planned:
+            _check_point(where, planned[where.name], resolved, hint)
+        else:
+            _check_point(where, any_point, resolved, hint, vary=vary)
 
 
 def _check_dense(source, model: dict, command: str) -> None:
@@ -385,7 +483,7 @@ def _fmt(x) -> str:
 
 # -- reports -------------------------------------------------------------------------------
 
-REPORT_COLUMNS = ("run", "rank", "diag", "tied", "params", "ratio", "metric", "split", "dense", "before", "after",
+REPORT_COLUMNS = ("run", "rank", "diag", "tied", "structure", "options", "params", "ratio", "metric", "split", "dense", "before", "after",
                   "wall_time")
 
 
@@ -397,8 +495,47 @@ def collect(path: str | os.PathLike) -> list[dict]:
     """
     rows = [row(p.name, _read_summary(p / SUMMARY_FILE), p / SUMMARY_FILE) for p in run_dirs(path)]
     if len(rows) > 1:
-        rows.sort(key=lambda r: (r["rank"] is not None, r["rank"] or 0, bool(r["diag"]), r["run"]))
+        rows.sort(key=lambda r: (r["structure"] is not None, r["structure"] or "",
+                                 options_label(r["structure"], r["options"], size=False), point_size(r) or 0,
+                                 bool(r["diag"]), r["run"]))
     return rows
+
+
+def point_size(r: dict):
+    """What a sweep varies, of a report row: the rank, the TT-rank, the Kronecker terms (None: a dense run)."""
+    if r.get("structure") in SWEPT:
+        size = (r.get("options") or {}).get(SWEPT[r["structure"]])
+        return size if isinstance(size, int) and not isinstance(size, bool) else None
+    return r.get("rank")
+
+
+def options_label(structure: str | None, options: dict | None, *, size: bool = True) -> str:
+    """A row's structure options in the CLI's spelling (``shape 4x4x4, ranks 2``); low rank's
+    as ``rank 4, diag``; without ``size``, leaving out what a sweep varies (a family's label)."""
+    from ..structures import describe
+
+    options = dict(options or {})
+    if not size and structure in SWEPT:
+        options.pop(SWEPT[structure], None)
+    return describe(structure or "lowrank", {OPTION_NAMES.get(k, k): v for k, v in options.items()})
+
+
+# CompressionConfig's field names as the structure modules (and docs) call the options.
+OPTION_NAMES = {"tt_shape": "shape", "tt_ranks": "ranks", "kron_factors": "factors"}
+
+
+def family_label(r: dict) -> str:
+    """The family of a report row in a figure or table: ``low-rank + diagonal``, ``tt (shape 4x4x4)``."""
+    structure = r.get("structure")
+    if structure is None and r.get("rank") is None:
+        return "dense"
+    if structure in (None, "lowrank"):
+        return "low-rank" + (" + diagonal" if r.get("diag") else "") + (", tied" if r.get("tied") else "")
+    rest = options_label(structure, r.get("options"), size=False)
+    return STRUCTURE_NAMES.get(structure, structure) + ("" if rest == "-" else f" ({rest})")
+
+
+STRUCTURE_NAMES = {"tt": "TT", "kronecker": "Kronecker"}
 
 
 def run_dirs(path: str | os.PathLike) -> list[Path]:
@@ -430,8 +567,11 @@ def row(name: str, s: dict, where: str | os.PathLike = "summary") -> dict:
         raise FormatError(f"{where} is not a run summary (no 'metric' name)")
     split = "test" if s.get("test") else "val"
     metric = s["metric"]
-    out = {"run": name, "rank": s.get("rank"), "diag": s.get("diag"), "tied": s.get("tied"),
-           "params": s.get("params"), "ratio": s.get("ratio"), "metric": metric, "split": split,
+    # A converted run's structure ("lowrank" unless it says another); None for a trained run (the reference).
+    structure = s.get("structure") or ("lowrank" if s.get("kind") == "finetune" or s.get("rank") is not None else None)
+    options = s.get("options") if structure not in (None, "lowrank") else ({} if structure else None)
+    out = {"run": name, "rank": s.get("rank"), "diag": s.get("diag"), "tied": s.get("tied"), "structure": structure,
+           "options": options, "params": s.get("params"), "ratio": s.get("ratio"), "metric": metric, "split": split,
            "dense": _dig(s, "dense", split, metric), "before": _dig(s, "converted", split, metric),
            "after": _dig(s, split, metric), "wall_time": s.get("wall_time")}
     for key in ("rank", "params", "ratio", "dense", "before", "after", "wall_time"):
@@ -441,6 +581,9 @@ def row(name: str, s: dict, where: str | os.PathLike = "summary") -> dict:
     for key in ("diag", "tied"):
         if out[key] is not None and not isinstance(out[key], bool):
             raise FormatError(f"{where}: {key} is {str(out[key])[:40]!r}, not true/false")
+    if not isinstance(structure, (str, type(None))) or not isinstance(options, (dict, type(None))):
+        raise FormatError(f"{where}: structure {str(structure)[:40]!r} / options {str(options)[:40]!r} "
+                          "are not a name and an object")
     return out
 
 
@@ -455,13 +598,26 @@ def _dig(data: dict, *keys):
 
 def format_report(rows: list[dict]) -> str:
     """A plain-text table of ``collect``'s rows."""
-    header = ("run", "rank", "diag", "params", "ratio", "metric", "dense", "before", "after", "time")
-    body = [(r["run"], "-" if r["rank"] is None else str(r["rank"]), "yes" if r["diag"] else "no",
-             f"{r['params']:,}" if r["params"] else "-", f"{r['ratio']:.2f}x" if r["ratio"] else "-",
+    structured = any(r.get("structure") not in (None, "lowrank") for r in rows)
+    if structured:  # rank and diagonal say nothing of a TT or Kronecker point: its structure and options
+        header = ("run", "structure", "options", "params", "ratio", "metric", "dense", "before", "after", "time")
+        first = [(r.get("structure") or "dense", _row_options(r)) for r in rows]
+    else:
+        header = ("run", "rank", "diag", "params", "ratio", "metric", "dense", "before", "after", "time")
+        first = [("-" if r["rank"] is None else str(r["rank"]), "yes" if r["diag"] else "no") for r in rows]
+    body = [(r["run"], *lead, f"{r['params']:,}" if r["params"] else "-", f"{r['ratio']:.2f}x" if r["ratio"] else "-",
              f"{r['split']} {r['metric']}", _fmt(r["dense"]), _fmt(r["before"]), _fmt(r["after"]),
-             f"{r['wall_time']:.0f}s" if r["wall_time"] is not None else "-") for r in rows]
+             f"{r['wall_time']:.0f}s" if r["wall_time"] is not None else "-") for r, lead in zip(rows, first)]
     note = "before: converted, not yet fine-tuned; after: fine-tuned (best validation weights)"
-    return "\n".join(format_table(header, body, right={1, 3, 4, 6, 7, 8, 9}) + [note])
+    return "\n".join(format_table(header, body, right={3, 4, 6, 7, 8, 9} | (set() if structured else {1})) + [note])
+
+
+def _row_options(r: dict) -> str:
+    if r.get("structure") in (None, "lowrank"):
+        if r.get("rank") is None:
+            return "-"
+        return f"rank {r['rank']}" + (", diag" if r.get("diag") else "") + (", tied" if r.get("tied") else "")
+    return options_label(r["structure"], r.get("options"))
 
 
 def write_csv(rows: list[dict], path: str | os.PathLike, *, force: bool = False) -> Path:
@@ -472,7 +628,7 @@ def write_csv(rows: list[dict], path: str | os.PathLike, *, force: bool = False)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=REPORT_COLUMNS, lineterminator="\n")
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows({**r, "options": None if r.get("options") is None else json.dumps(r["options"])} for r in rows)
     return write_text_atomic(check_report_output(path, force), buffer.getvalue(), force=force)
 
 

@@ -34,7 +34,7 @@ from torch.nn.utils import clip_grad_norm_, clip_grad_value_, clip_grads_with_no
 
 from ..errors import ConfigError
 from ..nn.rnn import FactoredRNN
-from ..parametrizations import LowRank
+from ..parametrizations import LowRank, own_class
 
 CLIP_MODES = ("none", "element", "norm")
 NAN_POLICIES = ("skip", "decay", "restore", "none")
@@ -197,6 +197,7 @@ def weight_norm(model: nn.Module) -> list[str]:
         if _normalised(owner, attr):
             continue
         scale = None if trainable else row_norms(getattr(owner, attr).detach())
+        own_class(owner)  # a deepcopy shares the parametrized class: leave the original alone
         parametrize.register_parametrization(owner, attr, WeightNorm(scale))
         names.append(name)
     return names
@@ -206,6 +207,7 @@ def remove_weight_norm(model: nn.Module) -> nn.Module:
     """Fold weight normalisation back into plain tensors (values unchanged). In place."""
     for _, owner, attr, _ in list(constrained_matrices(model)):
         if _normalised(owner, attr):
+            own_class(owner)  # a deepcopy shares the parametrized class: leave the original alone
             parametrize.remove_parametrizations(owner, attr, leave_parametrized=True)
     return model
 
@@ -222,9 +224,11 @@ def _normalised(owner: nn.Module, attr: str) -> bool:
 def max_row_norm_(model: nn.Module, max_norm: float = 10.0) -> None:
     """Clip the row norms of the matrices of ``constrained_matrices`` at ``max_norm``, in place.
 
-    Rows are ``Tensor.renorm_(2, 0, max_norm)`` of the matrix seen as (rows, last dimension),
-    which scales a longer row to ``max_norm / (norm + 1e-7)`` times itself. For a
-    weight-normalised matrix the row norm is its scale, which is clamped instead.
+    A row (last dimension) longer than ``max_norm`` is scaled by ``max_norm / (norm + 1e-7)``,
+    as ``Tensor.renorm_(2, 0, max_norm)`` does on the matrix seen as (rows, last dimension);
+    written without ``.view`` so that any memory layout works (a factor a user or an older
+    version made from a transposed SVD view, say). For a weight-normalised matrix the row
+    norm is its scale, which is clamped instead.
     """
     for _, owner, attr, _ in constrained_matrices(model):
         if _normalised(owner, attr):
@@ -232,5 +236,12 @@ def max_row_norm_(model: nn.Module, max_norm: float = 10.0) -> None:
             scale = wn[0].scale if wn[0].fixed else wn.original0
             scale.clamp_(-max_norm, max_norm)
         else:
-            t = getattr(owner, attr)
-            t.view(-1, t.shape[-1]).renorm_(2, 0, max_norm)  # a view: the rows of t change in place
+            renorm_rows_(getattr(owner, attr), max_norm)
+
+
+def renorm_rows_(t: Tensor, max_norm: float) -> Tensor:
+    """Scale each row (last dimension) of ``t`` longer than ``max_norm`` to ``max_norm``, in place,
+    for any layout: ``Tensor.renorm_``'s rule (factor ``max_norm / (norm + 1e-7)``). Returns ``t``."""
+    norms = torch.linalg.vector_norm(t, dim=-1, keepdim=True)
+    t.mul_(torch.where(norms > max_norm, max_norm / (norms + 1e-7), torch.ones_like(norms)))
+    return t
