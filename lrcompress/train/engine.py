@@ -185,7 +185,7 @@ def describe_execution(layers: dict[str, nn.Module]) -> dict[str, str]:
         if estimate is None:
             out[name] = f"{path} ({'forced' if choice == 'factored' else 'no factored backward for this layer or input'})"
         else:
-            out[name] = f"{path} (cost model: factored {estimate.speedup:.2g}x the speed of dense)"
+            out[name] = f"{path} (cost model: factored {estimate.speedup:.1f}x the speed of dense)"
     return out
 
 
