@@ -403,3 +403,16 @@ def test_paper_gru_runs_under_autocast_in_its_weights_precision():
         got, h = model(x)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, want)
+
+
+def test_fit_keeps_a_callers_dense_choice():
+    from lrcompress.train import fit
+
+    data = [(torch.randn(4, 5, 3), torch.randn(4, 5, 64))]
+    model = lrc.accelerate(LowRankGRU(3, 64, rank=4, batch_first=True), "dense")
+    result = fit(model, data, lambda out, y: nn.functional.mse_loss(out[0], y),
+                 recipe={"steps": 1, "optimizer": "adam"}, progress=False)
+    assert lrc.execution.acceleration(model) is None and result.execution == {}
+    fit(model, data, lambda out, y: nn.functional.mse_loss(out[0], y),
+        recipe={"steps": 1, "optimizer": "adam", "execution": "factored"}, progress=False)
+    assert lrc.execution.acceleration(model).last == ("factored", None)  # forcing still forces

@@ -33,6 +33,7 @@ MODES = ("auto", "factored", "dense")
 # Multiply-adds per step below which threads="auto" runs the CPU loop on one thread.
 SMALL_STEP = 2_000_000
 ATTRIBUTE = "_lrc_acceleration"
+DENSE_CHOSEN = "_lrc_dense_chosen"  # set by accelerate(mode="dense"): the caller chose the rebuild
 
 
 def accelerate(model: nn.Module, mode: str = "auto", *, training: bool = False, cuda_graphs: bool = True,
@@ -72,8 +73,10 @@ def accelerate(model: nn.Module, mode: str = "auto", *, training: bool = False, 
     accelerate_cells(cells_found, mode, {"training": training, "cuda_graphs": cuda_graphs, "threads": threads,
                                          "profile": profile}, ATTRIBUTE)
     for module in layers_found:
+        module.__dict__.pop(DENSE_CHOSEN, None)
         if mode == "dense":
             module.__dict__.pop(ATTRIBUTE, None)
+            module.__dict__[DENSE_CHOSEN] = True  # lrcompress.train.fit keeps this choice under execution="auto"
             continue
         setattr(module, ATTRIBUTE, Acceleration(mode, training=training, cuda_graphs=cuda_graphs, threads=threads,
                                                   profile=profile))

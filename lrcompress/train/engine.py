@@ -153,8 +153,10 @@ def parameter_groups(model: nn.Module, config: TrainConfig) -> list:
 def attach_execution(model: nn.Module, execution: str) -> dict[str, nn.Module]:
     """Give the factored recurrent layers of ``model`` the training-time path ``execution``
     (``TrainConfig.execution``) and return them by name. Layers a caller already accelerated
-    keep their settings, unless ``execution`` forces a path; ``dense`` attaches nothing."""
+    (or set to ``accelerate(mode="dense")``) keep that choice, unless ``execution`` forces a path;
+    ``dense`` attaches nothing."""
     from ..execution import acceleration, accelerate
+    from ..execution.dispatch import DENSE_CHOSEN
     from ..nn.rnn import FactoredRNN
 
     if execution == "dense":
@@ -162,6 +164,8 @@ def attach_execution(model: nn.Module, execution: str) -> dict[str, nn.Module]:
     found = {name or "model": m for name, m in unwrap(model).named_modules() if isinstance(m, FactoredRNN)}
     for module in found.values():
         current = acceleration(module)
+        if current is None and execution == "auto" and module.__dict__.get(DENSE_CHOSEN):
+            continue  # the caller's accelerate(mode="dense") stands
         if current is None or execution == "factored":
             accelerate(module, mode=execution, training=True)
         elif not current.training:  # the caller's inference choice, now also for training
