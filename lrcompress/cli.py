@@ -17,7 +17,8 @@ import typer
 
 from . import progress as progress_bars
 from .cli_bench import EPILOG as BENCH_EPILOG, bench
-from .cli_train import Progress, evaluate, finetune, report, stdout_to_stderr, sweep, train
+from .cli_train import (Joint, KronFactors, Negatives, Progress, Structure, Terms, TTRanks, TTShape, evaluate,
+                        finetune, report, stdout_to_stderr, sweep, train)
 from .errors import ConfigError, FormatError, LRCompressError, OutputExistsError
 from .version import __version__
 
@@ -109,24 +110,13 @@ def convert(
         "--calib-damping", help="With --calib: relative ridge lambda >= 0 on each second moment, "
                                 "C + lambda mean(diag C) I (0: exact weighted fit; default 0.01; "
                                 "docs/calibration.md).")] = None,
-    structure: Annotated[Optional[str], typer.Option(
-        "--structure", help="lowrank (default; --rank etc.), kronecker (--kron-factors, --terms), tt (--tt-ranks, "
-                            "--tt-shape, --joint) or orthogonal (square recurrent gate blocks; docs/structures.md).")
-    ] = None,
-    kron_factors: Annotated[Optional[str], typer.Option(
-        "--kron-factors", help="kronecker: square factor sizes AxB[xC...] (64x64: 64x64 kron 64x64) or block shapes "
-                               "m1xn1,m2xn2.")] = None,
-    terms: Annotated[Optional[int], typer.Option(
-        "--terms", help="kronecker: a sum of this many Kronecker products (default 1).")] = None,
-    tt_ranks: Annotated[Optional[str], typer.Option(
-        "--tt-ranks", help="tt: one TT-rank for every bond (8) or one per bond (4,8,4); capped to each bond's "
-                           "maximal rank, with a note.")] = None,
-    tt_shape: Annotated[Optional[str], typer.Option(
-        "--tt-shape", help="tt: mode sizes m1xm2x... (8x8x8x8 for 4096x4096 blocks) or pairs m1xn1,m2xn2,...")] = None,
-    joint: Annotated[bool, typer.Option(
-        "--joint", help="tt: one tensor train for all gate blocks of a weight (the fully tensorized RNN).")] = False,
-    negatives: Annotated[Optional[int], typer.Option(
-        "--negatives", help="orthogonal: -1 entries of the scaling diagonal D (scoRNN's rho).")] = None,
+    structure: Structure = None,
+    kron_factors: KronFactors = None,
+    terms: Terms = None,
+    tt_ranks: TTRanks = None,
+    tt_shape: TTShape = None,
+    joint: Joint = False,
+    negatives: Negatives = None,
 ) -> None:
     """Factor the recurrent weights of a trained model and write a compressed safetensors file."""
     from .checkpoints import read_checkpoint, reading_metadata

@@ -32,12 +32,18 @@ Structure = Annotated[Optional[str], typer.Option(
     "--structure", help="lowrank (default), kronecker (--kron-factors, --terms), tt (--tt-ranks, --tt-shape, --joint) "
                         "or orthogonal (docs/structures.md).")]
 KronFactors = Annotated[Optional[str], typer.Option(
-    "--kron-factors", help="kronecker: square factor sizes AxB[xC...] or block shapes m1xn1,m2xn2.")]
+    "--kron-factors", help="kronecker: square factor sizes AxB[xC...] (64x64: 64x64 kron 64x64) or block shapes "
+                           "m1xn1,m2xn2.")]
 Terms = Annotated[Optional[int], typer.Option("--terms", help="kronecker: Kronecker products summed (default 1).")]
-TTRanks = Annotated[Optional[str], typer.Option("--tt-ranks", help="tt: one TT-rank (8) or one per bond (4,8,4).")]
-TTShape = Annotated[Optional[str], typer.Option("--tt-shape", help="tt: mode sizes m1xm2x... or pairs m1xn1,m2xn2.")]
-Joint = Annotated[bool, typer.Option("--joint", help="tt: one tensor train for all gate blocks of a weight.")]
-Negatives = Annotated[Optional[int], typer.Option("--negatives", help="orthogonal: -1 entries of the scaling D.")]
+TTRanks = Annotated[Optional[str], typer.Option(
+    "--tt-ranks", help="tt: one TT-rank for every bond (8) or one per bond (4,8,4); capped to each bond's maximal "
+                       "rank, with a note.")]
+TTShape = Annotated[Optional[str], typer.Option(
+    "--tt-shape", help="tt: mode sizes m1xm2x... (8x8x8x8 for 4096x4096 blocks) or pairs m1xn1,m2xn2,...")]
+Joint = Annotated[bool, typer.Option(
+    "--joint", help="tt: one tensor train for all gate blocks of a weight (the fully tensorized RNN).")]
+Negatives = Annotated[Optional[int], typer.Option(
+    "--negatives", help="orthogonal: -1 entries of the scaling diagonal D (scoRNN's rho).")]
 TensorBoard = Annotated[Optional[Path], typer.Option(
     "--tensorboard", help="Also log train loss, lr and metrics to TensorBoard event files in this folder "
                           "(needs: pip install 'lrcompress[tensorboard]').")]

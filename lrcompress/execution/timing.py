@@ -104,12 +104,11 @@ def paths(module: nn.RNNBase, device: torch.device, train: bool) -> dict[str, nn
     """The three executions of ``module`` (copies): dense (merged), rebuilt, factored."""
     base = copy.deepcopy(module).to(device).train(train)
     accelerate(base, "dense")
-    build = {
-        "dense": lambda: merge(copy.deepcopy(base)),
-        "rebuilt": lambda: base,
-        "factored": lambda: accelerate(copy.deepcopy(base), "factored", training=train),
+    return {
+        "dense": merge(copy.deepcopy(base)),
+        "rebuilt": base,
+        "factored": accelerate(copy.deepcopy(base), "factored", training=train),
     }
-    return {k: make() for k, make in build.items()}
 
 
 def _no_grad(f: nn.Module, x: Tensor):
