@@ -90,8 +90,14 @@ def weight_grads(dg: Tensor, x: Tensor, dense: Optional[Tensor], right: Optional
             du = torch.bmm(per_gate, left.transpose(1, 2))  # (G, rows, d)
             g_right = torch.mm(x.t(), du.transpose(0, 1).reshape(rows, count * d))
     if diag is not None:
-        # (einsum would make this m tiny batched products)
-        g_diag = (dg * x.unsqueeze(1)).sum(0).unsqueeze(1)
+        # A block of rows at a time, so the product is summed while in cache instead of written
+        # out whole (rows x G x m) and read back (einsum would make m tiny batched products).
+        g_diag = dg.new_zeros(count, m)
+        block = max(1, (1 << 18) // (count * m))
+        for lo in range(0, rows, block):
+            hi = min(rows, lo + block)
+            g_diag += (dg[lo:hi] * x[lo:hi].unsqueeze(1)).sum(0)
+        g_diag = g_diag.unsqueeze(1)
     if bias is not None:
         g_bias = dg.sum(0).view(bias.shape)
     return [g_dense, g_right, g_left, g_diag, g_bias]
@@ -147,9 +153,9 @@ def gru_forward(gi: Tensor, h: Tensor, sizes: List[int], reverse: bool, dense: O
             gh = factored_gates(hb, u, 3, left, diag, bias)
         else:
             gh = gates(hb, 3, dense, right, left, diag, bias)
-        step_rz = torch.sigmoid(g[:2] + gh[:2], out=rz.narrow(1, s, b))
+        step_rz = torch.add(g[:2], gh[:2], out=rz.narrow(1, s, b)).sigmoid_()
         hn.narrow(0, s, b).copy_(gh[2])
-        n = torch.tanh(torch.addcmul(g[2], step_rz[0], gh[2]), out=cand.narrow(0, s, b))
+        n = torch.addcmul(g[2], step_rz[0], gh[2], out=cand.narrow(0, s, b)).tanh_()
         new = torch.lerp(n, hb, step_rz[1], out=out.narrow(0, s, b))
         h = carry(new, h)
     return out, h.clone(), prev, rz, cand, hn, us
@@ -157,42 +163,53 @@ def gru_forward(gi: Tensor, h: Tensor, sizes: List[int], reverse: bool, dense: O
 
 def gru_backward(gout: Tensor, dh: Tensor, prev: Tensor, rz: Tensor, cand: Tensor, hn: Tensor, sizes: List[int],
                  reverse: bool, dense: Optional[Tensor], right: Optional[Tensor], left: Optional[Tensor],
-                 diag: Optional[Tensor], budget: int) -> Tuple[Tensor, Tensor]:
-    """The eq. 7 backward loop. Returns ``P`` ``(rows, 5, m)``: per step [dpre_r, dpre_z, dpre_n,
-    dgh_n, direct] (the gate gradients, the gradient of ``W_hn h + b_hn``, and what reaches the
-    previous state other than through the low-rank product), and the gradient of h0.
+                 diag: Optional[Tensor], budget: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """The eq. 7 backward loop. Returns the gate gradients [dpre_r, dpre_z, dpre_n] ``(rows, 3, m)``
+    (laid out as the input projections, so their gradient needs no copy), the gradient of
+    ``W_hn h + b_hn`` ``(rows, m)`` and the gradient of h0.
 
-    Each is the state gradient times a coefficient fixed by the forward. The coefficients are
-    computed for a chunk of consecutive steps at a time (``budget`` values per slot, so a chunk
-    stays in cache), then the steps of the chunk run: ``P_t = g_t * K_t`` and
-    ``g_{t-1} = direct_t + W_h^T [dpre_r, dpre_z, dgh_n]_t``.
+    Each is the state gradient times a coefficient fixed by the forward. The coefficients
+    [dpre_r, dpre_z, dpre_n, d(W_hn h), direct] per unit state gradient are computed for a chunk of
+    consecutive steps at a time (``budget`` values per slot, written in place into one scratch
+    buffer, so a chunk stays in cache), then the steps of the chunk run: the gradients are
+    ``g_t * K_t`` and ``g_{t-1} = g_t direct_t + W_h^T [dpre_r, dpre_z, dpre_n r]_t``, ``direct``
+    being what reaches the previous state other than through the low-rank product.
     """
     rows, m = prev.shape
-    big = gout.new_empty(rows, 5, m)
+    big = gout.new_empty(rows, 3, m)
+    dhn = gout.new_empty(rows, m)
     d_r, d_z, d_n = (None, None, None) if diag is None else (diag[0, 0], diag[1, 0], diag[2, 0])
     spans = order_of(sizes, reverse)
-    for i, j, lo, hi in chunks(spans, m, budget):
+    plan = chunks(spans, m, budget)
+    scratch = gout.new_empty(_most_rows(plan), 5, m)
+    for i, j, lo, hi in plan:
         r, z, n = rz[0, lo:hi], rz[1, lo:hi], cand[lo:hi]
-        a = (1 - z) * (1 - n * n)
-        k = torch.stack([a * hn[lo:hi] * r * (1 - r), (prev[lo:hi] - n) * z * (1 - z), a, a * r, z], 1)
+        k = scratch.narrow(0, 0, hi - lo)
+        a = torch.mul(n, n, out=k[:, 2]).neg_().add_(1).mul_(1 - z)  # dpre_n: (1 - z)(1 - n^2)
+        torch.mul(a, r, out=k[:, 3])
+        torch.mul(k[:, 3], hn[lo:hi], out=k[:, 0]).mul_(1 - r)
+        torch.sub(prev[lo:hi], n, out=k[:, 1]).mul_(z).mul_(1 - z)
+        k[:, 4].copy_(z)
         if d_r is not None and d_z is not None and d_n is not None:  # the diagonal's share of W_h^T
             k[:, 4].addcmul_(k[:, 0], d_r).addcmul_(k[:, 1], d_z).addcmul_(k[:, 3], d_n)
         for q in range(i, j - 1, -1):
             s, b = spans[q]
             g = (dh if b == dh.shape[0] else dh[:b]) + gout.narrow(0, s, b)
-            p = torch.mul(g.unsqueeze(1), k.narrow(0, s - lo, b), out=big.narrow(0, s, b))
-            dh = carry(back_rzn(p, dense, right, left), dh)
-    return big, dh
+            kk = k.narrow(0, s - lo, b)
+            p = torch.mul(g.unsqueeze(1), kk[:, :3], out=big.narrow(0, s, b))
+            pn = torch.mul(g, kk[:, 3], out=dhn.narrow(0, s, b))
+            dh = carry(back_rzn(p, pn, g * kk[:, 4], dense, right, left), dh)
+    return big, dhn, dh
 
 
-def back_rzn(p: Tensor, dense: Optional[Tensor], right: Optional[Tensor], left: Optional[Tensor]) -> Tensor:
-    """``direct + W_h^T`` of the recurrent gate gradients held in slots 0, 1 (r, z) and 3 (n) of
-    ``p`` ``(b, 5, m)`` (``gru_backward``'s layout), slot 4 being ``direct``."""
+def back_rzn(p: Tensor, pn: Tensor, direct: Tensor, dense: Optional[Tensor], right: Optional[Tensor],
+             left: Optional[Tensor]) -> Tensor:
+    """``direct + W_h^T`` of the recurrent gate gradients: r and z in slots 0, 1 of ``p``
+    ``(b, 3, m)`` and the gradient of ``W_hn h`` in ``pn`` ``(b, m)`` (``gru_backward``'s layout)."""
     b, m = p.shape[0], p.shape[2]
     rz = p[:, :2].reshape(b, 2 * m)
-    pn = p[:, 3]
     if dense is not None:
-        out = torch.addmm(p[:, 4], rz, dense[:, :2 * m].t())
+        out = torch.addmm(direct, rz, dense[:, :2 * m].t())
         return torch.addmm(out, pn, dense[:, 2 * m:].t())
     assert right is not None and left is not None
     if left.dim() == 2:  # tied: left (d, 3m)
@@ -200,7 +217,7 @@ def back_rzn(p: Tensor, dense: Optional[Tensor], right: Optional[Tensor], left: 
     else:  # untied: left (3, d, m)
         v_rz = torch.bmm(p[:, :2].transpose(0, 1), left[:2].transpose(1, 2))
         v = torch.cat([v_rz[0], v_rz[1], torch.mm(pn, left[2].t())], 1)
-    return torch.addmm(p[:, 4], v, right.t())
+    return torch.addmm(direct, v, right.t())
 
 
 def paper_gru_forward(gi: Tensor, h: Tensor, sizes: List[int], reverse: bool, dense: Optional[Tensor],
@@ -230,9 +247,10 @@ def paper_gru_backward(gout: Tensor, dh: Tensor, prev: Tensor, rz: Tensor, cand:
                        diag: Optional[Tensor], budget: int) -> Tuple[Tensor, Tensor]:
     """The eq. 6 backward loop. Returns [dpre_r, dpre_z, dpre_n] ``(rows, 3, m)`` and the gradient
     of h0. Per chunk of steps (``budget`` values per slot) the coefficients [(h - n) z (1 - z),
-    (1 - z)(1 - n^2), z, h r (1 - r), r]; per step ``dpre_z``, ``dpre_n`` and the pass-through are
-    the state gradient times the first three, ``q = W_hn^T dpre_n`` (+ its diagonal) is the
-    gradient of ``r * h``, whence ``dpre_r = q h r (1 - r)`` and the state term ``q r``."""
+    (1 - z)(1 - n^2), h r (1 - r)], written into one scratch buffer; per step ``dpre_z`` and
+    ``dpre_n`` are the state gradient times the first two and the pass-through is it times z,
+    ``q = W_hn^T dpre_n`` (+ its diagonal) is the gradient of ``r * h``, whence
+    ``dpre_r = q h r (1 - r)`` and the state term ``q r`` (z and r read from the forward's buffer)."""
     rows, m = prev.shape
     rz_op, n_op = split_op(dense, right, left, diag, None, 2, 3, m)
     diag_rz, diag_n = rz_op[3], n_op[3]
@@ -240,9 +258,14 @@ def paper_gru_backward(gout: Tensor, dh: Tensor, prev: Tensor, rz: Tensor, cand:
     d_n = None if diag_n is None else diag_n[0]
     big = gout.new_empty(rows, 3, m)
     spans = order_of(sizes, reverse)
-    for i, j, lo, hi in chunks(spans, m, budget):
+    plan = chunks(spans, m, budget)
+    scratch = gout.new_empty(_most_rows(plan), 3, m)
+    for i, j, lo, hi in plan:
         r, z, n, hp = rz[0, lo:hi], rz[1, lo:hi], cand[lo:hi], prev[lo:hi]
-        k = torch.stack([(hp - n) * z * (1 - z), (1 - z) * (1 - n * n), z, hp * r * (1 - r), r], 1)
+        k = scratch.narrow(0, 0, hi - lo)  # written in place: no per-chunk tensors to stack
+        torch.sub(hp, n, out=k[:, 0]).mul_(z).mul_(1 - z)
+        torch.mul(n, n, out=k[:, 1]).neg_().add_(1).mul_(1 - z)
+        torch.mul(hp, r, out=k[:, 2]).mul_(1 - r)
         for q_ in range(i, j - 1, -1):
             s, b = spans[q_]
             g = (dh if b == dh.shape[0] else dh[:b]) + gout.narrow(0, s, b)
@@ -251,8 +274,9 @@ def paper_gru_backward(gout: Tensor, dh: Tensor, prev: Tensor, rz: Tensor, cand:
             torch.mul(g.unsqueeze(1), kk[:, :2], out=p[:, 1:])  # dpre_z, dpre_n
             dn = p[:, 2]
             q = back(p[:, 2:], n_op[0], n_op[1], n_op[2], None if d_n is None else d_n * dn)
-            torch.mul(q, kk[:, 3], out=p[:, 0])  # dpre_r
-            direct = torch.addcmul(g * kk[:, 2], q, kk[:, 4])
+            r_s = rz[0].narrow(0, s, b)
+            torch.mul(q, kk[:, 2], out=p[:, 0])  # dpre_r
+            direct = torch.addcmul(g * rz[1].narrow(0, s, b), q, r_s)
             if d_rz is not None:
                 direct = direct + (p[:, :2] * d_rz).sum(1)
             dh = carry(back(p[:, :2], rz_op[0], rz_op[1], rz_op[2], direct), dh)
@@ -329,7 +353,7 @@ def lstm_backward(gout: Tensor, dh: Tensor, dc: Tensor, act: Tensor, cprev: Tens
                   diag: Optional[Tensor], p_dense: Optional[Tensor], p_right: Optional[Tensor],
                   p_left: Optional[Tensor], projected: bool, budget: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """The nn.LSTM backward loop. Per chunk of steps the coefficients [g i(1-i), c_prev f(1-f),
-    i (1-g^2), tanh(c) o(1-o), o (1 - tanh(c)^2), f]; per step ``dc' = dc + dh o (1 - tanh^2 c')``,
+    i (1-g^2), tanh(c) o(1-o), o (1 - tanh(c)^2)], written into one scratch buffer; per step ``dc' = dc + dh o (1 - tanh^2 c')``,
     ``dpre_{i,f,g} = dc' * ...``, ``dpre_o = dh * ...``, ``dc = dc' f``. Returns dpre
     ``(rows, 4, m)``, the gradients of the projected outputs ``(rows, p)`` (empty when not
     projected), of h0 and of c0."""
@@ -338,12 +362,18 @@ def lstm_backward(gout: Tensor, dh: Tensor, dc: Tensor, act: Tensor, cprev: Tens
     outs = gout.new_empty(rows, gout.shape[1]) if projected else gout.new_empty(0)
     d4 = None if diag is None else diag.transpose(0, 1)
     spans = order_of(sizes, reverse)
-    for i, j, lo, hi in chunks(spans, m, budget):
+    plan = chunks(spans, m, budget)
+    scratch = gout.new_empty(_most_rows(plan), 5, m)
+    for i, j, lo, hi in plan:
         a = act[:, lo:hi]
         ig, fg, gg, og = a[0], a[1], a[2], a[3]
         tc = tcs[lo:hi]
-        k = torch.stack([gg * ig * (1 - ig), cprev[lo:hi] * fg * (1 - fg), ig * (1 - gg * gg), tc * og * (1 - og),
-                         og * (1 - tc * tc), fg], 1)
+        k = scratch.narrow(0, 0, hi - lo)  # written in place: no per-chunk tensors to stack
+        torch.mul(gg, ig, out=k[:, 0]).mul_(1 - ig)
+        torch.mul(cprev[lo:hi], fg, out=k[:, 1]).mul_(1 - fg)
+        torch.mul(gg, gg, out=k[:, 2]).neg_().add_(1).mul_(ig)
+        torch.mul(tc, og, out=k[:, 3]).mul_(1 - og)
+        torch.mul(tc, tc, out=k[:, 4]).neg_().add_(1).mul_(og)
         for q in range(i, j - 1, -1):
             s, b = spans[q]
             g = (dh if b == dh.shape[0] else dh[:b]) + gout.narrow(0, s, b)
@@ -356,7 +386,7 @@ def lstm_backward(gout: Tensor, dh: Tensor, dc: Tensor, act: Tensor, cprev: Tens
             torch.mul(cell.unsqueeze(1), kk[:, :3], out=p[:, :3])
             torch.mul(g, kk[:, 3], out=p[:, 3])
             dh = carry(back(p, dense, right, left, None if d4 is None else (p * d4).sum(1)), dh)
-            dc = carry(cell * kk[:, 5], dc)
+            dc = carry(cell * act[1].narrow(0, s, b), dc)
     return big, outs, dh, dc
 
 
@@ -376,6 +406,14 @@ def chunks(spans: List[Tuple[int, int]], m: int, budget: int) -> List[Tuple[int,
         out.append((i, j, lo, hi))
         i = j - 1
     return out
+
+
+def _most_rows(plan: List[Tuple[int, int, int, int]]) -> int:
+    """The most rows any chunk of ``plan`` covers (the size of the coefficient scratch buffer)."""
+    most = 0
+    for i, j, lo, hi in plan:
+        most = max(most, hi - lo)
+    return most
 
 
 class Kernels:
@@ -447,8 +485,8 @@ class GRUFunction(torch.autograd.Function):
     def backward(ctx, g_out, g_hn):
         prev, rz, cand, hn_part, u, dense, right, left, diag, bias = ctx.saved_tensors
         k = _kernels_for(prev)
-        p, dh0 = k.gru_backward(g_out.contiguous(), g_hn.contiguous(), prev, rz, cand, hn_part, ctx.sizes, ctx.reverse,
-                                dense, right, left, diag, CHUNK)
+        p, pn, dh0 = k.gru_backward(g_out.contiguous(), g_hn.contiguous(), prev, rz, cand, hn_part, ctx.sizes,
+                                    ctx.reverse, dense, right, left, diag, CHUNK)
         grads = [None] * 5
         if any(ctx.needs_input_grad[4:]):
             m = prev.shape[1]
@@ -459,8 +497,8 @@ class GRUFunction(torch.autograd.Function):
                 d = u.shape[1] // 3
                 u_rz, u_n = u[:, :2 * d], u[:, 2 * d:]
             grads = join_grads(k.weight_grads(p[:, :2], prev, *rz_op, u_rz),
-                               k.weight_grads(p[:, 3:4], prev, *n_op, u_n), tied)
-        return (p[:, :3].transpose(0, 1), dh0, None, None, *_op_grads(ctx, 4, grads))
+                               k.weight_grads(pn.unsqueeze(1), prev, *n_op, u_n), tied)
+        return (p.transpose(0, 1), dh0, None, None, *_op_grads(ctx, 4, grads))
 
 
 class PaperGRUFunction(torch.autograd.Function):

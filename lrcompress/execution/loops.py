@@ -44,7 +44,7 @@ def factored_gates(x: Tensor, u: Tensor, count: int, left: Tensor, diag: Optiona
         u3 = u.view(rows, count, -1).transpose(0, 1)
         out = torch.bmm(u3, left) if bias is None else torch.baddbmm(bias, u3, left)
     if diag is not None:
-        out = torch.addcmul(out, diag, x)
+        out.addcmul_(diag, x)  # in place: ``out`` is this function's own fresh tensor
     return out
 
 
