@@ -288,22 +288,27 @@ def _report_run(summary: dict, as_json: bool, resume_command: str) -> None:
     parts = [f"{summary['run_dir']}: {summary['steps']} updates ({summary['stopped']}), {summary['wall_time']:.0f}s"]
     if summary.get("converted"):
         split = "test" if summary.get("test") else "val"
-        parts.append(f"{split} {metric}: dense {_fmt(summary['dense'][split].get(metric))}, converted "
-                     f"{_fmt(summary['converted'][split].get(metric))}, fine-tuned "
-                     f"{_fmt(summary[split].get(metric))}; params {summary['params_dense']:,} -> "
+        parts.append(f"{split} {metric}: dense {_fmt(summary['dense'][split].get(metric), metric)}, converted "
+                     f"{_fmt(summary['converted'][split].get(metric), metric)}, fine-tuned "
+                     f"{_fmt(summary[split].get(metric), metric)}; params {summary['params_dense']:,} -> "
                      f"{summary['params']:,} ({summary['ratio']:.2f}x smaller)")
     else:
         for split in ("val", "test"):
             if summary.get(split):
-                parts.append(f"{split} {metric} {_fmt(summary[split].get(metric))}")
+                text = f"{split} {metric} {_fmt(summary[split].get(metric), metric)}"
+                if metric != "accuracy" and "accuracy" in summary[split]:  # e.g. selected on CE: the paper's %
+                    text += f" (accuracy {_fmt(summary[split]['accuracy'], 'accuracy')})"
+                parts.append(text)
         parts.append(f"params {summary['params']:,}")
     if summary.get("nan_events"):
         parts.append(f"{summary['nan_events']} non-finite gradient(s) recovered")
     _echo("; ".join(parts))
 
 
-def _fmt(x) -> str:
-    return "-" if x is None else f"{x:.4g}"
+def _fmt(x, metric: str | None = None) -> str:
+    from .report import format_metric  # here: --help must not import torch (report imports config)
+
+    return format_metric(metric, x)  # accuracies as percentages
 
 
 def _echo(text: str, err: bool = False) -> None:

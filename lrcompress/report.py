@@ -112,6 +112,21 @@ def _number(value: float | None) -> str:
     return "-" if value is None else f"{value:.4g}"
 
 
+def format_metric(name: str | None, value: float | None) -> str:
+    """A metric for people: accuracies (names ending in ``accuracy``, kept as fractions in JSON
+    and ``metrics.jsonl``) as percentages with two decimals (``0.93512`` -> ``93.51%``), as the
+    paper quotes them; anything else with 4 significant digits; ``-`` for a missing value.
+
+    >>> format_metric("accuracy", 0.93512), format_metric("ce", 0.0123456), format_metric("mse", None)
+    ('93.51%', '0.01235', '-')
+    """
+    if value is None:
+        return "-"
+    if str(name or "").endswith("accuracy"):
+        return f"{100.0 * value:.2f}%"
+    return f"{value:.4g}"
+
+
 def format_table(header: tuple[str, ...], rows: list[tuple[str, ...]], right: set[int] = frozenset()) -> list[str]:
     """Plain-text table with aligned columns (``right``: indices of right-aligned columns)."""
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]

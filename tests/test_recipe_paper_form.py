@@ -100,8 +100,10 @@ def test_recipe_model_computes_eq_6(name):
     recipe = load_recipe(RECIPES / f"{name}.toml")
     task = build_task(recipe["task"])
     model = build_model(recipe["model"], task).double()
-    with torch.no_grad():  # trained-looking reset gates: r far from 1, so eq. 6 and eq. 7 differ
-        model.rnn.bias_ih_l0[:recipe["model"]["hidden_size"]] = -1.0
+    with torch.no_grad():  # trained-looking reset gates: r far from 1 and unequal across units (the
+        n = recipe["model"]["hidden_size"]  # authors' init zeroes b_hn), so eq. 6 and eq. 7 differ
+        model.rnn.bias_ih_l0[:n] = torch.linspace(-3.0, 1.0, n, dtype=torch.float64)
+        model.rnn.bias_hh_l0[2 * n:] = torch.linspace(-0.5, 0.5, n, dtype=torch.float64)  # b_hn: eq. 7 gates it
         x = torch.randn(3, 6, task.input_size, dtype=torch.float64)
         out, _ = model.rnn(x)
         six, seven = gru_reference(model.rnn, x, True), gru_reference(model.rnn, x, False)

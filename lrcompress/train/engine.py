@@ -23,7 +23,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from ..errors import ConfigError
 from ..io import write_text_atomic
 from ..progress import bar as progress_bar, is_quiet
+from ..report import format_metric
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, save_weights, seed_everything, set_rng_state
 from .distributed import Distributed, unwrap
 from .models import set_dropout
@@ -78,6 +79,10 @@ class TrainConfig:
     device: str = "auto"  # auto, cpu, cuda
     rmsprop_alpha: float = 0.9
     rmsprop_eps: float = 1e-8
+    rmsprop_eps_inside: bool = False  # lr g / sqrt(acc + eps) as the authors' code (optim.PaperRMSprop)
+    rmsprop_initial_accumulator: float = 1e-3  # start of the squared-gradient average
+    clip_exempt: list = field(default_factory=list)  # parameter names (or "name:gate") left unclipped
+    select: str = ""  # metric picking the best checkpoint ("": the task's headline metric)
     weight_decay: float = 0.0
     lr_orthogonal: float = 0.0  # > 0: lr of the scaled Cayley skew originals (scoRNN's A); 0: lr
     unitary_penalty: float = 0.0  # > 0: loss += this * KRU soft unitary penalty of the Kronecker factors
@@ -91,7 +96,7 @@ class TrainConfig:
 
     @classmethod
     def defaults(cls) -> dict:
-        return {f.name: f.default for f in fields(cls)}
+        return {f.name: f.default if f.default_factory is MISSING else f.default_factory() for f in fields(cls)}
 
     @classmethod
     def from_dict(cls, values: dict | None) -> "TrainConfig":
@@ -150,6 +155,29 @@ def parameter_groups(model: nn.Module, config: TrainConfig) -> list:
     return ([{"params": rest}] if rest else []) + [{"params": skew, "lr": config.lr_orthogonal}]
 
 
+class _AnySums(dict):
+    """Empty metric sums that claim every key (value 0): a task's ``finalize`` of them names its metrics."""
+
+    def __missing__(self, key):
+        return 0.0
+
+    def __contains__(self, key) -> bool:
+        return True
+
+
+def check_select(name: str, task=None) -> str:
+    """``train.select``, checked against the metrics ``task`` reports (the keys of its
+    ``finalize``) before any update; without a task it is checked at the first evaluation.
+    Raises ``ConfigError`` naming the metric and the task's metrics."""
+    if task is None:
+        return name
+    known = list(task.finalize(_AnySums()))
+    if name not in known:
+        raise ConfigError(f"train.select = {name!r} is not a metric of task {task.name!r} "
+                          f"(its metrics: {', '.join(known)})")
+    return name
+
+
 def attach_execution(model: nn.Module, execution: str) -> dict[str, nn.Module]:
     """Give the factored recurrent layers of ``model`` the training-time path ``execution``
     (``TrainConfig.execution``) and return them by name. Layers a caller already accelerated
@@ -182,7 +210,10 @@ def describe_execution(layers: dict[str, nn.Module]) -> dict[str, str]:
     for name, module in layers.items():
         current = acceleration(module)
         last = None if current is None else current.last
-        if last is None:
+        note = module.__dict__.get("_lrc_variational_note")  # per-sequence dropout masks bypass it in training
+        if note is not None:
+            out[name] = note
+        if last is None or note is not None:
             continue
         choice, estimate = last
         path = "factored backward through the factors" if choice == "factored" else "dense rebuild"
@@ -234,6 +265,10 @@ def fit(model: nn.Module, train_loader: Data, loss_fn: Callable | None = None, *
         if "steps" not in recipe and "epochs" not in recipe:
             recipe["epochs"] = 1  # neither given: one pass over the data
     config = recipe if isinstance(recipe, TrainConfig) else TrainConfig.from_dict(recipe)
+    if config.select and metric is None:  # the recipe's selection metric, e.g. psMNIST's validation CE
+        metric = check_select(config.select, task)
+        if higher_is_better is None and not (task is not None and metric == task.metric):
+            higher_is_better = metric.endswith("accuracy")  # else an error, a loss, a CE, ...
     objective = Objective(loss_fn, metric_fn, task=task, metric=metric, higher_is_better=higher_is_better)
     loop = Loop(model, config, objective, train_loader, val_loader, test_loader, run_dir=run_dir, optimizer=optimizer,
                 scheduler=scheduler, steps_per_epoch=steps_per_epoch, on_step=on_step, progress=progress, shard=shard,
@@ -287,13 +322,16 @@ class Loop:
                               UserWarning, stacklevel=3)
         self.optimizer = optimizer or build_optimizer(
             parameter_groups(model, config), config.optimizer, lr=config.lr,
-            weight_decay=config.weight_decay, rmsprop_alpha=config.rmsprop_alpha, rmsprop_eps=config.rmsprop_eps)
+            weight_decay=config.weight_decay, rmsprop_alpha=config.rmsprop_alpha, rmsprop_eps=config.rmsprop_eps,
+            rmsprop_eps_inside=config.rmsprop_eps_inside,
+            rmsprop_initial_accumulator=config.rmsprop_initial_accumulator)
         if config.unitary_penalty:
             from ..structured.kronecker import unitary_penalty
 
             unitary_penalty(model)  # a model without Kronecker factors: ConfigError now, not at the first update
         self.stabiliser = Stabiliser(model, self.optimizer, clip=config.clip, clip_value=config.clip_value,
-                                     nan_policy=config.nan_policy, max_row_norm=config.max_row_norm)
+                                     nan_policy=config.nan_policy, max_row_norm=config.max_row_norm,
+                                     clip_exempt=config.clip_exempt)
         # a stateful model runs forward_stateful; DDP must wrap the module whose forward is called
         self.forward_model = StatefulForward(model) if objective.stateful else model
         self.train_model = self.dist.wrap(self.forward_model, self.device)
@@ -704,7 +742,7 @@ def _flatten(state):
 def _postfix(record: dict, metric: str | None) -> str:
     parts = [f"loss={record['train_loss']:.4g}"]
     if "val" in record and metric in record["val"]:
-        parts.append(f"val_{metric}={record['val'][metric]:.4g}")
+        parts.append(f"val_{metric}={format_metric(metric, record['val'][metric])}")
     if record["nan_events"]:
         parts.append(f"nan={record['nan_events']}")
     return " ".join(parts)
@@ -712,7 +750,7 @@ def _postfix(record: dict, metric: str | None) -> str:
 
 def _log_line(record: dict) -> str:
     parts = [f"step {record['step']}", f"train loss {record['train_loss']:.4g}"]
-    parts += [f"val {k} {v:.4g}" for k, v in record.get("val", {}).items()]
+    parts += [f"val {k} {format_metric(k, v)}" for k, v in record.get("val", {}).items()]  # accuracies in %
     parts.append(f"lr {record['lr']:.3g}")
     if record["nan_events"]:
         parts.append(f"non-finite gradients {record['nan_events']}")

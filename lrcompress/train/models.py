@@ -34,6 +34,7 @@ from ..errors import ConfigError
 from ..nn import Highway, LowRankGRU, LowRankLSTM, LowRankRNN, ScoRNN
 from ..nn.highway import ACTIVATIONS
 from ..nn.rnn import _FACTORED, FactoredRNN
+from ..nn.variational import SCHEMES, check_scheme, run_sequence
 from .fields import check_fields, check_range
 from .tasks_base import Task
 
@@ -60,11 +61,19 @@ MODEL_DEFAULTS: dict = {
     "input_dropout": 0.0,  # dropout on the model's inputs
     "dropout": 0.0,  # between layers (and inside highway layers)
     "output_dropout": None,  # before the head; None: same as dropout
+    # "batch": one recurrent column mask per mini-batch (cuDNN runs); "per_gate" / "dl4mt": every
+    # mask per sequence, held over time (Gal; the authors' dl4mt-lm), a step loop (nn.variational)
+    "dropout_masks": "batch",
     "output_l2": 0.0,  # L2 coefficient on the head's weight matrix, added by penalty()
     "highway_layers": 5,
     "activation": "relu",  # highway proposal activation
     "transform_bias": -1.0,  # highway transform-gate bias (gate starts mostly closed)
     "batch_norm": False,  # highway: batch norm after the input matrix and each layer matrix
+    "bottleneck_dropout": 0.0,  # highway with rank: dropout on the rank-d codes R x (the authors' d_1)
+    # "pytorch": PyTorch's U(-1/sqrt(n), 1/sqrt(n)) (factors: random_factors' matching scale);
+    # "glorot": the authors' code (glorot_init_): Glorot-uniform matrices and factors, zero biases
+    "init": "pytorch",
+    "learn_initial_state": False,  # a trainable initial state h0 (and c0), zeros at the start (the authors' h_0)
 }
 MODEL_TYPES: dict = {"update_gate_bias": (float, type(None)), "embedding": (int, str),
                      "output_dropout": (float, type(None)), "structure": (str, type(None)),
@@ -73,7 +82,7 @@ MODEL_TYPES: dict = {"update_gate_bias": (float, type(None)), "embedding": (int,
                      "joint": (bool, type(None)), "negatives": (int, type(None))}
 STRUCTURE_KEYS = ("kron_factors", "terms", "tt_ranks", "tt_shape", "joint", "negatives")
 MODEL_CHOICES: dict = {"cell": ("gru", "lstm", "rnn", "scornn", "highway"), "gru_form": ("cudnn", "paper"),
-                       "activation": tuple(ACTIVATIONS)}
+                       "activation": tuple(ACTIVATIONS), "init": ("pytorch", "glorot"), "dropout_masks": SCHEMES}
 GATE_BLOCK = {"GRU": (1, 3), "LSTM": (1, 4)}  # (index, count) of the update / forget gate block
 
 
@@ -88,8 +97,10 @@ def check_model(spec: dict) -> dict:
         check_range("model", out, key, 1)
     for key in ("rank", "embedding", "output_l2"):
         check_range("model", out, key, 0)
-    for key in ("input_dropout", "dropout", "output_dropout"):
+    for key in ("input_dropout", "dropout", "output_dropout", "bottleneck_dropout"):
         check_range("model", out, key, 0.0, 1.0, high_open=True)
+    if out["bottleneck_dropout"] and (out["cell"] != "highway" or not out["rank"]):
+        raise ConfigError("model.bottleneck_dropout is for cell = 'highway' with a rank (its rank-d bottleneck)")
     check_range("model", out, "update_gate_bias", None, None)
     check_range("model", out, "transform_bias", None, None)
     if out["cell"] == "scornn":
@@ -112,6 +123,17 @@ def check_model(spec: dict) -> dict:
         raise ConfigError("a highway model has no tied/num_layers/embedding settings (use highway_layers)")
     if out["batch_norm"] and out["cell"] != "highway":
         raise ConfigError("model.batch_norm is for cell = 'highway'")
+    if out["dropout_masks"] != "batch" and out["cell"] not in ("gru", "lstm", "rnn"):
+        raise ConfigError(f"model.dropout_masks = {out['dropout_masks']!r} is for gru, lstm and rnn cells, "
+                          f"not {out['cell']!r}")
+    if out["dropout_masks"] == "dl4mt" and out["cell"] != "gru":
+        raise ConfigError(f"model.dropout_masks = 'dl4mt' is the authors' GRU scheme; use 'per_gate' for "
+                          f"cell = {out['cell']!r}")
+    for key, value in (("init", out["init"] == "glorot"), ("learn_initial_state", out["learn_initial_state"])):
+        if value and out["cell"] not in ("gru", "lstm", "rnn"):
+            raise ConfigError(f"model.{key} = {out[key]!r} is for gru, lstm and rnn cells, not {out['cell']!r}")
+    if out["init"] == "glorot" and out["structure"] not in (None, "lowrank"):
+        raise ConfigError(f"model.init = 'glorot' is for dense and low-rank layers, not structure {out['structure']!r}")
     return out
 
 
@@ -153,7 +175,7 @@ def build_model(spec: dict, task: Task) -> nn.Module:
                                  activation=spec["activation"], transform_bias=spec["transform_bias"],
                                  batch_norm=spec["batch_norm"], input_dropout=spec["input_dropout"],
                                  dropout=spec["dropout"], output_dropout=_output_dropout(spec),
-                                 output_l2=spec["output_l2"])
+                                 output_l2=spec["output_l2"], bottleneck_dropout=spec["bottleneck_dropout"])
     if not sequential:
         raise ConfigError(f"a recurrent cell needs sequence inputs, not {task!r}")
     tokens = getattr(task, "tokens", False)
@@ -161,9 +183,13 @@ def build_model(spec: dict, task: Task) -> nn.Module:
         raise ConfigError(f"model.embedding needs a task with token inputs, not {task!r}")
     embedding = nn.Embedding(task.input_size, spec["embedding"]) if spec["embedding"] else None
     rnn = build_rnn(spec, spec["embedding"] or task.input_size)
-    return SequenceModel(rnn, task.output_size, task.output, vocab_size=task.input_size if tokens else None,
-                         embedding=embedding, input_dropout=spec["input_dropout"],
-                         output_dropout=_output_dropout(spec), output_l2=spec["output_l2"])
+    model = SequenceModel(rnn, task.output_size, task.output, vocab_size=task.input_size if tokens else None,
+                          embedding=embedding, input_dropout=spec["input_dropout"],
+                          output_dropout=_output_dropout(spec), output_l2=spec["output_l2"],
+                          learn_initial_state=spec["learn_initial_state"], dropout_masks=spec["dropout_masks"])
+    if spec["init"] == "glorot":  # the output matrix too: the authors' out_mat, out_bias
+        glorot_linear_(model.head)
+    return model
 
 
 def _output_dropout(spec: dict) -> float:
@@ -190,9 +216,64 @@ def build_rnn(spec: dict, input_size: int) -> nn.RNNBase:
                        include_input=spec["include_input"], **kwargs)
     else:
         rnn = dense(input_size, spec["hidden_size"], **kwargs)
+    if spec["init"] == "glorot":
+        glorot_init_(rnn)
     if spec["update_gate_bias"] is not None:
         set_update_gate_bias(rnn, spec["update_gate_bias"])
     return rnn
+
+
+def glorot_bound(rows: int, cols: int) -> float:
+    """Glorot and Bengio (2010) uniform bound ``sqrt(6 / (fan_in + fan_out))`` of a rows x cols matrix."""
+    return (6.0 / (rows + cols)) ** 0.5
+
+
+@torch.no_grad()
+def glorot_init_(rnn: nn.RNNBase) -> nn.RNNBase:
+    """The authors' initialisation (``models.py`` of github.com/Avmb/lowrank-gru,
+    ``initialize_matrix``, ``GRU_LR``, ``GRU_LRDiag``), in place: every matrix of every gate
+    ``U(-b, b)`` with ``b = sqrt(6 / (rows + cols))`` of that gate's own matrix (input matrices
+    ``n x input``, dense recurrent ``n x n``, factors ``L`` ``n x d`` and ``R`` ``d x cols``),
+    diagonals ``U(-0.01, 0.01)``, biases 0 (``set_update_gate_bias`` then sets the update
+    gate's). For ``nn.GRU``/``nn.LSTM``/``nn.RNN`` and their low-rank versions; another
+    structure raises ``ConfigError``. Returns ``rnn``.
+
+    >>> gru = glorot_init_(torch.nn.GRU(1, 128))
+    >>> float(gru.weight_hh_l0.detach().abs().max()) <= (6 / 256) ** 0.5
+    True
+    """
+    from ..parametrizations import factorization
+
+    gates = {"GRU": 3, "LSTM": 4}.get(rnn.mode, 1)
+    for name in rnn._flat_weights_names:
+        if name.startswith("bias"):
+            getattr(rnn, name).zero_()
+            continue
+        blocks = 1 if name.startswith("weight_hr") else gates  # an LSTM's projection has no gates
+        low_rank = factorization(rnn, name)
+        if low_rank is not None:
+            originals = rnn.parametrizations[name]
+            for factor in (originals.original0, originals.original1):  # L (gates, n, d), R (gates, d, cols)
+                factor.uniform_(-glorot_bound(*factor.shape[-2:]), glorot_bound(*factor.shape[-2:]))
+            if low_rank.diag:
+                originals.original2.uniform_(-0.01, 0.01)
+        elif parametrize.is_parametrized(rnn, name):
+            raise ConfigError(f"glorot init: {name} has another structure than low rank")
+        else:
+            weight = getattr(rnn, name)
+            bound = glorot_bound(weight.shape[0] // blocks, weight.shape[1])
+            weight.uniform_(-bound, bound)
+    return rnn
+
+
+@torch.no_grad()
+def glorot_linear_(linear: nn.Linear) -> nn.Linear:
+    """A dense layer as the authors' output layer: weight Glorot-uniform, bias 0. In place."""
+    bound = glorot_bound(*linear.weight.shape)
+    linear.weight.uniform_(-bound, bound)
+    if linear.bias is not None:
+        linear.bias.zero_()
+    return linear
 
 
 def set_update_gate_bias(rnn: nn.RNNBase, value: float) -> None:
@@ -353,8 +434,13 @@ class SequenceModel(nn.Module):
     """Inputs -> recurrent stack ``rnn`` -> dense ``head`` (final state, or every step).
 
     Token inputs ((B, T) ids) are one-hot encoded, or embedded when ``embedding`` is given.
-    ``recurrent_dropout`` (set by a trainer) applies ``run_with_recurrent_dropout`` in training.
+    ``recurrent_dropout`` (set by a trainer) applies ``run_with_recurrent_dropout`` in training;
+    ``dropout_masks = "per_gate"`` or ``"dl4mt"`` instead draws every mask (input, recurrent,
+    output) per sequence and holds it over time (``lrcompress.nn.variational.run_sequence``).
     ``forward_stateful`` also takes and returns the recurrent state, for windows of a stream.
+    ``learn_initial_state``: the state a sequence starts from is the trainable ``initial_state``
+    ((layers * directions, n), zeros at first; an LSTM adds ``initial_cell``), as the authors'
+    ``h_0``; otherwise zeros. A stream's later windows start from the carried state instead.
 
     >>> model = SequenceModel(nn.GRU(2, 16, batch_first=True), 1, "last")
     >>> model(torch.zeros(3, 7, 2)).shape
@@ -363,7 +449,8 @@ class SequenceModel(nn.Module):
 
     def __init__(self, rnn: nn.RNNBase, output_size: int, output: str, *, vocab_size: int | None = None,
                  embedding: nn.Embedding | None = None, input_dropout: float = 0.0, output_dropout: float = 0.0,
-                 output_l2: float = 0.0, recurrent_dropout: float = 0.0):
+                 output_l2: float = 0.0, recurrent_dropout: float = 0.0, learn_initial_state: bool = False,
+                 dropout_masks: str = "batch"):
         super().__init__()
         if output not in ("last", "sequence"):
             raise ConfigError(f"output must be 'last' or 'sequence', got {output!r}")
@@ -371,20 +458,39 @@ class SequenceModel(nn.Module):
             raise ConfigError("SequenceModel needs a batch_first recurrent layer")
         self.output, self.vocab_size, self.output_l2 = output, vocab_size, output_l2
         self.recurrent_dropout = recurrent_dropout
+        if dropout_masks != "batch":
+            check_scheme(rnn, dropout_masks)
+        self.dropout_masks = dropout_masks
         self.embedding = embedding
         self.rnn = rnn
         self.input_dropout = nn.Dropout(input_dropout)
         self.output_dropout = nn.Dropout(output_dropout)
         features = getattr(rnn, "proj_size", 0) or rnn.hidden_size  # ScoRNN has no projection
         self.head = nn.Linear(features * (2 if getattr(rnn, "bidirectional", False) else 1), output_size)
+        self.initial_state = self.initial_cell = None
+        if learn_initial_state:
+            if not isinstance(rnn, nn.RNNBase):
+                raise ConfigError(f"learn_initial_state needs a GRU/LSTM/RNN layer, not {type(rnn).__name__}")
+            stacks = rnn.num_layers * (2 if rnn.bidirectional else 1)
+            weight = next(rnn.parameters())
+            self.initial_state = nn.Parameter(weight.new_zeros(stacks, features))
+            if rnn.mode == "LSTM":
+                self.initial_cell = nn.Parameter(weight.new_zeros(stacks, rnn.hidden_size))
 
     def forward(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
         return self.forward_stateful(x, None, lengths)[0]
 
     def forward_stateful(self, x: Tensor, state=None, lengths: Tensor | None = None):
         """(logits, final state); ``state`` is the previous window's (detach it between windows)."""
-        inputs = self.input_dropout(self.embed(x))
-        if self.training and self.recurrent_dropout > 0:
+        p_in, p_out = self.input_dropout.p, self.output_dropout.p
+        variational = self.training and self.dropout_masks != "batch" and bool(p_in or p_out or self.recurrent_dropout)
+        inputs = self.embed(x) if variational else self.input_dropout(self.embed(x))
+        if state is None and self.initial_state is not None:
+            state = self.start_state(inputs.shape[0])
+        if variational:  # every mask per sequence, held over time; the output one already applied
+            out, state = run_sequence(self.rnn, inputs, state, scheme=self.dropout_masks,
+                                      recurrent=self.recurrent_dropout, inputs=p_in, output=p_out)
+        elif self.training and self.recurrent_dropout > 0:
             out, state = run_with_recurrent_dropout(self.rnn, inputs, state, self.recurrent_dropout)
         else:
             out, state = self.rnn(inputs, state)
@@ -393,7 +499,15 @@ class SequenceModel(nn.Module):
                 out = out[:, -1]
             else:
                 out = out[torch.arange(out.shape[0], device=out.device), lengths.to(out.device) - 1]
-        return self.head(self.output_dropout(out)), state
+        return self.head(out if variational else self.output_dropout(out)), state
+
+    def start_state(self, batch: int):
+        """The learned initial state for ``batch`` sequences: (layers * directions, batch, n), or an
+        LSTM's ``(h0, c0)``; gradients flow back to ``initial_state`` (and ``initial_cell``)."""
+        h = self.initial_state.unsqueeze(1).expand(-1, batch, -1).contiguous()
+        if self.initial_cell is None:
+            return h
+        return h, self.initial_cell.unsqueeze(1).expand(-1, batch, -1).contiguous()
 
     def embed(self, x: Tensor) -> Tensor:
         if x.dtype in (torch.int64, torch.int32):
@@ -417,8 +531,10 @@ class HighwayBlock(Highway):
     transform bias then sits in the gate's batch-norm shift)."""
 
     def __init__(self, features: int, activation: str = "relu", transform_bias: float = -1.0, *,
-                 rank: int | None = None, diag: bool = False, batch_norm: bool = False, dropout: float = 0.0):
-        super().__init__(features, activation, 0.0 if batch_norm else transform_bias, rank=rank, diag=diag)
+                 rank: int | None = None, diag: bool = False, batch_norm: bool = False, dropout: float = 0.0,
+                 bottleneck_dropout: float = 0.0):
+        super().__init__(features, activation, 0.0 if batch_norm else transform_bias, rank=rank, diag=diag,
+                         bottleneck_dropout=bottleneck_dropout)
         self.dropout = nn.Dropout(dropout)
         self.proposal_norm = nn.BatchNorm1d(features) if batch_norm else nn.Identity()
         self.gate_norm = nn.BatchNorm1d(features) if batch_norm else nn.Identity()
@@ -430,9 +546,9 @@ class HighwayBlock(Highway):
                 self.gate.bias.zero_()
 
     def forward(self, x: Tensor) -> Tensor:
-        u = self.dropout(x)
-        t = torch.sigmoid(self.gate_norm(self.gate(u)))
-        return ACTIVATIONS[self.activation](self.proposal_norm(self.proposal(u))) * t + x * (1 - t)
+        gate, proposal = self.transforms(self.dropout(x))  # Highway.transforms: the bottleneck mask
+        t = torch.sigmoid(self.gate_norm(gate))
+        return ACTIVATIONS[self.activation](self.proposal_norm(proposal)) * t + x * (1 - t)
 
 
 class HighwayClassifier(nn.Module):
@@ -449,7 +565,8 @@ class HighwayClassifier(nn.Module):
     def __init__(self, input_size: int, hidden_size: int, output_size: int, *, layers: int = 5,
                  rank: int | None = None, diag: bool = False, activation: str = "relu",
                  transform_bias: float = -1.0, batch_norm: bool = False, input_dropout: float = 0.0,
-                 dropout: float = 0.0, output_dropout: float = 0.0, output_l2: float = 0.0):
+                 dropout: float = 0.0, output_dropout: float = 0.0, output_l2: float = 0.0,
+                 bottleneck_dropout: float = 0.0):
         super().__init__()
         self.output_l2 = output_l2
         self.input_dropout = nn.Dropout(input_dropout)
@@ -457,7 +574,7 @@ class HighwayClassifier(nn.Module):
         self.input_norm = nn.BatchNorm1d(hidden_size) if batch_norm else nn.Identity()
         self.layers = nn.ModuleList(
             HighwayBlock(hidden_size, activation, transform_bias, rank=rank, diag=diag, batch_norm=batch_norm,
-                         dropout=dropout) for _ in range(layers))
+                         dropout=dropout, bottleneck_dropout=bottleneck_dropout) for _ in range(layers))
         self.output_dropout = nn.Dropout(output_dropout)
         self.head = nn.Linear(hidden_size, output_size)
 

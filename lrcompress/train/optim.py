@@ -3,17 +3,19 @@
 - ``rmsprop``: ``torch.optim.RMSprop`` with the authors' accumulator start. Their Theano code
   (the uRNN code they built on) starts the squared-gradient average at 1e-3, not 0, so the
   first steps are not huge; ``build_rmsprop`` fills that state in before a parameter's first
-  step (a step pre-hook; torch only creates state when it finds none). Decay 0.9.
+  step (a step pre-hook; torch only creates state when it finds none). Decay 0.9. With eps
+  inside the square root (their memory task), ``PaperRMSprop``.
 - ``adafactor``: ``torch.optim.Adafactor`` (Shazeer & Stern 2018) with the paper's relative
   step size ``min(1e-2, 1/sqrt(t)) * max(eps2, RMS(p))``.
 - ``adam``: ``torch.optim.Adam``.
 - schedules: ``torch.optim.lr_scheduler.OneCycleLR`` (stepped after every update) and
   ``ReduceLROnPlateau`` (stepped after every evaluation, on a score where higher is better).
 
-One difference from the authors' RMSProp remains: their step is ``lr g / sqrt(acc + eps)``,
-torch's ``lr g / (sqrt(acc) + eps)``. With the paper's eps (0, or 1e-8 on the memory task) and
-an accumulator that starts at 1e-3, the two steps differ by a relative ~eps / sqrt(acc), under
-1e-6 in practice; with ``eps = 0`` they are the same formula (tests check both).
+Where eps goes: the authors' step is ``lr g / sqrt(acc + eps)`` (``optimizations.py``,
+``rms_prop``: eps 0 by default, 1e-8 on the memory task), torch's ``lr g / (sqrt(acc) + eps)``.
+With ``eps = 0`` the two are one formula and torch's class runs; ``eps_inside=True`` with
+``eps > 0`` builds ``PaperRMSprop``, a small optimiser with the authors' formula exactly
+(recipes: ``train.rmsprop_eps_inside``; the two steps differ by a relative ~eps / sqrt(acc)).
 
     >>> opt = build_optimizer(torch.nn.Linear(4, 4).parameters(), "rmsprop", lr=1e-3)
     >>> type(opt).__name__
@@ -36,27 +38,88 @@ ADAFACTOR_EPS = (1e-30, 1e-3)  # Shazeer & Stern's eps1 (squared gradients), eps
 
 
 def build_rmsprop(params: Iterable, *, lr: float = 1e-3, alpha: float = 0.9, eps: float = 1e-8,
-                  initial_accumulator: float = INITIAL_ACCUMULATOR,
-                  weight_decay: float = 0.0) -> torch.optim.RMSprop:
-    """The authors' RMSProp as a ``torch.optim.RMSprop``: ``acc = alpha acc + (1 - alpha) g^2``,
-    ``p -= lr g / (sqrt(acc) + eps)``, ``acc`` starting at ``initial_accumulator`` (their
-    Theano code: alpha 0.9, start 1e-3; eps 0, 1e-8 on the memory task).
+                  initial_accumulator: float = INITIAL_ACCUMULATOR, weight_decay: float = 0.0,
+                  eps_inside: bool = False) -> torch.optim.Optimizer:
+    """The authors' RMSProp: ``acc = alpha acc + (1 - alpha) g^2`` with ``acc`` starting at
+    ``initial_accumulator``, then ``p -= lr g / (sqrt(acc) + eps)`` (torch's place for eps) or,
+    with ``eps_inside``, ``p -= lr g / sqrt(acc + eps)`` (the authors' Theano code,
+    ``optimizations.py`` ``rms_prop``: alpha 0.9, start 1e-3, eps 0, 1e-8 on the memory task).
 
-    The start value is kept in each parameter group (``initial_accumulator``), so it survives
-    ``state_dict``/``load_state_dict`` and groups added later; a registered step pre-hook fills
-    the state of each parameter that has a gradient and no state yet. The result is a plain
-    ``RMSprop`` (usable with ``transformers.Trainer(optimizers=(opt, None))``).
-    Raises ``ConfigError`` on a value outside its range.
+    A ``torch.optim.RMSprop`` unless ``eps_inside`` and ``eps > 0`` (then ``PaperRMSprop``; with
+    eps 0 both places are one formula). For torch's class the start value is kept in each
+    parameter group (``initial_accumulator``), so it survives ``state_dict``/``load_state_dict``
+    and groups added later; a registered step pre-hook fills the state of each parameter that
+    has a gradient and no state yet. Either result is a plain torch optimiser (usable with
+    ``transformers.Trainer(optimizers=(opt, None))``). Raises ``ConfigError`` on a value
+    outside its range.
 
     >>> opt = build_rmsprop(torch.nn.Linear(2, 2).parameters(), lr=1e-3)
+    >>> type(build_rmsprop(torch.nn.Linear(2, 2).parameters(), eps=1e-8, eps_inside=True)).__name__
+    'PaperRMSprop'
     """
+    _check_rmsprop(lr, alpha, eps, initial_accumulator, weight_decay)
+    if eps_inside and eps > 0:
+        return PaperRMSprop(params, lr=lr, alpha=alpha, eps=eps, initial_accumulator=initial_accumulator,
+                            weight_decay=weight_decay)
+    optimizer = torch.optim.RMSprop(params, lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay)
+    start_accumulator(optimizer, initial_accumulator)
+    return optimizer
+
+
+def _check_rmsprop(lr: float, alpha: float, eps: float, initial_accumulator: float, weight_decay: float) -> None:
     for name, value, high in (("lr", lr, None), ("alpha", alpha, 1.0), ("eps", eps, None),
                               ("initial_accumulator", initial_accumulator, None), ("weight_decay", weight_decay, None)):
         if not (value >= 0 and (high is None or value < high)):
             raise ConfigError(f"RMSProp {name} must be >= 0{f' and < {high}' if high else ''}, got {value!r}")
-    optimizer = torch.optim.RMSprop(params, lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay)
-    start_accumulator(optimizer, initial_accumulator)
-    return optimizer
+
+
+class PaperRMSprop(torch.optim.Optimizer):
+    """RMSProp with eps inside the square root, as in the authors' Theano code
+    (``optimizations.py``, ``rms_prop``), for each parameter ``p`` with gradient ``g``::
+
+        g   <- g + weight_decay * p                 (0 in the paper)
+        acc <- alpha * acc + (1 - alpha) * g^2      (acc starts at initial_accumulator, 1e-3)
+        p   <- p - lr * g / sqrt(acc + eps)
+
+    torch's ``RMSprop`` adds eps outside the root and cannot express this. State per parameter:
+    ``step`` and ``square_avg`` (torch's names). A zero denominator (eps 0 and a gradient that
+    stayed 0 until ``acc`` underflowed; then ``g = 0`` too, as ``acc >= (1 - alpha) g^2``) gives
+    a zero step where the formula reads 0/0. Raises ``ConfigError`` on a value out of range.
+
+    >>> opt = PaperRMSprop(torch.nn.Linear(2, 2).parameters(), lr=1e-3, eps=1e-8)
+    """
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, alpha: float = 0.9, eps: float = 1e-8,
+                 initial_accumulator: float = INITIAL_ACCUMULATOR, weight_decay: float = 0.0):
+        _check_rmsprop(lr, alpha, eps, initial_accumulator, weight_decay)
+        super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps, initial_accumulator=initial_accumulator,
+                                      weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, alpha, eps, decay = group["lr"], group["alpha"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("PaperRMSprop does not support sparse gradients")
+                g = p.grad.add(p, alpha=decay) if decay else p.grad
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    state["square_avg"] = torch.full_like(p, group["initial_accumulator"],
+                                                          memory_format=torch.preserve_format)
+                state["step"] += 1
+                acc = state["square_avg"]
+                acc.mul_(alpha).addcmul_(g, g, value=1 - alpha)
+                denom = acc.add(eps).sqrt_().clamp_min_(torch.finfo(acc.dtype).tiny)
+                p.addcdiv_(g, denom, value=-lr)
+        return loss
 
 
 def start_accumulator(optimizer: torch.optim.RMSprop, value: float = INITIAL_ACCUMULATOR) -> torch.optim.RMSprop:
@@ -108,15 +171,18 @@ def build_adafactor(params: Iterable, *, max_step: float = ADAFACTOR_MAX_STEP,
 
 
 def build_optimizer(params: Iterable, name: str, *, lr: float, weight_decay: float = 0.0,
-                    rmsprop_alpha: float = 0.9, rmsprop_eps: float = 1e-8) -> torch.optim.Optimizer:
-    """The optimiser a recipe names. For ``adafactor``, ``lr`` caps the relative step size
-    (torch's meaning) and ``lr=0`` selects the paper's cap, 1e-2.
+                    rmsprop_alpha: float = 0.9, rmsprop_eps: float = 1e-8, rmsprop_eps_inside: bool = False,
+                    rmsprop_initial_accumulator: float = INITIAL_ACCUMULATOR) -> torch.optim.Optimizer:
+    """The optimiser a recipe names (the ``rmsprop_*`` values: ``build_rmsprop``'s). For
+    ``adafactor``, ``lr`` caps the relative step size (torch's meaning) and ``lr=0`` selects
+    the paper's cap, 1e-2.
 
     >>> build_optimizer(torch.nn.Linear(2, 2).parameters(), "adam", lr=1e-3).__class__.__name__
     'Adam'
     """
     if name == "rmsprop":
-        return build_rmsprop(params, lr=lr, alpha=rmsprop_alpha, eps=rmsprop_eps, weight_decay=weight_decay)
+        return build_rmsprop(params, lr=lr, alpha=rmsprop_alpha, eps=rmsprop_eps, weight_decay=weight_decay,
+                             initial_accumulator=rmsprop_initial_accumulator, eps_inside=rmsprop_eps_inside)
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     if name == "adafactor":

@@ -53,6 +53,12 @@ RECIPE_DEFAULTS: dict = {
     "device": "auto",  # auto, cpu or cuda
     "rmsprop_alpha": 0.9,  # RMSProp decay of the squared-gradient average (paper: 0.9)
     "rmsprop_eps": 1e-8,
+    "rmsprop_eps_inside": False,  # true: lr g / sqrt(acc + eps) (the authors' Theano code); false: torch's
+    #                               lr g / (sqrt(acc) + eps); one formula when rmsprop_eps = 0
+    "rmsprop_initial_accumulator": 1e-3,  # start of RMSProp's squared-gradient average (the authors': 1e-3)
+    "clip_exempt": [],  # parameters left unclipped: names as model.named_parameters() gives them,
+    #                     "name:gate" for one gate's block (GRU r, z, n; LSTM i, f, g, o)
+    "select": "",  # metric that picks the best checkpoint (and drives plateau, early stopping); "": the task's
     "weight_decay": 0.0,
     "lr_orthogonal": 0.0,  # > 0: the learning rate of scaled Cayley skew originals (scoRNN's A); 0: lr
     "unitary_penalty": 0.0,  # > 0: KRU soft unitary penalty weight, times sum ||F^T F - I||^2 over Kronecker factors
@@ -151,8 +157,15 @@ def check_train(train: dict) -> dict:
     if not out["steps"] and not out["epochs"]:
         raise ConfigError("train.steps and train.epochs are both 0: set at least one limit")
     check_range("train", out, "clip_value", 0.0, low_open=True)
-    for key in ("max_row_norm", "rmsprop_eps", "weight_decay", "lr_orthogonal", "unitary_penalty"):
+    for key in ("max_row_norm", "rmsprop_eps", "rmsprop_initial_accumulator", "weight_decay", "lr_orthogonal",
+                "unitary_penalty"):
         check_range("train", out, key, 0.0)
+    out["clip_exempt"] = list(out["clip_exempt"])  # never the defaults' list itself
+    bad = [v for v in out["clip_exempt"] if not isinstance(v, str) or not v.strip()]
+    if bad:
+        raise ConfigError(f"train.clip_exempt must list parameter names, got {bad[0]!r}")
+    if out["clip_exempt"] and out["clip"] == "none":
+        raise ConfigError("train.clip_exempt names parameters to leave unclipped, but train.clip = 'none'")
     for key in ("recurrent_dropout", "dropout", "rmsprop_alpha"):
         check_range("train", out, key, 0.0, 1.0, high_open=True)
     check_range("train", out, "plateau_patience", 1)

@@ -25,7 +25,7 @@ from ..errors import ConfigError, FormatError, LRCompressError, OutputExistsErro
 from ..io import load_model, read_safetensors, save_model, write_text_atomic
 from ..validate import check_compressed, load_json
 from .checkpoint import load_checkpoint
-from ..report import format_table
+from ..report import format_metric, format_table
 from .engine import FitResult, TrainConfig, evaluate, fit, write_json
 from .models import build_model
 from .rundir import check_run_dir, claim_run_dir
@@ -309,7 +309,7 @@ def point_line(summary: dict) -> str:
     before = summary.get("converted", {}).get(split, {}).get(metric)
     after = summary.get(split, {}).get(metric)
     return (f"params {summary['params']:,} ({summary.get('ratio', 1.0):.2f}x smaller), {split} {metric} "
-            f"{_fmt(before)} -> {_fmt(after)}, {summary['wall_time']:.0f}s")
+            f"{_fmt(before, metric)} -> {_fmt(after, metric)}, {summary['wall_time']:.0f}s")
 
 
 # -- building and running ------------------------------------------------------------------
@@ -477,8 +477,8 @@ def _read_json(path: Path) -> dict | None:
 MAX_JSON_DEPTH = 32  # summaries nest ~4 deep
 
 
-def _fmt(x) -> str:
-    return "-" if x is None else f"{x:.4g}"
+def _fmt(x, metric: str | None = None) -> str:
+    return format_metric(metric, x)  # accuracies as percentages
 
 
 # -- reports -------------------------------------------------------------------------------
@@ -606,7 +606,7 @@ def format_report(rows: list[dict]) -> str:
         header = ("run", "rank", "diag", "params", "ratio", "metric", "dense", "before", "after", "time")
         first = [("-" if r["rank"] is None else str(r["rank"]), "yes" if r["diag"] else "no") for r in rows]
     body = [(r["run"], *lead, f"{r['params']:,}" if r["params"] else "-", f"{r['ratio']:.2f}x" if r["ratio"] else "-",
-             f"{r['split']} {r['metric']}", _fmt(r["dense"]), _fmt(r["before"]), _fmt(r["after"]),
+             f"{r['split']} {r['metric']}", *(_fmt(r[k], r["metric"]) for k in ("dense", "before", "after")),
              f"{r['wall_time']:.0f}s" if r["wall_time"] is not None else "-") for r, lead in zip(rows, first)]
     note = "before: converted, not yet fine-tuned; after: fine-tuned (best validation weights)"
     return "\n".join(format_table(header, body, right={3, 4, 6, 7, 8, 9} | (set() if structured else {1})) + [note])

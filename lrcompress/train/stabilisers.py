@@ -1,7 +1,9 @@
 """The paper's training stabilisers, as plain functions and one hook object for any loop.
 
 - gradient clipping, element-wise (``torch.nn.utils.clip_grad_value_``: ``clamp(g, -c, c)``) or
-  by global norm (``clip_grads_with_norm_``: ``g * min(1, c / (|g| + 1e-6))``);
+  by global norm (``clip_grads_with_norm_``: ``g * min(1, c / (|g| + 1e-6))``), optionally
+  leaving named parameters, or one gate's block of them, unclipped (``clip_exempt``: the
+  authors' psMNIST script clips all but its first seven parameters);
 - non-finite detection *before* the update, from the global gradient norm
   (``torch.nn.utils.get_total_norm``, one ``.item()``, reused by norm clipping),
   with a recovery policy: ``skip`` the update, ``decay`` (the authors' code: every gradient
@@ -26,7 +28,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -39,6 +41,77 @@ from ..parametrizations import LowRank, own_class
 CLIP_MODES = ("none", "element", "norm")
 NAN_POLICIES = ("skip", "decay", "restore", "none")
 DECAY_FACTOR = 0.1  # the authors' pseudo-gradient: 0.1 * parameter
+GATE_LETTERS = {"GRU": "rzn", "LSTM": "ifgo"}  # PyTorch's gate order along a stacked first dimension
+
+
+def clip_exemptions(model: nn.Module, names: Sequence[str]) -> dict[int, list[tuple[int, int]]]:
+    """Resolve ``clip_exempt`` names: ``{id(parameter): row spans still clipped}``.
+
+    A name is one of ``model.named_parameters()`` (after weight normalisation, if any), whose
+    gradient is then not clipped at all, or ``"name:gate"`` with a gate letter of the recurrent
+    layer owning it (GRU ``r``, ``z``, ``n``; LSTM ``i``, ``f``, ``g``, ``o``): only that gate's
+    block of the first dimension is left unclipped, for tensors stacking the gates there
+    (``weight_ih_l0`` and biases: ``gates * hidden`` rows; factors ``L``, ``R``, ``D``: one slice
+    per gate). E.g. the authors' psMNIST exemption, in a low-rank GRU's names:
+    ``["rnn.weight_ih_l0", "rnn.parametrizations.weight_hh_l0.original1",
+    "rnn.parametrizations.weight_hh_l0.original0:n"]``. Raises ``ConfigError`` naming an
+    unknown parameter, gate, or a tensor that does not stack gates.
+
+    >>> clip_exemptions(torch.nn.GRU(2, 4), ["bias_hh_l0:n"])   # doctest: +SKIP
+    """
+    params = dict(model.named_parameters())
+    modules = dict(model.named_modules())
+    exempt: dict[int, set[int] | None] = {}  # id -> gate indices left unclipped (None: all)
+    shapes: dict[int, tuple[int, int]] = {}  # id -> (rows of the first dimension, gates)
+    for entry in names:
+        name, _, gate = entry.partition(":")
+        p = params.get(name)
+        if p is None:
+            raise ConfigError(f"clip_exempt: {type(model).__name__} has no parameter {name!r} "
+                              f"(its parameters: {', '.join(params)})")
+        if not gate:
+            exempt[id(p)] = None
+            continue
+        layer = _recurrent_owner(modules, name)
+        letters = GATE_LETTERS.get(getattr(layer, "mode", None), "")
+        if not letters:
+            raise ConfigError(f"clip_exempt: {entry!r}: a gate suffix needs a parameter of a GRU or LSTM layer")
+        if len(gate) != 1 or gate not in letters:
+            raise ConfigError(f"clip_exempt: {entry!r}: unknown gate {gate!r} (a {layer.mode}'s gates: "
+                              f"{', '.join(letters)})")
+        rows = p.shape[0] if p.dim() else 0
+        if not rows or rows % len(letters) or rows // len(letters) not in (1, layer.hidden_size):
+            raise ConfigError(f"clip_exempt: {entry!r}: {name} of shape {tuple(p.shape)} does not stack the "
+                              f"{len(letters)} gates along its first dimension")
+        shapes[id(p)] = (rows, len(letters))
+        if id(p) not in exempt or exempt[id(p)] is not None:
+            exempt[id(p)] = (exempt.get(id(p)) or set()) | {letters.index(gate)}
+    out = {}
+    for key, gates in exempt.items():
+        if gates is None:
+            out[key] = []
+            continue
+        rows, count = shapes[key]
+        size = rows // count
+        spans = [[k * size, (k + 1) * size] for k in range(count) if k not in gates]
+        merged = [spans[0]] if spans else []
+        for a, b in spans[1:]:  # adjacent clipped gates: one span
+            if a == merged[-1][1]:
+                merged[-1][1] = b
+            else:
+                merged.append([a, b])
+        out[key] = [tuple(s) for s in merged]
+    return out
+
+
+def _recurrent_owner(modules: dict[str, nn.Module], name: str) -> nn.Module | None:
+    """The innermost ``nn.RNNBase`` among the modules on the path of parameter ``name``."""
+    parts = name.split(".")[:-1]
+    for end in range(len(parts), -1, -1):
+        module = modules.get(".".join(parts[:end]))
+        if isinstance(module, nn.RNNBase):
+            return module
+    return None
 
 
 def decay_gradients_(params: Iterable[Tensor], factor: float = DECAY_FACTOR) -> None:
@@ -54,11 +127,13 @@ class Stabiliser:
 
     ``before_step()`` returns whether to step; ``after_step()`` applies the row max-norm;
     ``remember()`` records the state ``restore`` goes back to (call it after a good evaluation).
-    ``nan_events`` counts non-finite gradient norms seen.
+    ``nan_events`` counts non-finite gradient norms seen. ``clip_exempt``: parameters whose
+    gradients are not clipped (``clip_exemptions``); they still count in the non-finite check.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *, clip: str = "none",
-                 clip_value: float = 1.0, nan_policy: str = "skip", max_row_norm: float = 0.0):
+                 clip_value: float = 1.0, nan_policy: str = "skip", max_row_norm: float = 0.0,
+                 clip_exempt: Sequence[str] = ()):
         if clip not in CLIP_MODES:
             raise ConfigError(f"clip must be one of {', '.join(CLIP_MODES)}, got {clip!r}")
         if nan_policy not in NAN_POLICIES:
@@ -69,6 +144,10 @@ class Stabiliser:
             raise ConfigError(f"max_row_norm must be >= 0 (0 = off), got {max_row_norm!r}")
         if nan_policy == "restore" and optimizer is None:
             raise ConfigError("nan_policy 'restore' needs the optimizer (its state is restored too)")
+        if clip_exempt and clip == "none":
+            raise ConfigError("clip_exempt names parameters to leave unclipped, but clip = 'none'")
+        # id(parameter) -> the row spans (first dimension) that ARE clipped; [] = not clipped at all
+        self.clipped_rows = clip_exemptions(model, clip_exempt)
         self.model, self.optimizer = model, optimizer
         self.clip, self.clip_value, self.nan_policy, self.max_row_norm = clip, clip_value, nan_policy, max_row_norm
         self.nan_events = 0
@@ -100,12 +179,32 @@ class Stabiliser:
         params = [p for p in self.params() if p.grad is not None]
         if self.clip == "none" or not params:
             return
+        if self.clipped_rows:
+            self._clip_parts(params)
+            return
         if self.clip == "element":
             clip_grad_value_(params, self.clip_value)
         elif self.last_norm is not None:
             clip_grads_with_norm_(params, self.clip_value, self.last_norm)
         else:  # nan_policy "none": no check computed the norm
             clip_grad_norm_(params, self.clip_value)
+
+    def _clip_parts(self, params: list[Tensor]) -> None:
+        """Clip the gradients but the exempt ones (or their exempt gate blocks): element-wise, or
+        by the global norm of the clipped parts only (the authors' exempt gradients count in no norm)."""
+        parts = []
+        for p in params:
+            spans = self.clipped_rows.get(id(p))
+            parts += [p.grad] if spans is None else [p.grad[a:b] for a, b in spans]  # views: in place below
+        if not parts:
+            return
+        if self.clip == "element":
+            for g in parts:
+                g.clamp_(-self.clip_value, self.clip_value)
+            return
+        factor = (self.clip_value / (get_total_norm(parts) + 1e-6)).clamp(max=1.0)  # clip_grads_with_norm_'s
+        for g in parts:
+            g.mul_(factor.to(g.device))
 
     def recover(self, params: list[Tensor]) -> bool:
         if self.nan_policy == "decay":

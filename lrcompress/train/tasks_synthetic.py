@@ -50,8 +50,8 @@ class SyntheticTask(Task):
         for key in ("valid_size", "test_size", "steps_per_epoch"):
             check_range("task", spec, key, 1)
 
-    def generate(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """``n`` examples as (inputs, targets) arrays, before conversion to tensors."""
+    def generate(self, rng: np.random.Generator, n: int, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+        """``n`` examples of ``split`` as (inputs, targets) arrays, before conversion to tensors."""
         raise NotImplementedError
 
     def to_batch(self, x: np.ndarray, y: np.ndarray) -> Batch:
@@ -59,7 +59,7 @@ class SyntheticTask(Task):
 
     def examples(self, split: str, indices) -> Batch:
         """Examples ``indices`` of ``split``, each from its own generator."""
-        parts = [self.generate(np.random.default_rng([self.spec["seed"], SPLIT_CODES[split], int(i)]), 1)
+        parts = [self.generate(np.random.default_rng([self.spec["seed"], SPLIT_CODES[split], int(i)]), 1, split)
                  for i in indices]
         return self.to_batch(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
 
@@ -156,7 +156,7 @@ class CopyTask(SyntheticTask):
     def length(self) -> int:
         return self.spec["lag"] + 2 * self.spec["data_length"]
 
-    def generate(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    def generate(self, rng: np.random.Generator, n: int, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
         size, lag, variant = self.spec["data_length"], self.spec["lag"], self.spec["variant"]
         data = rng.integers(0, self.SYMBOLS, size=(n, size))
         L = rng.integers(1, size + 1, size=(n, 1)) if variant == "variable_length" else np.full((n, 1), size)
@@ -194,25 +194,37 @@ class CopyTask(SyntheticTask):
 
 class AdditionTask(Regression, SyntheticTask):
     """The addition task (paper 3.0.2): ``length`` steps of two channels, the first uniform in
-    [0, 1), the second 0 except for two 1s, one in each half (the first in steps
-    ``0 .. length//2 - 1``, the second in ``length//2 .. length - 1``). The target is the sum of
-    the two marked values, predicted from the final state; metric: mean squared error
-    (always answering 1 scores ~0.167, the variance of the sum)."""
+    [0, 1), the second 0 except for two 1s. The target is the sum of the two marked values,
+    predicted from the final state; metric: mean squared error (always answering 1 scores
+    ~0.167, the variance of the sum).
+
+    Marker placement: in training, one in each half (the first in steps ``0 .. length//2 - 1``,
+    the second in ``length//2 .. length - 1``), as in the authors' ``RNN_adding.py``;
+    ``eval_markers`` places those of the validation and test splits: ``"halves"`` the same way,
+    or ``"anywhere"``: two distinct steps drawn uniformly from ``0 .. length - 1`` (the authors'
+    test set, ``np.random.choice(T, 2, replace=False)``; they had no validation set and chose
+    their model on that test set)."""
 
     name = "addition"
     input_size, output_size, output = 2, 1, "last"
-    DEFAULTS: ClassVar[dict] = {**SyntheticTask.DEFAULTS, "length": 750}
+    DEFAULTS: ClassVar[dict] = {**SyntheticTask.DEFAULTS, "length": 750, "eval_markers": "halves"}
+    CHOICES: ClassVar[dict] = {"eval_markers": ("halves", "anywhere")}
 
     @classmethod
     def check(cls, spec: dict) -> None:
         super().check(spec)
         check_range("task", spec, "length", 2)
 
-    def generate(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    def generate(self, rng: np.random.Generator, n: int, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
         T = self.spec["length"]
         values = rng.random((n, T)).astype(np.float32)
-        first = rng.integers(0, T // 2, size=n)
-        second = rng.integers(T // 2, T, size=n)
+        if split != "train" and self.spec["eval_markers"] == "anywhere":
+            first = rng.integers(0, T, size=n)
+            second = rng.integers(0, T - 1, size=n)
+            second += second >= first  # uniform over the other T - 1 steps: distinct, in either order
+        else:
+            first = rng.integers(0, T // 2, size=n)
+            second = rng.integers(T // 2, T, size=n)
         rows = np.arange(n)
         markers = np.zeros((n, T), dtype=np.float32)
         markers[rows, first] = 1.0
