@@ -259,8 +259,10 @@ class PtbCharTask(Task):
     """Character-level language modelling on Penn Treebank (paper 3.0.4, appendix A.3).
 
     Each line is its symbols (``_`` stands for a space) followed, when ``eol`` is true, by an
-    end-of-line symbol: 49 + 1 = 50 symbols on the standard files (``eol = false``: 49, as in
-    appendix A.3). The vocabulary comes from the training file.
+    end-of-line symbol: 49 + 1 = 50 symbols on the standard files (``eol = false``: 49, the
+    characters A.3 counts; the loader of Gal's LSTM code, Zaremba's ``data.lua``, still turns
+    every line end into ``<eos>``, so its stream holds 50). The vocabulary comes from the
+    training file.
 
     ``mode = "stream"`` (stateful): a split is one symbol stream cut into ``batch_size``
     contiguous streams and read in windows of ``seq_len`` steps, x = symbols t, y = symbols
@@ -271,14 +273,18 @@ class PtbCharTask(Task):
     symbol; batches are padded (targets ``IGNORE``) and group lines of similar length.
 
     Metrics: ``bpc`` (bits per character), ``ppl`` = 2^bpc (per-character perplexity) and
-    ``ce`` in nats, over every predicted symbol.
+    ``ce`` in nats, over every predicted symbol; ``ppl_paper`` averages as the paper's code did
+    (``finalize``).
     """
 
     name = "ptb_char"
     output, tokens = "sequence", True
     metric, higher_is_better = "bpc", False
-    DEFAULTS: ClassVar[dict] = {"data_dir": "", "mode": "stream", "seq_len": 100, "eol": True}
-    CHOICES: ClassVar[dict] = {"mode": ("stream", "sentences")}
+    # loss_average: "symbols", the mean NLL over the batch's symbols; "sentences" (sentence mode),
+    # each sentence's mean NLL per symbol, averaged over sentences (the authors' dl4mt-lm cost)
+    DEFAULTS: ClassVar[dict] = {"data_dir": "", "mode": "stream", "seq_len": 100, "eol": True,
+                                "loss_average": "symbols"}
+    CHOICES: ClassVar[dict] = {"mode": ("stream", "sentences"), "loss_average": ("symbols", "sentences")}
     BUCKET = 64  # batches per length-sorted bucket in sentence mode
 
     @classmethod
@@ -287,6 +293,8 @@ class PtbCharTask(Task):
         if spec["mode"] == "sentences" and not spec["eol"]:
             raise ConfigError("task.mode = 'sentences' starts each line from the end-of-line symbol, "
                               "so it needs task.eol = true")
+        if spec["loss_average"] == "sentences" and spec["mode"] != "sentences":
+            raise ConfigError("task.loss_average = 'sentences' averages per sentence: it needs task.mode = 'sentences'")
 
     def __init__(self, spec: dict):
         super().__init__(spec)
@@ -369,15 +377,38 @@ class PtbCharTask(Task):
         return batch_loader(Sentences(lines, self.vocab.ids[EOL]), [list(map(int, g)) for g in groups])
 
     def loss(self, logits: Tensor, batch: Batch) -> Tensor:
-        return sequence_nll(logits, batch.y)
+        if self.spec.get("loss_average") != "sentences":
+            return sequence_nll(logits, batch.y)
+        # dl4mt-lm (lm/small_lm_dr.py build_model): (cost * x_mask).sum(0) / x_mask.sum(0), then .mean()
+        nll = sequence_nll(logits, batch.y, reduction="none").view(batch.y.shape)
+        counts = (batch.y != IGNORE).sum(1)
+        rows = counts > 0
+        return (nll.sum(1)[rows] / counts[rows]).mean()
 
     def evaluate(self, logits: Tensor, batch: Batch) -> dict[str, float]:
-        nll = sequence_nll(logits.detach().float(), batch.y, reduction="sum")
-        return {"count": float((batch.y != IGNORE).sum()), "nll": float(nll)}
+        nll = sequence_nll(logits.detach().float(), batch.y, reduction="none").view(batch.y.shape)  # 0 if padded
+        counts = (batch.y != IGNORE).sum(1)
+        out = {"count": float(counts.sum()), "nll": float(nll.sum())}
+        if not self.stateful:  # each row is one sentence: its mean NLL per symbol, for ppl_paper
+            rows = counts > 0
+            out["sentences"] = float(rows.sum())
+            out["sentence_ce"] = float((nll.sum(1)[rows] / counts[rows]).sum())
+        return out
 
     def finalize(self, sums: dict[str, float]) -> dict[str, float]:
+        """``ce``, ``bpc``, ``ppl`` over every predicted symbol (total NLL / total symbols), and
+        ``ppl_paper``, Table 2's average: in sentence mode the authors' dl4mt-lm figure,
+        ``exp`` of the mean over sentences of each sentence's NLL per symbol (end of line
+        counted), i.e. the geometric mean of per-sentence perplexities (``ce_paper`` its log);
+        in stream mode Gal's and Zaremba's whole-stream total / count, equal to ``ppl``."""
         ce = sums["nll"] / sums["count"] if sums["count"] else float("nan")
-        return {"bpc": ce / LN2, "ppl": float(2.0 ** (ce / LN2)), "ce": ce}
+        out = {"bpc": ce / LN2, "ppl": float(2.0 ** (ce / LN2)), "ce": ce}
+        if "sentences" in sums:
+            ce_paper = sums["sentence_ce"] / sums["sentences"] if sums["sentences"] else float("nan")
+            out.update(ce_paper=ce_paper, ppl_paper=float(np.exp(ce_paper)))
+        else:
+            out["ppl_paper"] = out["ppl"]
+        return out
 
 
 class Windows(Dataset):

@@ -13,8 +13,8 @@ the whole text falls outside it (rare, or absent from the training part), one un
 ``UNK`` (U+FFFD, the Unicode replacement character) joins the vocabulary and stands for all of
 them. Batches are ``PtbCharTask``'s stream mode: each split is cut into ``batch_size``
 contiguous streams read in windows of ``seq_len`` characters, x = characters t, y = t + 1, the
-state carried from window to window. Metric: bits per character (``bpc``), with ``ppl`` and
-``ce`` (nats).
+state carried from window to window. Metric: bits per character (``bpc``), with ``ppl``,
+``ce`` (nats) and ``ppl_paper`` (in stream mode equal to ``ppl``: ``PtbCharTask.finalize``).
 
     >>> task = TextTask({"seq_len": 50})
     >>> task.input_size, task.metric
