@@ -23,7 +23,7 @@ from torch import nn
 
 from lrcompress.errors import ConfigError
 from lrcompress.nn import Highway, LowRankGRU, LowRankLSTM
-from lrcompress.nn.variational import FALLBACK_NOTE, LayerMasks, VariationalMasks, draw_masks, run_variational
+from lrcompress.nn.variational import FALLBACK_NOTE, MASKED_NOTE, LayerMasks, VariationalMasks, draw_masks, run_variational
 from lrcompress.train.models import PaperGRU, SequenceModel, build_model, check_model
 from lrcompress.train.recipe import load_recipe
 from lrcompress.train.tasks import build_task
@@ -217,16 +217,21 @@ def test_evaluation_applies_no_dropout(scheme):
     torch.testing.assert_close(plain(x), model(x))
 
 
-def test_accelerated_layers_fall_back_to_the_step_loop_and_say_why():
+def test_accelerated_layers_say_which_path_the_masks_took():
     from lrcompress.execution import accelerate
     from lrcompress.train.engine import describe_execution
 
-    model = lm_model("dl4mt", rank=2)
+    model = lm_model("dl4mt", rank=2)  # an eq. 7 GRU: execution.masked's backward
     accelerate(model.rnn, mode="factored", training=True)
     model.train()
     model(torch.randint(0, 11, (B, T))).sum().backward()
-    assert describe_execution({"rnn": model.rnn}) == {"rnn": FALLBACK_NOTE}
+    assert describe_execution({"rnn": model.rnn}) == {"rnn": MASKED_NOTE}
     assert model.rnn.parametrizations.weight_hh_l0.original0.grad is not None
+    lstm = lm_model("per_gate", rank=2, cell="lstm")  # no masked backward: the step loop
+    accelerate(lstm.rnn, mode="factored", training=True)
+    lstm.train()
+    lstm(torch.randint(0, 11, (B, T))).sum().backward()
+    assert describe_execution({"rnn": lstm.rnn}) == {"rnn": FALLBACK_NOTE}
 
 
 def test_dropout_masks_settings_are_checked():
@@ -410,4 +415,4 @@ def test_a_dl4mt_recipe_trains_a_few_updates(tmp_path):
                                       "train.steps=3", "train.eval_every=3", "train.batch_size=4",
                                       "train.device='cpu'", "train.execution='factored'"])
     assert summary["steps"] == 3 and math.isfinite(summary["test"]["ppl_paper"])
-    assert summary["execution"] == {"rnn": FALLBACK_NOTE}
+    assert summary["execution"] == {"rnn": MASKED_NOTE}

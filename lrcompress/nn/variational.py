@@ -133,13 +133,19 @@ def draw_masks(rnn: nn.RNNBase, batch: int, steps: int, *, scheme: str, recurren
     return VariationalMasks(layers)
 
 
-def run_variational(rnn: nn.RNNBase, x: Tensor, hx, masks: VariationalMasks):
-    """``rnn(x, hx)`` with ``masks`` applied, step by step with autograd: (output, final state).
+def run_variational(rnn: nn.RNNBase, x: Tensor, hx, masks: VariationalMasks, *, backward: str = "auto"):
+    """``rnn(x, hx)`` with ``masks`` applied: (output, final state).
 
     ``x``: (B, T, input_size), batch first; ``hx``: None, (L, B, n), or an LSTM's (h, c).
     Returns what ``rnn`` returns: (B, T, n) and (L, B, n) (LSTM: a pair). GRU layers follow
     ``rnn.gru_form`` (``"paper"``: eq. 6, reset before the product; else eq. 7, PyTorch's).
+
+    ``backward="auto"``: an eq. 7 GRU layer (low-rank or dense weights) runs
+    ``execution.masked``'s written-out backward through the factors; every other layer, or
+    ``backward="autograd"``, a step loop recorded by autograd (the reference the tests compare with).
     """
+    if backward not in ("auto", "autograd"):
+        raise ConfigError(f"backward must be 'auto' or 'autograd', got {backward!r}")
     if len(masks.layers) != rnn.num_layers:
         raise ConfigError(f"masks for {len(masks.layers)} layers given to a {rnn.num_layers}-layer {rnn.mode}")
     lstm = rnn.mode == "LSTM"
@@ -152,6 +158,11 @@ def run_variational(rnn: nn.RNNBase, x: Tensor, hx, masks: VariationalMasks):
     with parametrize.cached():  # one rebuild of any non-low-rank parametrized weight per call
         for layer, lm in enumerate(masks.layers):
             gi = _input_projection(rnn, layer, x, lm)
+            if backward == "auto" and masked_backward(rnn):
+                x, h = _run_masked_gru(rnn, layer, gi, h0[layer], lm)
+                finals_h.append(h)
+                finals_c.append(None)
+                continue
             recur = _Recurrence(rnn, layer, lm)
             h = h0[layer]
             c = c0[layer] if lstm else None
@@ -169,6 +180,33 @@ def run_variational(rnn: nn.RNNBase, x: Tensor, hx, masks: VariationalMasks):
             finals_c.append(c)
     h_n = torch.stack(finals_h)
     return x, ((h_n, torch.stack(finals_c)) if lstm else h_n)
+
+
+def masked_backward(rnn: nn.RNNBase) -> bool:
+    """Whether ``run_variational`` takes ``execution.masked``'s backward for ``rnn``: eq. 7 GRU
+    layers whose recurrent weights are low-rank or plain (a Kronecker/TT weight is not)."""
+    if rnn.mode != "GRU" or getattr(rnn, "gru_form", "cudnn") == "paper":
+        return False
+    for layer in range(rnn.num_layers):
+        name = f"weight_hh_l{layer}"
+        if parametrize.is_parametrized(rnn, name) and factorization(rnn, name) is None:
+            return False
+    return True
+
+
+def _run_masked_gru(rnn: nn.RNNBase, layer: int, gi: Tensor, h0: Tensor, lm: LayerMasks) -> tuple[Tensor, Tensor]:
+    """One eq. 7 GRU layer through ``execution.masked``: gi (B, T, 3n) -> (B, T, n), h_n (B, n)."""
+    from ..execution import bptt, masked, ops  # execution imports nn: import here, not at the top
+
+    batch, steps, n = gi.shape[0], gi.shape[1], rnn.hidden_size
+    rows = gi.transpose(0, 1).reshape(steps * batch, 3 * n).view(steps * batch, 3, n).transpose(0, 1)
+    op = ops.prepare(rnn, layer, 0).hh
+    if lm.recurrent is None:  # no recurrent dropout: the plain factored backward
+        out, h = bptt.LOOPS.gru(rows, h0, [batch] * steps, False, *op[1:])
+    else:
+        groups = [(group[0], len(group)) for group in lm.groups]
+        out, h = masked.masked_gru(rows, h0, steps, torch.stack(lm.recurrent), groups, *op[1:])
+    return out.view(steps, batch, n).transpose(0, 1), h
 
 
 def _input_projection(rnn: nn.RNNBase, layer: int, x: Tensor, lm: LayerMasks) -> Tensor:
@@ -276,6 +314,7 @@ class _Recurrence:
 # by the training engine's execution log, engine.describe_execution).
 FALLBACK_NOTE = ("variational step loop through the factors (per-sequence dropout masks: the factored "
                  "backward takes one column mask per call, cuDNN none)")
+MASKED_NOTE = "factored backward with per-sequence dropout masks (execution.masked)"
 
 
 def run_sequence(rnn: nn.RNNBase, x: Tensor, hx, *, scheme: str, recurrent: float = 0.0, inputs: float = 0.0,
@@ -285,7 +324,7 @@ def run_sequence(rnn: nn.RNNBase, x: Tensor, hx, *, scheme: str, recurrent: floa
     step (dl4mt-lm's ``readout_dropout``, Gal's ``noise_o``). Returns (output, final state)."""
     masks = draw_masks(rnn, x.shape[0], x.shape[1], scheme=scheme, recurrent=recurrent, inputs=inputs)
     if rnn.__dict__.get("_lrc_acceleration") is not None:
-        rnn.__dict__["_lrc_variational_note"] = FALLBACK_NOTE
+        rnn.__dict__["_lrc_variational_note"] = MASKED_NOTE if masked_backward(rnn) else FALLBACK_NOTE
     out, state = run_variational(rnn, x, hx, masks)
     keep = sequence_masks(1, x.shape[0], out.shape[-1], output, out)
     return (out if keep is None else out * keep[0].unsqueeze(1)), state
