@@ -30,14 +30,12 @@ own GRU (eq. 6: ``n = tanh(W_in x + W_hn (r * h) + b_hn)``), ``nn.LSTM`` (with `
 from __future__ import annotations
 
 import functools
-import os
-import warnings
 from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from .loops import Loops, _part, carry, factored_gates, gates, order_of
+from .loops import Loops, _part, carry, compile_or_plain, factored_gates, gates, order_of
 
 
 # ----------------------------------------------------------------------------- shared pieces
@@ -436,14 +434,7 @@ class Kernels:
 def kernels(script: bool = True) -> Kernels:
     """The step loops compiled by TorchScript once per process (``script=False`` or
     ``LRCOMPRESS_JIT=0``: plain Python, as on CUDA, where graph capture wants no fusers)."""
-    if script and os.environ.get("LRCOMPRESS_JIT", "1") != "0":
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                return Kernels(True)
-        except Exception:  # TorchScript missing or unable to compile here: run them in Python
-            pass
-    return Kernels(False)
+    return compile_or_plain(Kernels) if script else Kernels(False)
 
 
 # ----------------------------------------------------------------------------- autograd functions

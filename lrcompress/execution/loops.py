@@ -16,10 +16,12 @@ from __future__ import annotations
 import functools
 import os
 import warnings
-from typing import Callable, List, NamedTuple, Optional, Tuple
+from typing import Callable, List, NamedTuple, Optional, Tuple, TypeVar
 
 import torch
 from torch import Tensor
+
+T = TypeVar("T")
 
 
 def gates(x: Tensor, count: int, dense: Optional[Tensor], right: Optional[Tensor], left: Optional[Tensor],
@@ -176,12 +178,25 @@ PLAIN = Loops(gru_layer, lstm_layer, rnn_layer, paper_gru_layer)
 
 
 @functools.lru_cache(maxsize=None)
+def compile_or_plain(make: Callable[[bool], T]) -> T:
+    """``make(True)`` (its functions compiled by TorchScript), or ``make(False)`` (plain Python)
+    when that fails (TorchScript missing, or unable to compile on this PyTorch) or is switched off
+    with ``LRCOMPRESS_JIT=0``."""
+    if os.environ.get("LRCOMPRESS_JIT", "1") != "0":
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # TorchScript's deprecation notice says nothing to act on
+                return make(True)
+        except Exception:
+            pass
+    return make(False)
+
+
 def scripted() -> Loops:
     """The loops compiled by TorchScript (once per process); plain Python when that fails or is
     switched off with ``LRCOMPRESS_JIT=0``. TorchScript runs each step's ~10 small ops with about
     half the per-op overhead of the Python interpreter, which matters for n ~ 1000 at batch 1."""
-    if os.environ.get("LRCOMPRESS_JIT", "1") == "0":
-        return PLAIN
+    return compile_or_plain(lambda script: Loops(*(torch.jit.script(f) for f in PLAIN)) if script else PLAIN)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # TorchScript's deprecation notice says nothing to act on

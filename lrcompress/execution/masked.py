@@ -24,15 +24,13 @@ Only whole padded batches (every sequence all ``steps`` long, rows step-major), 
 from __future__ import annotations
 
 import functools
-import os
-import warnings
 from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from .bptt import CHUNK, _most_rows, _op_grads, back, back_rzn, chunks, join_grads, weight_grads
-from .loops import _part, factored_gates, gates, order_of
+from .loops import _part, compile_or_plain, factored_gates, gates, order_of
 
 
 def masked_gru_forward(gi: Tensor, h: Tensor, steps: int, masks: Tensor, groups: List[Tuple[int, int]],
@@ -165,14 +163,7 @@ class MaskedKernels:
 @functools.lru_cache(maxsize=None)
 def masked_kernels(script: bool = True) -> MaskedKernels:
     """Compiled once per process; plain Python on CUDA or with ``LRCOMPRESS_JIT=0``."""
-    if script and os.environ.get("LRCOMPRESS_JIT", "1") != "0":
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                return MaskedKernels(True)
-        except Exception:  # TorchScript missing or unable to compile here: run them in Python
-            pass
-    return MaskedKernels(False)
+    return compile_or_plain(MaskedKernels) if script else MaskedKernels(False)
 
 
 class MaskedGRUFunction(torch.autograd.Function):
