@@ -32,3 +32,8 @@ class OutputExistsError(LRCompressError):
 
 class DegenerateWeightError(WeightError):
     """A weight to be factored is empty, sparse, or not real floating point (int, bool, complex)."""
+
+
+class SecondOrderError(LRCompressError, RuntimeError):
+    """A second derivative (``create_graph=True``) was asked of a first-order written-out backward
+    (the factored training paths); the message names the path that supports it."""

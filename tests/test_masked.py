@@ -139,3 +139,33 @@ def test_no_state_matrix_is_saved():
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out, _ = run_variational(rnn, torch.randn(2, 3, IN), None, masks)
     assert sizes and max(sizes) < n * n // 4
+
+
+@pytest.mark.parametrize("path", ["bptt-gru", "bptt-lstm", "paper-gru", "masked"])
+def test_a_second_derivative_raises_instead_of_going_missing(path):
+    """The written-out backwards are first-order: create_graph=True must fail loudly (a
+    SecondOrderError naming the path that supports it), never return gradients whose own
+    derivatives are silently absent; first-order gradients still work afterwards."""
+    from lrcompress.errors import SecondOrderError
+
+    torch.manual_seed(0)
+    x = torch.randn(B, T, IN, dtype=torch.float64)
+    if path == "masked":
+        rnn = make("lrd")
+        masks = draw_masks(rnn, B, T, scheme="dl4mt", recurrent=0.5)
+        forward = lambda: run_variational(rnn, x, None, masks)[0]  # noqa: E731
+    else:
+        if path == "bptt-gru":
+            rnn = LowRankGRU(IN, N, rank=2, diag=True, batch_first=True).double()
+        elif path == "bptt-lstm":
+            rnn = lrc.nn.LowRankLSTM(IN, N, rank=2, batch_first=True).double()
+        else:
+            rnn = PaperGRU(IN, N, batch_first=True, dtype=torch.float64)
+        if path != "paper-gru":
+            lrc.accelerate(rnn, mode="factored", training=True)
+        forward = lambda: rnn(x)[0]  # noqa: E731
+    params = [p for p in rnn.parameters() if p.requires_grad]
+    with pytest.raises(SecondOrderError, match="first-order"):
+        torch.autograd.grad(forward().square().sum(), params, create_graph=True)
+    first = torch.autograd.grad(forward().square().sum(), params)
+    assert all(g is not None and torch.isfinite(g).all() for g in first)

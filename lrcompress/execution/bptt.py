@@ -35,6 +35,8 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..errors import SecondOrderError
+
 from .loops import Loops, _part, carry, compile_or_plain, factored_gates, gates, order_of
 
 
@@ -439,6 +441,30 @@ def kernels(script: bool = True) -> Kernels:
 
 # ----------------------------------------------------------------------------- autograd functions
 
+SECOND_ORDER = ("the factored training path (lrcompress.execution.bptt) has a first-order backward: for a "
+                "second derivative (create_graph=True) use accelerate(model, mode='dense') or "
+                "[train] execution = 'dense' (the paper-form PaperGRU has no dense kernel: first-order only)")
+
+
+def first_order(message: str):
+    """Decorate an autograd backward that is first-order only: when autograd asks for a graph of
+    the gradients (``create_graph=True``, so grad mode is on inside the backward) it raises
+    ``SecondOrderError(message)``, instead of returning gradients whose own derivatives would
+    be silently missing (``once_differentiable`` leaves them to a later call that may never
+    come); otherwise it runs the backward without recording."""
+
+    def decorate(backward):
+        @functools.wraps(backward)
+        def wrapper(ctx, *grads):
+            if torch.is_grad_enabled():
+                raise SecondOrderError(message)
+            return backward(ctx, *grads)
+
+        return wrapper
+
+    return decorate
+
+
 def _kernels_for(t: Tensor) -> Kernels:
     return kernels(not t.is_cuda)
 
@@ -472,7 +498,7 @@ class GRUFunction(torch.autograd.Function):
         return out, hn
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order(SECOND_ORDER)
     def backward(ctx, g_out, g_hn):
         prev, rz, cand, hn_part, u, dense, right, left, diag, bias = ctx.saved_tensors
         k = _kernels_for(prev)
@@ -504,7 +530,7 @@ class PaperGRUFunction(torch.autograd.Function):
         return out, hn
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order(SECOND_ORDER)
     def backward(ctx, g_out, g_hn):
         prev, rz, cand, dense, right, left, diag, bias = ctx.saved_tensors
         k = _kernels_for(prev)
@@ -532,7 +558,7 @@ class RNNFunction(torch.autograd.Function):
         return out, hn
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order(SECOND_ORDER)
     def backward(ctx, g_out, g_hn):
         out, prev, dense, right, left, diag, bias = ctx.saved_tensors
         k = _kernels_for(out)
@@ -562,7 +588,7 @@ class LSTMFunction(torch.autograd.Function):
         return out, hn, cn
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order(SECOND_ORDER)
     def backward(ctx, g_out, g_hn, g_cn):
         prev, cprev, act, tc, dense, right, left, diag, bias, p_dense, p_right, p_left = ctx.saved_tensors
         k = _kernels_for(prev)

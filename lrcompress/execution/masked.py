@@ -29,7 +29,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .bptt import CHUNK, _most_rows, _op_grads, back, back_rzn, chunks, join_grads, weight_grads
+from .bptt import CHUNK, _most_rows, first_order, _op_grads, back, back_rzn, chunks, join_grads, weight_grads
 from .loops import _part, compile_or_plain, factored_gates, gates, order_of
 
 
@@ -180,7 +180,8 @@ class MaskedGRUFunction(torch.autograd.Function):
         return out, hn
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order("the factored backward with per-sequence masks (lrcompress.execution.masked) is first-order: "
+                 "for a second derivative (create_graph=True) use run_variational(..., backward='autograd')")
     def backward(ctx, g_out, g_hn):
         prev, rz, cand, hn_part, masks, dense, right, left, diag, bias, *us = ctx.saved_tensors
         k = masked_kernels(not prev.is_cuda)
