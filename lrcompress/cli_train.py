@@ -157,6 +157,10 @@ def sweep(
         _echo(json.dumps({"out": str(out), "points": points}))
     else:
         _echo(f"{len(points)} points in {out}; table: lrcompress report {out}")
+    unsound = [p.get("run_dir") for p in points if p.get("warnings")]
+    if unsound:  # every point ran; the exit code still tells a script that some did not end well
+        _echo_err(f"{len(unsound)} point(s) diverged or ended with NaN/Inf metrics: {', '.join(map(str, unsound))}")
+        sys.exit(UNSOUND_EXIT)
 
 
 def report(
@@ -283,6 +287,7 @@ def _report_run(summary: dict, as_json: bool, resume_command: str) -> None:
         sys.exit(130)  # typer.Exit codes are lost by cli.main (standalone_mode=False)
     if as_json:
         _echo(json.dumps(summary))
+        _exit_if_unsound(summary)
         return
     metric = summary["metric"]
     parts = [f"{summary['run_dir']}: {summary['steps']} updates ({summary['stopped']}), {summary['wall_time']:.0f}s"]
@@ -292,6 +297,10 @@ def _report_run(summary: dict, as_json: bool, resume_command: str) -> None:
                      f"{_fmt(summary['converted'][split].get(metric), metric)}, fine-tuned "
                      f"{_fmt(summary[split].get(metric), metric)}; params {summary['params_dense']:,} -> "
                      f"{summary['params']:,} ({summary['ratio']:.2f}x smaller)")
+        if metric != "accuracy" and "accuracy" in summary[split]:  # e.g. selected on CE: the paper's %
+            parts.append(f"{split} accuracy: dense {_fmt(summary['dense'][split].get('accuracy'), 'accuracy')}, "
+                         f"converted {_fmt(summary['converted'][split].get('accuracy'), 'accuracy')}, fine-tuned "
+                         f"{_fmt(summary[split]['accuracy'], 'accuracy')}")
     else:
         for split in ("val", "test"):
             if summary.get(split):
@@ -303,6 +312,17 @@ def _report_run(summary: dict, as_json: bool, resume_command: str) -> None:
     if summary.get("nan_events"):
         parts.append(f"{summary['nan_events']} non-finite gradient(s) recovered")
     _echo("; ".join(parts))
+    _exit_if_unsound(summary)
+
+
+UNSOUND_EXIT = 3  # the run finished, but diverged or ended with NaN/Inf metrics (docs/training.md)
+
+
+def _exit_if_unsound(summary: dict) -> None:
+    """Exit with ``UNSOUND_EXIT`` when the run's summary carries warnings (``FitResult.warnings``,
+    already shown on stderr as they arose): a script must not take a diverged run for a result."""
+    if summary.get("warnings"):
+        sys.exit(UNSOUND_EXIT)  # typer.Exit codes are lost by cli.main (standalone_mode=False)
 
 
 def _fmt(x, metric: str | None = None) -> str:

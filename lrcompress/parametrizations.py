@@ -130,11 +130,17 @@ def max_rank(gates: int, rows: int, cols: int, tied: bool) -> int:
 
 
 def factorization(module: nn.Module, name: str) -> LowRank | None:
-    """The lrcompress parametrization on ``module.<name>``, or None."""
+    """The lrcompress parametrization on ``module.<name>``, or None.
+
+    Its factors may themselves be parametrized (weight normalisation, ``train.stabilisers``):
+    torch then adds a ``parametrizations`` child to the list, which is not a parametrization of
+    the weight and does not count (else weight-normalised factors read as "not low rank").
+    """
     if not parametrize.is_parametrized(module, name):
         return None
     plist = module.parametrizations[name]
-    return plist[0] if len(plist) == 1 and isinstance(plist[0], LowRank) else None
+    own = [m for key, m in plist._modules.items() if key.isdigit()]
+    return own[0] if len(own) == 1 and isinstance(own[0], LowRank) else None
 
 
 def random_factors(gates: int, rows: int, cols: int, rank: int, *, diag: bool, tied: bool, bound: float,

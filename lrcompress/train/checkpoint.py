@@ -43,16 +43,37 @@ class Checkpoint:
     carry: list[Tensor] = field(default_factory=list)
 
     def restore(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Load the weights (strictly) and, when given and saved, the optimiser state."""
+        """Load the weights (strictly) and, when given and saved, the optimiser state.
+
+        Raises ``FormatError`` (one line) when the checkpoint's tensors are not the model's: the
+        missing and unexpected keys and the first shape mismatches are named."""
         try:
             model.load_state_dict(self.model)
-        except RuntimeError as exc:
-            raise FormatError(f"checkpoint does not match the model: {str(exc).splitlines()[0]}") from None
+        except RuntimeError as exc:  # torch's message spans lines, its first says nothing: name the keys
+            problem = state_mismatch(self.model, model.state_dict()) or str(exc).splitlines()[0]
+            raise FormatError(f"checkpoint does not match the model: {problem}") from None
         if optimizer is not None and self.optimizer is not None:
             try:
                 optimizer.load_state_dict(self.optimizer)
             except (ValueError, KeyError) as exc:
                 raise FormatError(f"checkpoint optimiser state does not match: {exc}") from None
+
+
+def state_mismatch(saved: dict[str, Tensor], expected: dict[str, Tensor], shown: int = 5) -> str:
+    """How a saved state dict differs from a model's, in one line ("" when the keys and shapes
+    agree): missing keys, unexpected keys, then shape mismatches, at most ``shown`` of each."""
+    def listed(keys: list[str], sep: str = ", ") -> str:
+        more = f" and {len(keys) - shown} more" if len(keys) > shown else ""
+        return sep.join(keys[:shown]) + more
+
+    missing = sorted(set(expected) - set(saved))
+    unexpected = sorted(set(saved) - set(expected))
+    shapes = [f"{k} {tuple(saved[k].shape)} in the checkpoint vs {tuple(expected[k].shape)} in the model"
+              for k in sorted(set(saved) & set(expected)) if tuple(saved[k].shape) != tuple(expected[k].shape)]
+    parts = ([f"missing {listed(missing)}"] if missing else []) + \
+        ([f"unexpected {listed(unexpected)}"] if unexpected else []) + \
+        ([f"shapes differ: {listed(shapes, '; ')}"] if shapes else [])
+    return "; ".join(parts)
 
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,

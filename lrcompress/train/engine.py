@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from tqdm.auto import tqdm
 
-from ..errors import ConfigError
+from ..errors import ConfigError, FormatError
 from ..io import write_text_atomic
 from ..progress import bar as progress_bar, is_quiet
 from ..report import format_metric
@@ -114,7 +114,7 @@ class FitResult:
 
     steps: int  # updates done
     epochs: int  # passes over the training data begun (the last may be partial)
-    stopped: str  # "steps", "epochs", "early_stopping" or "interrupted"
+    stopped: str  # "steps", "epochs", "early_stopping", "interrupted" or "diverged" (non-finite weights)
     metric: str
     higher_is_better: bool
     best_step: int | None = None
@@ -127,6 +127,10 @@ class FitResult:
     wall_time: float = 0.0
     run_dir: Path | None = None
     execution: dict[str, str] = field(default_factory=dict)  # per factored layer: the path its training ran
+    # Why the result is not to be trusted, one line each: the weights diverged (stopped
+    # "diverged"), final validation/test metrics that are NaN/Inf. Empty for a sound run; each
+    # line is also a UserWarning, and `lrcompress train` then exits with code 3.
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -230,7 +234,8 @@ def fit(model: nn.Module, train_loader: Data, loss_fn: Callable | None = None, *
         task=None, run_dir: str | Path | None = None, resume: bool = False,
         optimizer: torch.optim.Optimizer | None = None, scheduler=None, steps_per_epoch: int | None = None,
         on_step: Callable[["Loop"], None] | None = None, progress: bool | None = None, restore_best: bool = True,
-        shard: bool = True, summary: dict | None = None, tensorboard: str | Path | None = None) -> FitResult:
+        shard: bool = True, summary: dict | None = None, tensorboard: str | Path | None = None,
+        on_start: Callable[[], None] | None = None) -> FitResult:
     """Train ``model`` and return a ``FitResult``.
 
     - ``train_loader``: an iterable of ``(x, y)`` or ``Batch`` (re-iterated each epoch), or a
@@ -259,6 +264,9 @@ def fit(model: nn.Module, train_loader: Data, loss_fn: Callable | None = None, *
       package (``pip install 'lrcompress[tensorboard]'``, else ``ConfigError``).
     - Under ``torchrun`` each rank trains on its slice of every batch (``shard=False`` when
       your loader already shards).
+    - ``on_start()``: called once everything is checked and in place -- optimiser, stabilisers,
+      and with ``resume`` the checkpoint, loaded -- right before anything is written to
+      ``run_dir``: a refused run leaves no trace (``lrcompress train`` writes ``recipe.toml`` here).
     """
     if not isinstance(recipe, TrainConfig):
         recipe = dict(recipe or {})
@@ -273,6 +281,7 @@ def fit(model: nn.Module, train_loader: Data, loss_fn: Callable | None = None, *
     loop = Loop(model, config, objective, train_loader, val_loader, test_loader, run_dir=run_dir, optimizer=optimizer,
                 scheduler=scheduler, steps_per_epoch=steps_per_epoch, on_step=on_step, progress=progress, shard=shard,
                 tensorboard=tensorboard)
+    loop.on_start = on_start
     try:
         return loop.run(resume=resume, restore_best=restore_best, summary=summary or {})
     finally:
@@ -359,6 +368,7 @@ class Loop:
         self.best_state: dict[str, Tensor] | None = None
         self.bad_evals = 0
         self.amp_overflows = 0
+        self.diverged_at: int | None = None  # the evaluation that found the weights non-finite
         self.wall_before = 0.0  # wall time of earlier sessions of a resumed run
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         self.loss_count = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -386,14 +396,18 @@ class Loop:
                 self.board.close()
 
     def _run(self, *, resume: bool, restore_best: bool, summary: dict) -> FitResult:
-        self._prepare_dir(resume)
+        if self.run_dir is not None:
+            check_run_dir(self.run_dir, resume)  # never deletes or replaces files lrcompress did not write
         start = time.perf_counter()
         resumed = resume and self.run_dir is not None and (self.run_dir / "last.safetensors").is_file()
-        if resumed:
+        if resumed:  # a checkpoint that does not fit is refused here, before anything is written
             self._load(self.run_dir / "last.safetensors")
         else:
             # the same on every rank, so shuffling loaders yield the same batches everywhere
             seed_everything(self.config.seed)
+        if self.on_start is not None:
+            self.on_start()
+        self._prepare_dir(resumed)
         self.stabiliser.remember()
         if self.tensorboard_dir is not None and self.dist.main:
             self.board = TensorBoardLog(self.tensorboard_dir, purge_step=self.step if resumed else None)
@@ -413,7 +427,8 @@ class Loop:
                            history=self.history, run_dir=self.run_dir, execution=self.execution)
         if stopped == "interrupted":
             return result
-        if restore_best and self.best_state is not None:
+        restored = restore_best and self.best_state is not None
+        if restored:
             unwrap(self.model).load_state_dict(self.best_state)
         if self.val_loader is not None:
             result.val = self._evaluate(self.val_loader)
@@ -422,6 +437,10 @@ class Loop:
             if self.board is not None:
                 self.board.final("test", result.test, self.step)
         result.wall_time = self.wall_before + time.perf_counter() - start
+        result.warnings = self._warnings(result, restored)
+        if self.dist.main:
+            for line in result.warnings:
+                warnings.warn(line, UserWarning, stacklevel=4)
         if self.run_dir is not None and self.dist.main:
             write_json(self.run_dir / "summary.json", {**result.to_dict(), **summary})
         return result
@@ -447,6 +466,8 @@ class Loop:
             self._checkpoint(start)
         else:
             self._evaluate_and_save(bar, start)
+        if self._stop_reason == "diverged":  # found by the last evaluation
+            return "diverged"
         return "steps" if self.config.steps and self.step >= self.config.steps else "epochs"
 
     def _after_update(self, bar, start: float) -> str | None:
@@ -607,7 +628,39 @@ class Loop:
         patience = self.config.early_stopping_patience
         if patience and self.bad_evals >= patience:
             self._stop_reason = "early_stopping"
+        self._check_divergence(bar)
         self._checkpoint(start)
+
+    def _check_divergence(self, bar) -> None:
+        """Stop (``"diverged"``) once the weights hold NaN/Inf and the policy cannot bring them
+        back: under ``skip``, ``decay`` and ``none`` every later update is skipped or NaN too, so
+        running on only burns time; ``restore`` returns to the last good state at the next
+        update. One host sync per evaluation."""
+        if self.config.nan_policy == "restore" or self.diverged_at is not None:
+            return
+        params = [p.detach() for p in unwrap(self.model).parameters()]
+        if not params or bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+            return
+        self.diverged_at = self.step
+        self._stop_reason = "diverged"
+        if self.dist.main:
+            bar.write(f"step {self.step}: the weights are not finite (NaN/Inf) and nan_policy "
+                      f"{self.config.nan_policy!r} cannot recover them; stopping")
+
+    def _warnings(self, result: FitResult, restored: bool) -> list[str]:
+        """``FitResult.warnings``: divergence, and final metrics that are not finite."""
+        out = []
+        if self.diverged_at is not None:
+            kept = (f"the model kept is the best one, from update {self.best_step}" if restored else
+                    "no earlier weights were kept (no finite validation result before): the model is not finite")
+            out.append(f"the run diverged: the weights became NaN/Inf by update {self.diverged_at} and the run "
+                       f"stopped there (nan_policy {self.config.nan_policy!r} cannot recover them); {kept}")
+        bad = [f"{split} {name}" for split, metrics in (("val", result.val), ("test", result.test))
+               for name, value in metrics.items() if not math.isfinite(value)]
+        if bad:
+            out.append(f"final {', '.join(bad)} {'is' if len(bad) == 1 else 'are'} not finite (NaN/Inf): the "
+                       "model's outputs are not usable (docs/training.md, 'Runs that diverge')")
+        return out
 
     def _checkpoint(self, start: float) -> None:
         if self.run_dir is None or not self.dist.main:
@@ -627,7 +680,11 @@ class Loop:
 
     def _load(self, path: Path) -> None:
         ckpt = load_checkpoint(path)
-        ckpt.restore(unwrap(self.model), self.optimizer)
+        try:
+            ckpt.restore(unwrap(self.model), self.optimizer)
+        except FormatError as exc:  # resumed with another model: say which file, and the usual cause
+            raise FormatError(f"{path}: {exc} (a resumed run must build the model it saved: drop overrides "
+                              "that change the model)") from None
         t = ckpt.trainer
         changed = {k for k, v in t.get("config", {}).items()
                    if getattr(self.config, k, v) != v and k not in ("steps", "epochs", "eval_every", "device",
@@ -654,16 +711,18 @@ class Loop:
         if best.is_file() and self.val_loader is not None:
             self.best_state = load_checkpoint(best).model
         self.history = [r for r in _read_jsonl(self.run_dir / "metrics.jsonl") if r.get("step", 0) <= self.step]
-        if self.dist.main:  # drop records written after the checkpoint (a kill between the two)
-            _write_jsonl(self.run_dir / "metrics.jsonl", self.history)
 
-    def _prepare_dir(self, resume: bool) -> None:
+    def _prepare_dir(self, resumed: bool) -> None:
+        """The first writes to the run directory (after every check): claim it, then drop the
+        records of an earlier run (a fresh start) or those written after the checkpoint (a kill
+        between the two, on resume)."""
         if self.run_dir is None:
             return
-        check_run_dir(self.run_dir, resume)  # never deletes or replaces files lrcompress did not write
         if self.dist.main:
             claim_run_dir(self.run_dir)
-            if not (self.run_dir / "last.safetensors").exists():  # a fresh start: no stale records
+            if resumed:
+                _write_jsonl(self.run_dir / "metrics.jsonl", self.history)
+            else:
                 for name in ("metrics.jsonl", "best.safetensors", "summary.json"):
                     (self.run_dir / name).unlink(missing_ok=True)
         self.dist.barrier()

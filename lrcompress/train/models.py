@@ -87,7 +87,13 @@ GATE_BLOCK = {"GRU": (1, 3), "LSTM": (1, 4)}  # (index, count) of the update / f
 
 
 def check_model(spec: dict) -> dict:
-    """The ``[model]`` section with defaults filled in; raises ``ConfigError`` on bad values."""
+    """The ``[model]`` section with defaults filled in; raises ``ConfigError`` on bad values.
+
+    A key that may be unset (default ``None``: ``update_gate_bias``, ``output_dropout``, the
+    structure options) takes the string ``"none"`` (or ``""``) for ``None``: TOML has no null,
+    and ``--set model.update_gate_bias=none`` must be able to undo a recipe's value."""
+    if isinstance(spec, dict):
+        spec = {k: None if _means_none(k, v) else v for k, v in spec.items()}
     out = check_fields("model", spec, MODEL_DEFAULTS, types=MODEL_TYPES, choices=MODEL_CHOICES)
     if isinstance(out["embedding"], str):
         if out["embedding"] != "none":
@@ -135,6 +141,10 @@ def check_model(spec: dict) -> dict:
     if out["init"] == "glorot" and out["structure"] not in (None, "lowrank"):
         raise ConfigError(f"model.init = 'glorot' is for dense and low-rank layers, not structure {out['structure']!r}")
     return out
+
+
+def _means_none(key: str, value) -> bool:
+    return type(None) in MODEL_TYPES.get(key, ()) and isinstance(value, str) and value.strip().lower() in ("none", "")
 
 
 def check_scornn(spec: dict) -> None:
@@ -253,11 +263,18 @@ def glorot_init_(rnn: nn.RNNBase) -> nn.RNNBase:
         low_rank = factorization(rnn, name)
         if low_rank is not None:
             originals = rnn.parametrizations[name]
+            if parametrize.is_parametrized(originals):  # weight-normalised: uniform_ would fill a throwaway copy
+                raise ConfigError(f"glorot init: the factors of {name} are weight-normalised; initialise first, "
+                                  "then weight_norm")
             for factor in (originals.original0, originals.original1):  # L (gates, n, d), R (gates, d, cols)
                 factor.uniform_(-glorot_bound(*factor.shape[-2:]), glorot_bound(*factor.shape[-2:]))
             if low_rank.diag:
                 originals.original2.uniform_(-0.01, 0.01)
         elif parametrize.is_parametrized(rnn, name):
+            from .stabilisers import WeightNorm  # stabilisers is the trainer's, not the model's
+
+            if isinstance(rnn.parametrizations[name][0], WeightNorm):
+                raise ConfigError(f"glorot init: {name} is weight-normalised; initialise first, then weight_norm")
             raise ConfigError(f"glorot init: {name} has another structure than low rank")
         else:
             weight = getattr(rnn, name)

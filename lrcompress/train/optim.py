@@ -46,7 +46,11 @@ def build_rmsprop(params: Iterable, *, lr: float = 1e-3, alpha: float = 0.9, eps
     ``optimizations.py`` ``rms_prop``: alpha 0.9, start 1e-3, eps 0, 1e-8 on the memory task).
 
     A ``torch.optim.RMSprop`` unless ``eps_inside`` and ``eps > 0`` (then ``PaperRMSprop``; with
-    eps 0 both places are one formula). For torch's class the start value is kept in each
+    eps 0 both places are one formula). With ``eps = 0`` torch's step ``g / sqrt(acc)`` is 0/0 =
+    NaN wherever a gradient entry and its accumulator are both 0, so ``eps = 0`` needs
+    ``initial_accumulator > 0`` and ``alpha > 0.5`` (then the accumulator of a zero gradient
+    decays to the smallest subnormal number and stays there: ``alpha`` times it rounds back to
+    it, never to 0); else ``ConfigError`` naming the values. For torch's class the start value is kept in each
     parameter group (``initial_accumulator``), so it survives ``state_dict``/``load_state_dict``
     and groups added later; a registered step pre-hook fills the state of each parameter that
     has a gradient and no state yet. Either result is a plain torch optimiser (usable with
@@ -58,6 +62,7 @@ def build_rmsprop(params: Iterable, *, lr: float = 1e-3, alpha: float = 0.9, eps
     'PaperRMSprop'
     """
     _check_rmsprop(lr, alpha, eps, initial_accumulator, weight_decay)
+    check_zero_eps(eps, initial_accumulator, alpha)
     if eps_inside and eps > 0:
         return PaperRMSprop(params, lr=lr, alpha=alpha, eps=eps, initial_accumulator=initial_accumulator,
                             weight_decay=weight_decay)
@@ -73,6 +78,23 @@ def _check_rmsprop(lr: float, alpha: float, eps: float, initial_accumulator: flo
             raise ConfigError(f"RMSProp {name} must be >= 0{f' and < {high}' if high else ''}, got {value!r}")
 
 
+def check_zero_eps(eps: float, initial_accumulator: float, alpha: float, prefix: str = "") -> None:
+    """Refuse the RMSProp settings whose step (torch's, eps 0) divides 0 by 0: ``eps = 0`` with
+    ``initial_accumulator = 0`` (a gradient entry that is 0 at its first step) or with
+    ``alpha <= 0.5`` (a zero gradient's accumulator decays to exactly 0). ``ConfigError``
+    naming both values; ``prefix`` is put before the names (``train.rmsprop_``)."""
+    if eps != 0:
+        return
+    name = prefix or "RMSProp "
+    if initial_accumulator == 0:
+        raise ConfigError(f"{name}eps = 0 with {prefix or ''}initial_accumulator = 0: a gradient entry that is 0 "
+                          "gives 0/0 = NaN weights; set either above 0 (the authors': eps 0, accumulator 1e-3)")
+    if alpha <= 0.5:
+        raise ConfigError(f"{name}eps = 0 with {prefix or ''}alpha = {alpha!r}: the accumulator of a gradient entry "
+                          "that stays 0 decays to exactly 0 and the step is 0/0 = NaN; use alpha > 0.5 (the "
+                          "paper's 0.9) or eps > 0")
+
+
 class PaperRMSprop(torch.optim.Optimizer):
     """RMSProp with eps inside the square root, as in the authors' Theano code
     (``optimizations.py``, ``rms_prop``), for each parameter ``p`` with gradient ``g``::
@@ -82,9 +104,12 @@ class PaperRMSprop(torch.optim.Optimizer):
         p   <- p - lr * g / sqrt(acc + eps)
 
     torch's ``RMSprop`` adds eps outside the root and cannot express this. State per parameter:
-    ``step`` and ``square_avg`` (torch's names). A zero denominator (eps 0 and a gradient that
-    stayed 0 until ``acc`` underflowed; then ``g = 0`` too, as ``acc >= (1 - alpha) g^2``) gives
-    a zero step where the formula reads 0/0. Raises ``ConfigError`` on a value out of range.
+    ``step`` and ``square_avg`` (torch's names). The denominator is
+    ``max(sqrt(acc + eps), sqrt(1 - alpha) |g|)``: the same in exact arithmetic (``acc >=
+    (1 - alpha) g^2``), but where ``g^2`` underflowed (eps 0) a step stays at most
+    ``lr / sqrt(1 - alpha)`` instead of exploding; where it is 0 (then ``g = 0`` up to a
+    subnormal: the formula's 0/0, eps 0 and ``acc`` 0) the weight does not move. So no gradient
+    makes a NaN step. Raises ``ConfigError`` on a value out of range.
 
     >>> opt = PaperRMSprop(torch.nn.Linear(2, 2).parameters(), lr=1e-3, eps=1e-8)
     """
@@ -117,8 +142,9 @@ class PaperRMSprop(torch.optim.Optimizer):
                 state["step"] += 1
                 acc = state["square_avg"]
                 acc.mul_(alpha).addcmul_(g, g, value=1 - alpha)
-                denom = acc.add(eps).sqrt_().clamp_min_(torch.finfo(acc.dtype).tiny)
-                p.addcdiv_(g, denom, value=-lr)
+                # max(...): equal in exact arithmetic, bounded where g^2 underflowed (class docstring)
+                denom = torch.maximum(acc.add(eps).sqrt_(), g.abs().mul_((1 - alpha) ** 0.5))
+                p.add_(torch.where(denom > 0, g / denom, 0.0), alpha=-lr)  # 0/0 (g = 0, acc = 0): no step
         return loss
 
 

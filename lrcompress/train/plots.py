@@ -25,9 +25,15 @@ LOSS_LIKE = {"loss", "train_loss", "ce", "nll", "mse", "ppl", "bpc"}
 # What each metric measures, for axis labels.
 UNITS = {"bpc": "bits per character", "ce": "cross-entropy, nats", "nll": "nats", "loss": "training objective",
          "train_loss": "training objective", "mse": "mean squared error", "ppl": "perplexity",
-         "accuracy": "fraction correct", "sequence_accuracy": "fraction of sequences correct",
+         "accuracy": "% correct", "sequence_accuracy": "% of sequences correct",
          "lr": "learning rate"}
 SPLITS = {"val": "validation", "test": "test", "train": "training"}
+
+
+def scale(metric: str | None) -> float:
+    """What a metric's values are multiplied by on an axis: accuracies (fractions in the files)
+    are drawn in percent, as the tables and logs print them (``report.format_metric``)."""
+    return 100.0 if str(metric or "").endswith("accuracy") else 1.0
 
 
 def use_log_scale(metric: str, values) -> bool:
@@ -62,12 +68,14 @@ def sweep_figure(rows: list[dict]):
 
     plt = _pyplot()
     drawn = [r for r in rows if r["params"] and r["after"] is not None]
+    if not drawn:
+        raise LRCompressError("nothing to plot: no run has a parameter count and a metric")
+    first = next((r for r in drawn if _is_point(r)), drawn[0])
+    metric, split = first["metric"], first["split"]
+    factor = scale(metric)  # accuracies in percent
+    drawn = [{**r, **{k: r[k] * factor for k in ("after", "before", "dense") if r.get(k) is not None}} for r in drawn]
     points = [r for r in drawn if _is_point(r)]
     dense_rows = [r for r in drawn if not _is_point(r)]
-    if not points and not dense_rows:
-        raise LRCompressError("nothing to plot: no run has a parameter count and a metric")
-    first = (points or dense_rows)[0]
-    metric, split = first["metric"], first["split"]
     fig, ax = plt.subplots(figsize=(8.5, 4.8))
     values, labelled, families = [], [], {}
     for r in points:
@@ -75,8 +83,9 @@ def sweep_figure(rows: list[dict]):
     for i, (label, group) in enumerate(families.items()):
         group.sort(key=lambda r: r["params"])
         marker = MARKERS[i % len(MARKERS)]
+        done = "trained" if all(r.get("kind") == "train" for r in group) else "fine-tuned"  # from scratch, or converted
         line, = ax.plot([r["params"] for r in group], [r["after"] for r in group], marker=marker,
-                        label=f"{label}, fine-tuned")
+                        label=f"{label}, {done}")
         values += [r["after"] for r in group]
         before = [(r["params"], r["before"]) for r in group if r["before"] is not None]
         if before:
@@ -227,7 +236,8 @@ def _dense_point(dense_rows: list[dict], points: list[dict]) -> tuple[int, float
 def _value(record: dict, metric: str) -> float | None:
     if metric in ("train_loss", "lr"):
         return record.get(metric)
-    return record.get("val", {}).get(metric)
+    value = record.get("val", {}).get(metric)
+    return value * scale(metric) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
 
 
 def _default_metric(runs: dict[str, list[dict]]) -> str:

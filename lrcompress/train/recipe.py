@@ -11,6 +11,7 @@ is complete; ``dump_recipe`` writes it back as TOML.
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 import tomli_w
@@ -18,6 +19,8 @@ import tomli_w
 from ..errors import ConfigError
 from .fields import check_fields, check_range
 from .models import check_model
+from .optim import check_zero_eps
+from .stabilisers import check_exempt_names
 from .tasks import check_task
 
 if sys.version_info >= (3, 11):
@@ -136,8 +139,27 @@ def check_recipe(recipe: dict) -> dict:
         raise ConfigError(f"unknown recipe section [{unknown[0]}] (sections: {', '.join(SECTIONS)})")
     if not isinstance(recipe.get("task"), dict) or "name" not in recipe["task"]:
         raise ConfigError("a recipe needs a [task] section with a name")
-    return {"meta": check_meta(recipe.get("meta", {})), "task": check_task(recipe["task"]),
-            "model": check_model(recipe.get("model", {})), "train": check_train(recipe.get("train", {}))}
+    out = {"meta": check_meta(recipe.get("meta", {})), "task": check_task(recipe["task"]),
+           "model": check_model(recipe.get("model", {})), "train": check_train(recipe.get("train", {}))}
+    _note_idle_masks(out["model"], out["train"])
+    return out
+
+
+# Every dropout rate that per-sequence masks (model.dropout_masks) would draw masks for.
+DROPOUT_RATES = ("model.input_dropout", "model.dropout", "model.output_dropout", "train.dropout",
+                 "train.recurrent_dropout")
+
+
+def _note_idle_masks(model: dict, train: dict) -> None:
+    """A note (UserWarning) when ``model.dropout_masks`` chooses how to draw masks but every
+    dropout rate is 0: there is nothing to mask, the setting changes nothing."""
+    if model["dropout_masks"] == "batch":
+        return
+    sections = {"model": model, "train": train}
+    if any(sections[s].get(k) for s, _, k in (name.partition(".") for name in DROPOUT_RATES)):
+        return
+    warnings.warn(f"model.dropout_masks = {model['dropout_masks']!r} changes nothing: every dropout rate is 0 "
+                  f"({', '.join(DROPOUT_RATES)})", UserWarning, stacklevel=3)
 
 
 def check_meta(meta: dict) -> dict:
@@ -161,16 +183,33 @@ def check_train(train: dict) -> dict:
                 "unitary_penalty"):
         check_range("train", out, key, 0.0)
     out["clip_exempt"] = list(out["clip_exempt"])  # never the defaults' list itself
-    bad = [v for v in out["clip_exempt"] if not isinstance(v, str) or not v.strip()]
-    if bad:
-        raise ConfigError(f"train.clip_exempt must list parameter names, got {bad[0]!r}")
+    try:
+        check_exempt_names(out["clip_exempt"])
+    except ConfigError as exc:
+        raise ConfigError(f"train.{exc}") from None
     if out["clip_exempt"] and out["clip"] == "none":
         raise ConfigError("train.clip_exempt names parameters to leave unclipped, but train.clip = 'none'")
     for key in ("recurrent_dropout", "dropout", "rmsprop_alpha"):
         check_range("train", out, key, 0.0, 1.0, high_open=True)
     check_range("train", out, "plateau_patience", 1)
     check_range("train", out, "plateau_factor", 0.0, 1.0, low_open=True, high_open=True)
+    if out["optimizer"] == "rmsprop":
+        check_zero_eps(out["rmsprop_eps"], out["rmsprop_initial_accumulator"], out["rmsprop_alpha"],
+                       prefix="train.rmsprop_")
+    else:  # adam and adafactor have no such setting: a value set for them would be silently ignored
+        for key in RMSPROP_KEYS:
+            if out[key] != RECIPE_DEFAULTS[key]:
+                raise ConfigError(f"train.{key} = {_toml(out[key])} is an RMSProp setting and train.optimizer = "
+                                  f"{out['optimizer']!r} has none: remove it (or set it back to "
+                                  f"{_toml(RECIPE_DEFAULTS[key])})")
     return out
+
+
+RMSPROP_KEYS = ("rmsprop_alpha", "rmsprop_eps", "rmsprop_eps_inside", "rmsprop_initial_accumulator")
+
+
+def _toml(value) -> str:
+    return str(value).lower() if isinstance(value, bool) else repr(value)
 
 
 def dump_recipe(recipe: dict) -> str:

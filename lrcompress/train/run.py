@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -58,10 +59,15 @@ def train_recipe(recipe: str | os.PathLike | dict, out: str | os.PathLike | None
     if resume and (out / RECIPE_FILE).is_file():
         recipe = load_recipe(out / RECIPE_FILE, overrides)
     task, model = build(recipe)
-    _claim(out)
-    _write_text(out / RECIPE_FILE, dump_recipe(recipe))
+    text = dump_recipe(recipe)
+
+    def start() -> None:  # once the model, optimiser and (resuming) checkpoint are in place: a refusal writes nothing
+        _claim(out)
+        _write_text(out / RECIPE_FILE, text)
+
     extra = {"kind": "train", "recipe": recipe["meta"]["name"], "params": count_params(model)}
-    result = _fit(model, task, recipe, out, resume=resume, progress=progress, summary=extra, tensorboard=tensorboard)
+    result = _fit(model, task, recipe, out, resume=resume, progress=progress, summary=extra, tensorboard=tensorboard,
+                  on_start=start)
     return _finish(model, result, out, extra)
 
 
@@ -106,15 +112,20 @@ def finetune(source: str | os.PathLike, out: str | os.PathLike, *, rank=None, en
     if "converted" not in state:
         state["converted"] = _metrics(model, task, eval_data, progress)
         state["conversion"] = conversion.to_dict()
-    _claim(out)
-    _write_text(out / RECIPE_FILE, dump_recipe(recipe))
-    _save_json(out / FINETUNE_FILE, state)
+    text = dump_recipe(recipe)
+
+    def start() -> None:  # as in train_recipe: nothing written before the run really starts
+        _claim(out)
+        _write_text(out / RECIPE_FILE, text)
+        _save_json(out / FINETUNE_FILE, state)
+
     extra = {"kind": "finetune", "recipe": recipe["meta"]["name"], "source": str(source), "rank": rank,
              "energy": energy, "diag": diag, "tied": tied, **_structure_record(config),
              "params_dense": conversion.params_before,
              "params": conversion.params_after, "ratio": conversion.ratio, "dense": state["dense"],
              "converted": state["converted"]}
-    result = _fit(model, task, recipe, out, resume=resume, progress=progress, summary=extra, tensorboard=tensorboard)
+    result = _fit(model, task, recipe, out, resume=resume, progress=progress, summary=extra, tensorboard=tensorboard,
+                  on_start=start)
     return _finish(model, result, out, extra)
 
 
@@ -308,8 +319,14 @@ def point_line(summary: dict) -> str:
     metric, split = summary["metric"], "test" if summary.get("test") else "val"
     before = summary.get("converted", {}).get(split, {}).get(metric)
     after = summary.get(split, {}).get(metric)
-    return (f"params {summary['params']:,} ({summary.get('ratio', 1.0):.2f}x smaller), {split} {metric} "
-            f"{_fmt(before, metric)} -> {_fmt(after, metric)}, {summary['wall_time']:.0f}s")
+    line = (f"params {summary['params']:,} ({summary.get('ratio', 1.0):.2f}x smaller), {split} {metric} "
+            f"{_fmt(before, metric)} -> {_fmt(after, metric)}")
+    if metric != "accuracy" and "accuracy" in summary.get(split, {}):  # selected on CE: the paper's accuracy too
+        line += (f" (accuracy {_fmt(summary.get('converted', {}).get(split, {}).get('accuracy'), 'accuracy')} -> "
+                 f"{_fmt(summary[split]['accuracy'], 'accuracy')})")
+    if summary.get("stopped") == "diverged" or summary.get("warnings"):
+        line += ", DIVERGED" if summary.get("stopped") == "diverged" else ", NaN/Inf metrics"
+    return line + f", {summary['wall_time']:.0f}s"
 
 
 # -- building and running ------------------------------------------------------------------
@@ -322,14 +339,14 @@ def build(recipe: dict) -> tuple:
 
 
 def _fit(model: nn.Module, task, recipe: dict, out: Path, *, resume: bool, progress, summary: dict,
-         tensorboard=None) -> FitResult:
+         tensorboard=None, on_start=None) -> FitResult:
     config = TrainConfig.from_dict(recipe["train"])
     seed, size = config.seed, config.batch_size
     return fit(model, lambda epoch: task.batches("train", size, seed=seed, epoch=epoch), task=task, recipe=config,
                val_loader=_split(task, "valid", _eval_size(task, size)),
                test_loader=_split(task, "test", _eval_size(task, size)), run_dir=out, resume=resume,
                steps_per_epoch=task.steps_per_epoch(size), progress=progress, summary=summary,
-               tensorboard=tensorboard)
+               tensorboard=tensorboard, on_start=on_start)
 
 
 def _finish(model: nn.Module, result: FitResult, out: Path, extra: dict) -> dict:
@@ -484,7 +501,10 @@ def _fmt(x, metric: str | None = None) -> str:
 # -- reports -------------------------------------------------------------------------------
 
 REPORT_COLUMNS = ("run", "rank", "diag", "tied", "structure", "options", "params", "ratio", "metric", "split", "dense", "before", "after",
-                  "wall_time")
+                  "wall_time", "accuracy_dense", "accuracy_before", "accuracy_after")
+# Beside a selection metric that is not accuracy (psMNIST selects on CE), the accuracy the paper
+# compares, when the task reports it: these row keys, fractions like the metric columns.
+ACCURACY_KEYS = ("accuracy_dense", "accuracy_before", "accuracy_after")
 
 
 def collect(path: str | os.PathLike) -> list[dict]:
@@ -493,12 +513,34 @@ def collect(path: str | os.PathLike) -> list[dict]:
     Raises ``FormatError`` naming the file when a ``summary.json`` is damaged (not JSON, too
     deep, not a run summary, a value of the wrong type).
     """
-    rows = [row(p.name, _read_summary(p / SUMMARY_FILE), p / SUMMARY_FILE) for p in run_dirs(path)]
+    rows = [_trained_structure(row(p.name, _read_summary(p / SUMMARY_FILE), p / SUMMARY_FILE), p) for p in run_dirs(path)]
     if len(rows) > 1:
         rows.sort(key=lambda r: (r["structure"] is not None, r["structure"] or "",
                                  options_label(r["structure"], r["options"], size=False), point_size(r) or 0,
                                  bool(r["diag"]), r["run"]))
     return rows
+
+
+def _trained_structure(r: dict, where: Path) -> dict:
+    """A run trained (not converted) with a low-rank or structured model: its rank, diag, tied
+    or structure and options from its ``recipe.toml`` (the summary of a trained run has none).
+    A missing or damaged recipe leaves the row as it is."""
+    if r["rank"] is not None or r["structure"] is not None or r.get("kind") == "finetune":
+        return r
+    try:
+        with warnings.catch_warnings():  # the recipe's notes were shown when it ran
+            warnings.simplefilter("ignore")
+            model = load_recipe(where / RECIPE_FILE)["model"]
+    except (OSError, LRCompressError):
+        return r
+    if model.get("structure") not in (None, "lowrank"):
+        from .models import STRUCTURE_KEYS
+
+        return {**r, "structure": model["structure"],
+                "options": {k: model[k] for k in STRUCTURE_KEYS if model.get(k) is not None}}
+    if model.get("rank"):
+        return {**r, "rank": model["rank"], "diag": bool(model.get("diag")), "tied": bool(model.get("tied"))}
+    return r
 
 
 def point_size(r: dict):
@@ -574,7 +616,12 @@ def row(name: str, s: dict, where: str | os.PathLike = "summary") -> dict:
            "options": options, "params": s.get("params"), "ratio": s.get("ratio"), "metric": metric, "split": split,
            "dense": _dig(s, "dense", split, metric), "before": _dig(s, "converted", split, metric),
            "after": _dig(s, split, metric), "wall_time": s.get("wall_time")}
-    for key in ("rank", "params", "ratio", "dense", "before", "after", "wall_time"):
+    also = metric != "accuracy"  # a headline accuracy is in the metric columns already
+    out["accuracy_dense"] = _dig(s, "dense", split, "accuracy") if also else None
+    out["accuracy_before"] = _dig(s, "converted", split, "accuracy") if also else None
+    out["accuracy_after"] = _dig(s, split, "accuracy") if also else None
+    out["kind"] = s.get("kind")  # "train" or "finetune" (not a CSV column)
+    for key in ("rank", "params", "ratio", "dense", "before", "after", "wall_time", *ACCURACY_KEYS):
         value = out[key]
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise FormatError(f"{where}: {key} is {str(value)[:40]!r}, not a number")
@@ -605,11 +652,21 @@ def format_report(rows: list[dict]) -> str:
     else:
         header = ("run", "rank", "diag", "params", "ratio", "metric", "dense", "before", "after", "time")
         first = [("-" if r["rank"] is None else str(r["rank"]), "yes" if r["diag"] else "no") for r in rows]
+    # The accuracy beside another selection metric (psMNIST's CE): the columns some row has.
+    extra = [k for k in ACCURACY_KEYS if any(r.get(k) is not None for r in rows)]
+    header = header[:-1] + tuple(ACCURACY_HEADERS[k] for k in extra) + header[-1:]
     body = [(r["run"], *lead, f"{r['params']:,}" if r["params"] else "-", f"{r['ratio']:.2f}x" if r["ratio"] else "-",
              f"{r['split']} {r['metric']}", *(_fmt(r[k], r["metric"]) for k in ("dense", "before", "after")),
+             *(_fmt(r.get(k), "accuracy") for k in extra),
              f"{r['wall_time']:.0f}s" if r["wall_time"] is not None else "-") for r, lead in zip(rows, first)]
     note = "before: converted, not yet fine-tuned; after: fine-tuned (best validation weights)"
-    return "\n".join(format_table(header, body, right={3, 4, 6, 7, 8, 9} | (set() if structured else {1})) + [note])
+    if all(r.get("kind") == "train" for r in rows):
+        note = "after: the trained model (best validation weights)"
+    right = set(range(3, len(header))) - {5} | (set() if structured else {1})
+    return "\n".join(format_table(header, body, right=right) + [note])
+
+
+ACCURACY_HEADERS = {"accuracy_dense": "dense acc", "accuracy_before": "before acc", "accuracy_after": "after acc"}
 
 
 def _row_options(r: dict) -> str:
@@ -626,7 +683,7 @@ def write_csv(rows: list[dict], path: str | os.PathLike, *, force: bool = False)
     import io
 
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=REPORT_COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=REPORT_COLUMNS, lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
     writer.writerows({**r, "options": None if r.get("options") is None else json.dumps(r["options"])} for r in rows)
     return write_text_atomic(check_report_output(path, force), buffer.getvalue(), force=force)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from collections.abc import Iterable, Iterator, Sequence
 
 import torch
@@ -36,7 +37,7 @@ from torch.nn.utils import clip_grad_norm_, clip_grad_value_, clip_grads_with_no
 
 from ..errors import ConfigError
 from ..nn.rnn import FactoredRNN
-from ..parametrizations import LowRank, own_class
+from ..parametrizations import LowRank, factorization, own_class
 
 CLIP_MODES = ("none", "element", "norm")
 NAN_POLICIES = ("skip", "decay", "restore", "none")
@@ -59,6 +60,7 @@ def clip_exemptions(model: nn.Module, names: Sequence[str]) -> dict[int, list[tu
 
     >>> clip_exemptions(torch.nn.GRU(2, 4), ["bias_hh_l0:n"])   # doctest: +SKIP
     """
+    check_exempt_names(names)
     params = dict(model.named_parameters())
     modules = dict(model.named_modules())
     exempt: dict[int, set[int] | None] = {}  # id -> gate indices left unclipped (None: all)
@@ -80,7 +82,8 @@ def clip_exemptions(model: nn.Module, names: Sequence[str]) -> dict[int, list[tu
             raise ConfigError(f"clip_exempt: {entry!r}: unknown gate {gate!r} (a {layer.mode}'s gates: "
                               f"{', '.join(letters)})")
         rows = p.shape[0] if p.dim() else 0
-        if not rows or rows % len(letters) or rows // len(letters) not in (1, layer.hidden_size):
+        if not _stacks_gates(modules, name) or not rows or rows % len(letters) or \
+                rows // len(letters) not in (1, layer.hidden_size):
             raise ConfigError(f"clip_exempt: {entry!r}: {name} of shape {tuple(p.shape)} does not stack the "
                               f"{len(letters)} gates along its first dimension")
         shapes[id(p)] = (rows, len(letters))
@@ -102,6 +105,47 @@ def clip_exemptions(model: nn.Module, names: Sequence[str]) -> dict[int, list[tu
                 merged.append([a, b])
         out[key] = [tuple(s) for s in merged]
     return out
+
+
+def check_exempt_names(names: Sequence[str]) -> None:
+    """``clip_exempt`` entries, checked without a model: a name, or ``name:gate`` with a gate
+    letter after the colon; each at most once, and not a parameter together with one of its
+    gates (the parameter alone already leaves every gate unclipped). Raises ``ConfigError``."""
+    seen = set()
+    for entry in names:
+        if not isinstance(entry, str) or not entry.strip():
+            raise ConfigError(f"clip_exempt must list parameter names, got {entry!r}")
+        name, colon, gate = entry.partition(":")
+        if not name or (colon and not gate):
+            raise ConfigError(f"clip_exempt: {entry!r}: give a parameter name, or name:gate with a gate letter "
+                              "after the colon")
+        if entry in seen:
+            raise ConfigError(f"clip_exempt lists {entry!r} twice")
+        seen.add(entry)
+    for entry in names:
+        name, colon, _ = entry.partition(":")
+        if colon and name in seen:
+            raise ConfigError(f"clip_exempt lists both {name!r} and {entry!r}: {name!r} alone already leaves "
+                              "every gate unclipped")
+
+
+# A factor's place in a parameter name: parametrizations.<weight>.original<k>, weight-normalised or not.
+_FACTOR = re.compile(r"(?:^|\.)parametrizations\.(?P<weight>\w+?)\.(?:parametrizations\.)?original(?P<k>\d)")
+
+
+def _stacks_gates(modules: dict[str, nn.Module], name: str) -> bool:
+    """Whether parameter ``name`` stacks a recurrent layer's gates along its first dimension, as
+    far as its place says (the shape is checked apart): not an LSTM's projection ``weight_hr``
+    (one matrix, no gates), nor a tied low-rank ``R`` (one for all gates); dense weights, biases,
+    ``L``, ``D`` and untied ``R`` do."""
+    if any(re.fullmatch(r"weight_hr_l\d+(_reverse)?", part) for part in name.split(".")):
+        return False
+    found = _FACTOR.search(name)
+    if found is None:
+        return True
+    owner = modules.get(name[:found.start()])
+    low_rank = factorization(owner, found["weight"]) if owner is not None else None
+    return not (low_rank is not None and low_rank.tied and found["k"] == "1")
 
 
 def _recurrent_owner(modules: dict[str, nn.Module], name: str) -> nn.Module | None:
