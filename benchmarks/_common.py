@@ -12,25 +12,33 @@ from __future__ import annotations
 
 import platform
 import time
-from typing import Callable, TypeVar
+from typing import TYPE_CHECKING, Callable, TypeVar
 
-import torch
+if TYPE_CHECKING:  # torch only where a function needs it: summarize_run reads files only
+    import torch
 
 T = TypeVar("T")
 
 
-def machine(device: torch.device | None = None) -> str:
-    """The GPU name with torch and cuDNN versions for a CUDA ``device``; else the CPU model, the
-    torch thread count and the torch version."""
-    if device is not None and device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}"
+def cpu_name() -> str:
+    """The CPU model (``/proc/cpuinfo``'s model name, else ``platform.processor()``)."""
     cpu = platform.processor() or "?"
     try:
         with open("/proc/cpuinfo") as f:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"{cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    return cpu
+
+
+def machine(device: torch.device | None = None) -> str:
+    """The GPU name with torch and cuDNN versions for a CUDA ``device``; else the CPU model, the
+    torch thread count and the torch version."""
+    import torch
+
+    if device is not None and device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}"
+    return f"{cpu_name()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
 
 
 def timed(fn: Callable[[], T]) -> tuple[float, float, T]:

@@ -32,12 +32,13 @@ import ast
 import json
 import math
 import os
-import platform
 import re
 import subprocess
 import tomllib
 from importlib import metadata
 from pathlib import Path
+
+from _common import cpu_name  # benchmarks/ is first on sys.path when run as a script
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -48,12 +49,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 def machine() -> str:
     """CPU model, core count and torch version of this machine (the one the run is summarised on:
     pass ``--machine`` when the run was made elsewhere)."""
-    cpu = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_name()
     try:
         torch = metadata.version("torch")
     except metadata.PackageNotFoundError:
