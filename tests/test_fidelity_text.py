@@ -234,6 +234,22 @@ def test_accelerated_layers_say_which_path_the_masks_took():
     assert describe_execution({"rnn": lstm.rnn}) == {"rnn": FALLBACK_NOTE}
 
 
+def test_dense_layers_with_per_sequence_masks_are_named_in_the_training_log(capsys):
+    """A dense nn.GRU/nn.LSTM is never accelerated, yet per-sequence masks still change its path
+    (execution.masked, or the step loop): FitResult.execution (summary.json) and the log say which."""
+    from lrcompress.train import fit
+
+    x = torch.randint(0, 11, (B, T))
+    for scheme, cell, note in (("dl4mt", "gru", MASKED_NOTE), ("per_gate", "lstm", FALLBACK_NOTE)):
+        model = lm_model(scheme, cell=cell)  # rank 0: dense
+        result = fit(model, [(x, x)], lambda out, y: out.float().mean(), recipe={"steps": 2, "lr": 1e-3},
+                     progress=True)
+        assert result.execution == {"rnn": note}
+        assert f"execution: rnn: {note}" in capsys.readouterr().out
+    plain = lm_model("batch")  # one mask per mini-batch: cuDNN, nothing to name
+    assert fit(plain, [(x, x)], lambda out, y: out.float().mean(), recipe={"steps": 1}).execution == {}
+
+
 def test_dropout_masks_settings_are_checked():
     with pytest.raises(ConfigError, match="dropout_masks"):
         check_model({"cell": "gru", "dropout_masks": "per_time"})

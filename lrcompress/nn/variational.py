@@ -310,10 +310,11 @@ class _Recurrence:
         return self.nonlinearity(gi + self.terms(h, (0,))[0])
 
 
-# Why a factored layer with an attached acceleration ran this module's loop in training (read
-# by the training engine's execution log, engine.describe_execution).
-FALLBACK_NOTE = ("variational step loop through the factors (per-sequence dropout masks: the factored "
-                 "backward takes one column mask per call, cuDNN none)")
+# Which path a layer ran in training with per-sequence masks, dense or factored (read by the
+# training engine's execution log, engine.describe_execution): neither cuDNN nor the fused
+# factored kernels take one mask per sequence, so only eq. 7 GRUs have a fast backward for them.
+FALLBACK_NOTE = ("autograd step loop (per-sequence dropout masks: no fused kernel takes one mask per "
+                 "sequence for this layer kind)")
 MASKED_NOTE = "factored backward with per-sequence dropout masks (execution.masked)"
 
 
@@ -323,8 +324,7 @@ def run_sequence(rnn: nn.RNNBase, x: Tensor, hx, *, scheme: str, recurrent: floa
     output multiplied by one (B, 1, n) mask per sequence (rate ``output``), the same at every
     step (dl4mt-lm's ``readout_dropout``, Gal's ``noise_o``). Returns (output, final state)."""
     masks = draw_masks(rnn, x.shape[0], x.shape[1], scheme=scheme, recurrent=recurrent, inputs=inputs)
-    if rnn.__dict__.get("_lrc_acceleration") is not None:
-        rnn.__dict__["_lrc_variational_note"] = MASKED_NOTE if masked_backward(rnn) else FALLBACK_NOTE
+    rnn.__dict__["_lrc_variational_note"] = MASKED_NOTE if masked_backward(rnn) else FALLBACK_NOTE
     out, state = run_variational(rnn, x, hx, masks)
     keep = sequence_masks(1, x.shape[0], out.shape[-1], output, out)
     return (out if keep is None else out * keep[0].unsqueeze(1)), state

@@ -206,11 +206,18 @@ def attach_execution(model: nn.Module, execution: str) -> dict[str, nn.Module]:
     return found
 
 
-def describe_execution(layers: dict[str, nn.Module]) -> dict[str, str]:
-    """What each accelerated layer ran in its last training call, in words (for the log)."""
+def describe_execution(layers: dict[str, nn.Module], model: nn.Module | None = None) -> dict[str, str]:
+    """What each accelerated layer of ``layers`` (by name) ran in its last training call, in words
+    (for the log and ``summary.json``); with ``model``, also its other recurrent layers (dense
+    ones included) that ran per-sequence dropout masks."""
     from ..execution import acceleration
 
     out = {}
+    if model is not None:
+        layers = dict(layers)
+        for name, module in unwrap(model).named_modules():
+            if "_lrc_variational_note" in module.__dict__ and module not in layers.values():
+                layers[name or "model"] = module
     for name, module in layers.items():
         current = acceleration(module)
         last = None if current is None else current.last
@@ -475,8 +482,8 @@ class Loop:
         self.step += 1
         self.batch_in_epoch += 1
         bar.update(1)
-        if self.accelerated and not self.execution:
-            self.execution = describe_execution(self.accelerated)
+        if not self.execution and (self.accelerated or self.step == 1):  # once a layer has run
+            self.execution = describe_execution(self.accelerated, self.model)
             if self.execution and self.show is not False and self.dist.main and not is_quiet():
                 bar.write("execution: " + "; ".join(f"{k}: {v}" for k, v in self.execution.items()))
         if self.board is not None:  # one host sync per update, only when asked for
