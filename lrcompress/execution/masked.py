@@ -51,20 +51,24 @@ def masked_gru_forward(gi: Tensor, h: Tensor, steps: int, masks: Tensor, groups:
         parts.append(part)
         r_k = part[1]
         us.append(gi.new_empty(rows, r_k.shape[1]) if factored and r_k is not None else gi.new_empty(0))
+    joined = gi.new_empty(3, batch, m)  # the groups' gates side by side, reused by every step
     for t in range(steps):
         s = t * batch
         g = gi.narrow(1, s, batch)
         prev.narrow(0, s, batch).copy_(h)
-        pieces: List[Tensor] = []
+        gh = joined
         for k in range(len(groups)):
             x = h * masks[k]
             d_k, r_k, l_k, dg_k, b_k = parts[k]
             if factored and r_k is not None and l_k is not None:
                 u = torch.mm(x, r_k, out=us[k].narrow(0, s, batch))
-                pieces.append(factored_gates(x, u, groups[k][1], l_k, dg_k, b_k))
+                piece = factored_gates(x, u, groups[k][1], l_k, dg_k, b_k)
             else:
-                pieces.append(gates(x, groups[k][1], d_k, None, None, None, b_k))
-        gh = pieces[0] if len(pieces) == 1 else torch.cat(pieces, 0)
+                piece = gates(x, groups[k][1], d_k, None, None, None, b_k)
+            if len(groups) == 1:
+                gh = piece
+            else:
+                joined.narrow(0, groups[k][0], groups[k][1]).copy_(piece)
         step_rz = torch.add(g[:2], gh[:2], out=rz.narrow(1, s, batch)).sigmoid_()
         hn.narrow(0, s, batch).copy_(gh[2])
         n = torch.addcmul(g[2], step_rz[0], gh[2], out=cand.narrow(0, s, batch)).tanh_()
@@ -88,6 +92,7 @@ def masked_gru_backward(gout: Tensor, dh: Tensor, prev: Tensor, rz: Tensor, cand
     spans = order_of([batch] * steps, False)
     plan = chunks(spans, m, budget)
     scratch = gout.new_empty(_most_rows(plan), 4, m)
+    zero = gout.new_zeros(batch, m)  # the direct term of back_rzn when there is no diagonal (read only)
     for i, j, lo, hi in plan:
         r, z, n = rz[0, lo:hi], rz[1, lo:hi], cand[lo:hi]
         k = scratch.narrow(0, 0, hi - lo)
@@ -107,7 +112,7 @@ def masked_gru_backward(gout: Tensor, dh: Tensor, prev: Tensor, rz: Tensor, cand
                 d_k, r_k, l_k, dg_k, b_k = parts[c]
                 if first == 0 and count == 3:  # every gate: r, z in p, the n product's gradient in pn
                     add = None if dg_k is None else (p[:, :2] * dg_k[:2].transpose(0, 1)).sum(1) + pn * dg_k[2, 0]
-                    through = back_rzn(p, pn, torch.zeros_like(pn) if add is None else add, d_k, r_k, l_k)
+                    through = back_rzn(p, pn, zero if add is None else add, d_k, r_k, l_k)
                 else:
                     pg = pn.unsqueeze(1) if first == 2 else p.narrow(1, first, count)
                     add = None if dg_k is None else (pg * dg_k.transpose(0, 1)).sum(1)
