@@ -14,6 +14,7 @@ boundary and leaves a checkpoint that ``resume=True`` continues bit-exactly (on 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -22,7 +23,6 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -308,7 +308,7 @@ def evaluate(model: nn.Module, data: Data, loss_fn: Callable | None = None, *, m
     objective = Objective(loss_fn, metric_fn, task=task)
     device = torch.device(device) if device is not None else _model_device(model)
     model = StatefulForward(model) if objective.stateful else model
-    return run_evaluation(model, counted(data, progress), objective, device, Distributed(), nullcontext)
+    return run_evaluation(model, counted(data, progress), objective, device, Distributed(), contextlib.nullcontext)
 
 
 class Loop:
@@ -546,7 +546,8 @@ class Loop:
             self.scaler.unscale_(self.optimizer)
             if self.stabiliser.check():
                 self.stabiliser.clip_()
-                self.scaler.step(self.optimizer)
+                with self._overflow_is_a_setting():
+                    self.scaler.step(self.optimizer)
                 self.stabiliser.after_step()
             else:  # fp16 overflow: the scaler skips the step and lowers its scale
                 self.amp_overflows += 1
@@ -554,7 +555,8 @@ class Loop:
         else:
             loss.backward()
             if self.stabiliser.before_step():
-                self.optimizer.step()
+                with self._overflow_is_a_setting():
+                    self.optimizer.step()
                 self.stabiliser.after_step()
         self.optimizer.zero_grad(set_to_none=True)
         self._advance_schedule()
@@ -562,6 +564,19 @@ class Loop:
         finite = torch.isfinite(value)
         self.loss_sum += torch.where(finite, value, torch.zeros_like(value))
         self.loss_count += finite.double()
+
+    @contextlib.contextmanager
+    def _overflow_is_a_setting(self):
+        """A learning rate that overflows the optimizer's float arithmetic (``train.lr = 1e38``
+        with Adam's bias correction) is a bad setting, not a crash: one ``ConfigError`` naming it."""
+        try:
+            yield
+        except RuntimeError as exc:
+            if "overflow" not in str(exc):
+                raise
+            lr = self.optimizer.param_groups[0]["lr"]
+            raise ConfigError(f"train.lr = {lr!r} overflows the {type(self.optimizer).__name__} update "
+                              f"at step {self.step + 1} ({exc}); use a smaller learning rate") from None
 
     def _advance_schedule(self) -> None:
         """Step a per-update scheduler (skipped updates count too), never past its last step."""
@@ -738,11 +753,11 @@ class Loop:
     def _amp(self):
         mode = self.config.amp
         if mode == "none":
-            return nullcontext, None
+            return contextlib.nullcontext, None
         if self.device.type != "cuda":
             warnings.warn(f"train.amp={mode!r} needs a CUDA device; training in float32 on {self.device}",
                           UserWarning, stacklevel=4)
-            return nullcontext, None
+            return contextlib.nullcontext, None
         dtype = torch.bfloat16 if mode == "bf16" else torch.float16
 
         def autocast():

@@ -62,7 +62,7 @@ def check_range(where: str, values: dict, key: str, low: float | None = None, hi
     bad |= low is not None and (value <= low if low_open else value < low)
     bad |= high is not None and (value >= high if high_open else value > high)
     if bad:
-        left = "(" if low_open else "["
-        right = ")" if high_open else "]"
+        left = "(" if low_open or low is None else "["  # infinities are never allowed: open there
+        right = ")" if high_open or high is None else "]"
         span = f"{left}{'-inf' if low is None else low}, {'inf' if high is None else high}{right}"
         raise ConfigError(f"{where}.{key} must be in {span}, got {value!r}")
