@@ -129,17 +129,22 @@ def max_rank(gates: int, rows: int, cols: int, tied: bool) -> int:
     return min(gates * rows, cols) if tied else min(rows, cols)
 
 
-def factorization(module: nn.Module, name: str) -> LowRank | None:
-    """The lrcompress parametrization on ``module.<name>``, or None.
+def chained(plist: parametrize.ParametrizationList) -> list[nn.Module]:
+    """The parametrizations chained on one weight, in order.
 
-    Its factors may themselves be parametrized (weight normalisation, ``train.stabilisers``):
-    torch then adds a ``parametrizations`` child to the list, which is not a parametrization of
-    the weight and does not count (else weight-normalised factors read as "not low rank").
+    Its factors may themselves be parametrized (weight normalisation, ``train.stabilisers``, or
+    a user's own on a Kronecker factor): torch then adds a ``parametrizations`` child to the
+    list, which ``len(plist)`` counts but which is not a parametrization of the weight (else a
+    weight-normalised factor would make its weight read as "not factored").
     """
+    return [m for key, m in plist._modules.items() if key.isdigit()]
+
+
+def factorization(module: nn.Module, name: str) -> LowRank | None:
+    """The lrcompress parametrization on ``module.<name>``, or None (see ``chained``)."""
     if not parametrize.is_parametrized(module, name):
         return None
-    plist = module.parametrizations[name]
-    own = [m for key, m in plist._modules.items() if key.isdigit()]
+    own = chained(module.parametrizations[name])
     return own[0] if len(own) == 1 and isinstance(own[0], LowRank) else None
 
 

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .errors import ConfigError
+from .parametrizations import chained
 
 LOWRANK = "lowrank"
 
@@ -147,8 +148,8 @@ def parametrization(module: nn.Module, name: str) -> nn.Module | None:
     """The lrcompress parametrization (any structure) alone on ``module.<name>``, or None."""
     if not parametrize.is_parametrized(module, name):
         return None
-    plist = module.parametrizations[name]
-    return plist[0] if len(plist) == 1 and structure_of(plist[0]) is not None else None
+    own = chained(module.parametrizations[name])
+    return own[0] if len(own) == 1 and structure_of(own[0]) is not None else None
 
 
 def structured(module: nn.Module, name: str) -> nn.Module | None:

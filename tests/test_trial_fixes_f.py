@@ -40,3 +40,46 @@ def test_range_messages_never_claim_an_infinity_is_allowed(spec, shown):
     with pytest.raises(ConfigError) as info:
         check_range("train", {"lr": float("inf") if "high" not in spec else float("-inf")}, "lr", **spec)
     assert f"must be in {shown}" in str(info.value)
+
+
+class _Scale(nn.Module):
+    def forward(self, x):
+        return 2.0 * x
+
+
+def test_a_structure_whose_factor_is_itself_parametrized_still_reads_as_that_structure():
+    """A parametrization on a Kronecker factor (a user's own, or weight normalisation) makes torch
+    add a ``parametrizations`` child to the weight's list: it is not a second parametrization of
+    the weight, so the weight is still Kronecker and still counted by the unitary penalty."""
+    from torch.nn.utils import parametrize
+
+    from lrcompress.structured.kronecker import kronecker, unitary_penalty
+    from lrcompress.structures import parametrization, structure_of, structured
+
+    lin = nn.Linear(12, 12, dtype=torch.float64)
+    kronecker(lin, factors=((3, 3), (2, 2), (2, 2)))
+    plist = lin.parametrizations.weight
+    before = unitary_penalty(lin).item()
+    F = plist.original0.detach().clone()
+    parametrize.register_parametrization(plist, "original0", _Scale())
+    assert len(plist) == 2  # torch counts the factor's own list: the old check read "not Kronecker"
+    assert structure_of(parametrization(lin, "weight")) == "kronecker" and structured(lin, "weight") is plist[0]
+    eye = torch.eye(3, dtype=torch.float64)
+    expected = before - ((F.mT @ F - eye) ** 2).sum().item() + ((4 * F.mT @ F - eye) ** 2).sum().item()
+    assert unitary_penalty(lin).item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_scornn_optimizer_finds_a_skew_original_that_is_itself_parametrized():
+    """scoRNN's A trains at its own rate even when the user chained a parametrization on it: the
+    leaf parameter goes into the orthogonal group, once, and nothing else changes group."""
+    from torch.nn.utils import parametrize
+
+    from lrcompress.nn.scornn import ScoRNN, scornn_optimizer
+
+    model = nn.Sequential(ScoRNN(2, 6))
+    plist = model[0].parametrizations.weight_hh_l0
+    parametrize.register_parametrization(plist, "original0", _Scale())
+    leaf = plist.parametrizations.original0.original
+    rest, skew = scornn_optimizer(model, lr=1e-3, lr_orthogonal=1e-4).param_groups
+    assert skew["params"] == [leaf] and skew["lr"] == 1e-4
+    assert all(p is not leaf for p in rest["params"]) and len(rest["params"]) == 3

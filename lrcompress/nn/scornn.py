@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from ..errors import ConfigError
+from ..parametrizations import chained
 from ..structured.orthogonal import ScaledCayley, random_originals
 
 
@@ -127,8 +128,10 @@ def orthogonal_parameters(model: nn.Module) -> list[nn.Parameter]:
     for m in model.modules():
         if parametrize.is_parametrized(m):
             for plist in m.parametrizations.values():
-                if len(plist) == 1 and isinstance(plist[0], ScaledCayley):
-                    found.append(plist.original0)
+                if len(chained(plist)) == 1 and isinstance(plist[0], ScaledCayley):
+                    # A factor parametrized in turn trains through its own original.
+                    own = parametrize.is_parametrized(plist, "original0")
+                    found.append(plist.parametrizations.original0.original if own else plist.original0)
     return found
 
 

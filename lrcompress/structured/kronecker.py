@@ -56,7 +56,7 @@ from torch.nn.utils import parametrize
 from . import registrable_weight
 from ..errors import ConfigError, RankError, WeightError
 from ..factorize import SVD_METHODS, fit_low_rank
-from ..parametrizations import own_class
+from ..parametrizations import chained, own_class
 
 # CP-ALS sweeps after the sequential start (k >= 3 factors only): enough for the ALS error to
 # settle on the shapes we convert; each sweep costs about `terms * k` products with the weight.
@@ -427,7 +427,7 @@ def unitary_penalty(target: nn.Module) -> Tensor:
                  for plist in m.parametrizations.values()]
     else:
         raise ConfigError(f"unitary_penalty needs a module, got {type(target).__name__}")
-    lists = [pl for pl in lists if len(pl) == 1 and isinstance(pl[0], Kronecker)]
+    lists = [pl for pl in lists if len(chained(pl)) == 1 and isinstance(pl[0], Kronecker)]
     if not lists:
         raise ConfigError(f"{type(target).__name__} has no Kronecker-parametrized weight (see kronecker())")
     terms = []
