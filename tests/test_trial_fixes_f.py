@@ -83,3 +83,25 @@ def test_scornn_optimizer_finds_a_skew_original_that_is_itself_parametrized():
     rest, skew = scornn_optimizer(model, lr=1e-3, lr_orthogonal=1e-4).param_groups
     assert skew["params"] == [leaf] and skew["lr"] == 1e-4
     assert all(p is not leaf for p in rest["params"]) and len(rest["params"]) == 3
+
+
+def test_a_sweep_point_refused_at_its_first_update_does_not_block_the_corrected_sweep(tmp_path):
+    """A point whose start failed before any checkpoint (here lr = 1e38) left only its recipe and
+    conversion record: rerunning the sweep with a sane rate starts it afresh with that rate, rather
+    than refusing because the dead start 'was made with train.lr = 1e+38'."""
+    from lrcompress.train.run import sweep, train_recipe
+
+    recipe = {"meta": {"name": "t"}, "task": {"name": "addition", "length": 6, "train_size": 64, "valid_size": 32,
+                                              "test_size": 32},
+              "model": {"cell": "gru", "hidden_size": 8}, "train": {"steps": 4, "batch_size": 16, "eval_every": 2, "optimizer": "adam"}}
+    dense = tmp_path / "dense"
+    train_recipe(recipe, dense, progress=False)
+    out = tmp_path / "sweep"
+    with pytest.raises(ConfigError, match="overflows"):
+        sweep(dense, out, ranks=[2], overrides=["train.lr=1e38"], progress=False, echo=lambda s: None)
+    assert not (out / "rank2" / "last.safetensors").exists()
+    points = sweep(dense, out, ranks=[2], overrides=["train.steps=2"], progress=False, echo=lambda s: None)
+    assert points[0]["steps"] == 2 and "1e+38" not in (out / "rank2" / "recipe.toml").read_text()
+    # A point that did train keeps its settings: a changed recipe is still refused.
+    with pytest.raises(ConfigError, match="was made with train.steps"):
+        sweep(dense, out, ranks=[2], overrides=["train.steps=3"], progress=False, echo=lambda s: None)

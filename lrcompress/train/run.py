@@ -56,7 +56,7 @@ def train_recipe(recipe: str | os.PathLike | dict, out: str | os.PathLike | None
     recipe = _recipe(recipe, overrides)
     out = Path(out) if out is not None else Path("runs") / (recipe["meta"]["name"] or "run")
     _check_out(out, resume)
-    if resume and (out / RECIPE_FILE).is_file():
+    if resume and _started(out) and (out / RECIPE_FILE).is_file():
         recipe = load_recipe(out / RECIPE_FILE, overrides)
     task, model = build(recipe)
     text = dump_recipe(recipe)
@@ -94,8 +94,8 @@ def finetune(source: str | os.PathLike, out: str | os.PathLike, *, rank=None, en
     _check_apart(source, out)
     _check_out(out, resume)
     weights, base = _source(source, recipe)
-    recipe = load_recipe(out / RECIPE_FILE, overrides) if resume and (out / RECIPE_FILE).is_file() else \
-        _recipe(base, overrides)
+    own = resume and _started(out) and (out / RECIPE_FILE).is_file()  # the run's own recipe, as train_recipe
+    recipe = load_recipe(out / RECIPE_FILE, overrides) if own else _recipe(base, overrides)
     _check_dense(source, recipe["model"], "finetune")
     config = CompressionConfig(rank=None if energy is not None else rank, energy=energy,
                                diag=diag, tied=tied, structure=structure, **structure_options)
@@ -224,8 +224,17 @@ def _definition(rank, energy, diag, tied, config) -> dict:
     return json_options(flat)
 
 
+def _started(where: Path) -> bool:
+    """Whether a run in ``where`` got as far as a checkpoint or a summary. A start refused at its
+    first update (``train.lr = 1e38``, a device torch cannot see) leaves only its recipe and
+    conversion record: nothing to resume, so the next command starts it afresh as asked then."""
+    return (where / "last.safetensors").is_file() or (where / SUMMARY_FILE).is_file()
+
+
 def _made_with(where: Path) -> dict | None:
     """``_definition`` of the point an earlier command made in ``where`` (None: nothing made yet)."""
+    if not _started(where):
+        return None
     state = _read_json(where / FINETUNE_FILE) or _read_json(where / SUMMARY_FILE)
     if state is None:
         return None
