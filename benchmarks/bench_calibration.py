@@ -36,7 +36,6 @@ the n = 512 GRU under 30 s on 2 cores.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import itertools
 import json
@@ -59,7 +58,7 @@ from lrcompress.train.checkpoint import load_checkpoint
 from lrcompress.train.recipe import load_recipe
 from lrcompress.train.run import build, train_recipe
 
-from _common import machine, timed  # this folder: see _common.py
+from _common import add_table_command, machine, run_study, study_parser, timed  # this folder: see _common.py
 
 RATIOS = (2, 4, 8)
 EVAL_BATCH = 32  # streams the test split is cut into (the training batch size: run.py's layout)
@@ -394,9 +393,7 @@ def cmd_table(args) -> None:
 # -- entry point ----------------------------------------------------------------------------
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser, sub = study_parser(__doc__)
     p = sub.add_parser("train-text", help="train the second model (LSTM char LM on pydoc_data text)")
     p.add_argument("--out", type=Path, required=True, help="run directory")
     p.add_argument("--set", action="append", default=[], help="recipe override SECTION.KEY=VALUE")
@@ -447,12 +444,8 @@ def main(argv=None) -> None:
     p.add_argument("summaries", nargs="+", type=Path)
     p.add_argument("--out", type=Path, required=True, help="image file (PNG)")
     p.set_defaults(run_command=cmd_plot)
-    p = sub.add_parser("table", help="a measure summary as a markdown table")
-    p.add_argument("summary", type=Path)
-    p.set_defaults(run_command=cmd_table)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    args.run_command(args)
+    add_table_command(sub, cmd_table)
+    run_study(parser, argv)
 
 
 if __name__ == "__main__":

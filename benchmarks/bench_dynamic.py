@@ -31,7 +31,6 @@ The PTB run needs ``$LRCOMPRESS_DATA`` pointing at the folder with ``ptb.char.*.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import hashlib
 import json
@@ -49,7 +48,7 @@ from lrcompress.train.dynamic import (DEFAULT_DECAY, DEFAULT_LR, DEFAULT_SEGMENT
 from lrcompress.train.recipe import load_recipe
 from lrcompress.train.run import MODEL_FILE, RECIPE_FILE, build
 
-from _common import machine  # this folder: see _common.py
+from _common import add_table_command, machine, run_study, study_parser  # this folder: see _common.py
 
 DEFAULTS = [("sgd", DEFAULT_SEGMENT, DEFAULT_LR["sgd"], DEFAULT_DECAY["sgd"]),
             ("rms", DEFAULT_SEGMENT, DEFAULT_LR["rms"], DEFAULT_DECAY["rms"])]
@@ -224,9 +223,7 @@ def cmd_table(args) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser, sub = study_parser(__doc__)
     p = sub.add_parser("measure", help="static and dynamic bits per character at every point")
     p.add_argument("run", type=Path, help="run directory (recipe.toml + model.safetensors)")
     p.add_argument("--split", default="test", choices=("train", "valid", "test"))
@@ -240,12 +237,8 @@ def main(argv=None) -> None:
     p.add_argument("--as-stream", action="store_true", help="read the split as one stream whatever the mode")
     p.add_argument("--out", type=Path, required=True, help="JSON summary to write")
     p.set_defaults(run_command=cmd_measure)
-    p = sub.add_parser("table", help="measure summaries as markdown tables")
-    p.add_argument("summary", type=Path, nargs="+")
-    p.set_defaults(run_command=cmd_table)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    args.run_command(args)
+    add_table_command(sub, cmd_table, many=True)
+    run_study(parser, argv)
 
 
 if __name__ == "__main__":

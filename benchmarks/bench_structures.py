@@ -38,7 +38,6 @@ split as well.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import itertools
 import json
@@ -63,7 +62,7 @@ from lrcompress.train.checkpoint import load_checkpoint
 from lrcompress.train.recipe import load_recipe
 from lrcompress.train.run import build
 
-from _common import machine  # this folder: see _common.py
+from _common import add_table_command, machine, run_study, study_parser  # this folder: see _common.py
 
 FRACTIONS = (4, 8, 16, 32)
 FAMILIES = ("lowrank", "lrd", "kronecker:16x32", "kronecker:32x16", "kronecker:8x64", "kronecker:8x8x8",
@@ -347,9 +346,7 @@ def cmd_table(args) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser, sub = study_parser(__doc__)
     p = sub.add_parser("measure", help="every family at every budget, before fine-tuning")
     p.add_argument("run", type=Path, help="run directory (recipe.toml + weights)")
     p.add_argument("--weights", help="weights file in the run (default: model.safetensors, else best.safetensors)")
@@ -363,12 +360,8 @@ def main(argv=None) -> None:
                    help=f"score every K-th test batch of {EVAL_BATCH} sequences (default 1: the whole split)")
     p.add_argument("--out", type=Path, required=True, help="JSON summary to write")
     p.set_defaults(run_command=cmd_measure)
-    p = sub.add_parser("table", help="a measure summary as a markdown table")
-    p.add_argument("summary", type=Path)
-    p.set_defaults(run_command=cmd_table)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    args.run_command(args)
+    add_table_command(sub, cmd_table)
+    run_study(parser, argv)
 
 
 if __name__ == "__main__":

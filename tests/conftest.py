@@ -198,3 +198,65 @@ def data_env(monkeypatch):
         monkeypatch.setenv("LRCOMPRESS_DATA", str(SHARED_DATA))
         return str(SHARED_DATA)
     return None
+
+
+CHAR_LM_RECIPE = """
+[task]
+name = "text"
+text_file = "{text}"
+seq_len = 20
+valid_fraction = 0.1
+test_fraction = 0.1
+
+[model]
+cell = "gru"
+hidden_size = 16
+
+[train]
+optimizer = "adam"
+lr = 0.01
+batch_size = 4
+steps = {steps}
+eval_every = {steps}
+device = "cpu"
+"""
+
+
+def train_char_lm(root: Path, steps: int) -> Path:
+    """A tiny character LM (GRU, 16 units, on a repeated sentence) trained through the
+    ``lrcompress train`` command into ``root/run``; returns that run directory."""
+    from typer.testing import CliRunner
+
+    from lrcompress.cli import app
+
+    (root / "t.txt").write_text("the cat sat on the mat. " * 60)
+    (root / "lm.toml").write_text(CHAR_LM_RECIPE.format(text=root / "t.txt", steps=steps))
+    result = CliRunner().invoke(app, ["train", str(root / "lm.toml"), "--out", str(root / "run"), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    return root / "run"
+
+
+def addition_recipe(hidden_size: int, steps: int, eval_every: int) -> str:
+    """A small dense GRU recipe on the addition task (T = 6), as ``lrcompress train`` reads it."""
+    return f"""
+[task]
+name = "addition"
+length = 6
+train_size = 160
+valid_size = 48
+test_size = 48
+
+[model]
+cell = "gru"
+hidden_size = {hidden_size}
+update_gate_bias = 4.0
+
+[train]
+optimizer = "adam"
+lr = 0.01
+batch_size = 16
+steps = {steps}
+eval_every = {eval_every}
+clip = "norm"
+device = "cpu"
+"""

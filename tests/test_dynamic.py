@@ -20,6 +20,7 @@ from lrcompress.train.dynamic import (DynamicUpdate, as_sequences, dynamic_evalu
                                       gradient_statistics, static_evaluate, stream_batches)
 from lrcompress.train.models import SequenceModel
 from lrcompress.train.tasks import build_task
+from conftest import train_char_lm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -334,41 +335,11 @@ def test_bad_grad_stats_and_streams_and_models_are_named():
 
 # -- the command ---------------------------------------------------------------------------------
 
-RECIPE = """
-[task]
-name = "text"
-text_file = "{text}"
-seq_len = 20
-valid_fraction = 0.1
-test_fraction = 0.1
-
-[model]
-cell = "gru"
-hidden_size = 16
-
-[train]
-optimizer = "adam"
-lr = 0.01
-batch_size = 4
-steps = 6
-eval_every = 6
-device = "cpu"
-"""
-
-
 @pytest.fixture(scope="module")
 def lm_run(tmp_path_factory):
     """A tiny character LM trained through ``lrcompress train``."""
-    from typer.testing import CliRunner
-
-    from lrcompress.cli import app
-
-    root = tmp_path_factory.mktemp("lm")
-    (root / "t.txt").write_text("the cat sat on the mat. " * 60)
-    (root / "lm.toml").write_text(RECIPE.format(text=root / "t.txt"))
-    result = CliRunner().invoke(app, ["train", str(root / "lm.toml"), "--out", str(root / "run"), "--no-progress"])
-    assert result.exit_code == 0, result.output
-    return root / "run"
+    run_dir = train_char_lm(tmp_path_factory.mktemp("lm"), steps=6)
+    return run_dir
 
 
 def test_evaluate_prints_static_and_dynamic_side_by_side(run, lm_run):

@@ -14,29 +14,9 @@ from lrcompress.cli import app, main
 from lrcompress.train import evaluate, run
 from lrcompress.train.recipe import load_recipe
 from lrcompress.train.run import build
+from conftest import addition_recipe
 
-RECIPE = """
-[task]
-name = "addition"
-length = 6
-train_size = 160
-valid_size = 48
-test_size = 48
-
-[model]
-cell = "gru"
-hidden_size = 8
-update_gate_bias = 4.0
-
-[train]
-optimizer = "adam"
-lr = 0.01
-batch_size = 16
-steps = 30
-eval_every = 10
-clip = "norm"
-device = "cpu"
-"""
+RECIPE = addition_recipe(hidden_size=8, steps=30, eval_every=10)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

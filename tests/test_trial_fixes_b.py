@@ -19,6 +19,7 @@ from lrcompress.structures import cli_options
 from lrcompress.train.dynamic import _difference, _figures, dynamic_evaluate, format_evaluation
 from lrcompress.train.models import SequenceModel
 from lrcompress.train.tasks_data import LN2
+from conftest import train_char_lm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -53,40 +54,10 @@ def test_a_bpc_difference_never_reads_minus_zero():
     assert _difference(math.inf) == "+inf" and _difference(math.nan) == "nan"
 
 
-RECIPE = """
-[task]
-name = "text"
-text_file = "{text}"
-seq_len = 20
-valid_fraction = 0.1
-test_fraction = 0.1
-
-[model]
-cell = "gru"
-hidden_size = 16
-
-[train]
-optimizer = "adam"
-lr = 0.01
-batch_size = 4
-steps = 2
-eval_every = 2
-device = "cpu"
-"""
-
-
 @pytest.fixture(scope="module")
 def lm_run(tmp_path_factory):
-    from typer.testing import CliRunner
-
-    from lrcompress.cli import app
-
-    root = tmp_path_factory.mktemp("lmb")
-    (root / "t.txt").write_text("the cat sat on the mat. " * 60)
-    (root / "lm.toml").write_text(RECIPE.format(text=root / "t.txt"))
-    result = CliRunner().invoke(app, ["train", str(root / "lm.toml"), "--out", str(root / "run"), "--no-progress"])
-    assert result.exit_code == 0, result.output
-    return root
+    run_dir = train_char_lm(tmp_path_factory.mktemp("lmb"), steps=2)
+    return run_dir.parent
 
 
 def test_evaluate_a_diverging_run_is_exit_0_with_a_note(run, lm_run):

@@ -14,29 +14,9 @@ from typer.testing import CliRunner
 
 from lrcompress.cli import app, main
 from lrcompress.train import run
+from conftest import addition_recipe
 
-RECIPE = """
-[task]
-name = "addition"
-length = 6
-train_size = 160
-valid_size = 48
-test_size = 48
-
-[model]
-cell = "gru"
-hidden_size = 16
-update_gate_bias = 4.0
-
-[train]
-optimizer = "adam"
-lr = 0.01
-batch_size = 16
-steps = 10
-eval_every = 5
-clip = "norm"
-device = "cpu"
-"""
+RECIPE = addition_recipe(hidden_size=16, steps=10, eval_every=5)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
