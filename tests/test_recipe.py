@@ -77,7 +77,7 @@ def test_overrides(small):
     ("train.steps=1.5", "train.steps must be an int, got 1.5"),
     ("train.amp=true", "train.amp must be a string, got True"),
     ("model.diag=1", "model.diag must be a bool, got 1"),
-    ("train.lr=-1e-3", r"train.lr must be in \(0.0, inf\], got -0.001"),
+    ("train.lr=-1e-3", r"train.lr must be in \(0.0, inf\), got -0.001"),
     ("train.lr=nan", "train.lr must be in"),
     ("train.batch_size=0", r"train.batch_size must be in \[1"),
     ("train.clip=sometimes", "train.clip must be one of 'none', 'element', 'norm', got 'sometimes'"),

@@ -59,7 +59,11 @@ def test_reduced_recipe_keeps_the_paper_model_and_optimiser(reduced):
 
 def test_fast_psmnist_keeps_the_table_1_model_and_runs_about_40k_updates():
     fast, paper = load_recipe(RECIPES / f"{FAST}.toml"), load_recipe(RECIPES / "psmnist-lrd-gru-128-24.toml")
-    assert fast["model"] == paper["model"] and fast["task"] == paper["task"]
+    assert fast["model"] == paper["model"]
+    split = ("valid_size",)  # the prototype's 55k/5k against the authors' 50k/10k
+    assert {k: v for k, v in fast["task"].items() if k not in split} == \
+        {k: v for k, v in paper["task"].items() if k not in split}
+    assert (fast["task"]["valid_size"], paper["task"]["valid_size"]) == (5000, 10000)
     train = fast["train"]
     updates = train["epochs"] * math.ceil(MnistTask(fast["task"]).num_examples("train") / train["batch_size"])
     assert 38_000 <= updates <= 42_000 and not train["steps"]

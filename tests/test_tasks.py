@@ -403,3 +403,27 @@ def test_bad_split_and_batch_size():
         next(task.batches("dev", 2, seed=0))
     with pytest.raises(ConfigError, match="batch_size must be a positive int, got 0"):
         next(task.batches("train", 0, seed=0))
+
+
+def test_the_authors_pixel_permutation_replays_their_script(tiny_mnist):
+    """``task.permutation = "lowrank-gru"``: the P of the authors' RNN_mnist.py, rebuilt here
+    the way their script draws it (numpy's global generator, Python lists shuffled in place)."""
+    root, (train_x, _, _, _) = tiny_mnist
+    state = np.random.get_state()
+    try:
+        np.random.seed(1234)
+        for size in (50_000, 10_000):  # their training and validation index shuffles
+            np.random.shuffle(list(range(size)))
+        theirs = np.random.permutation(784)
+    finally:
+        np.random.set_state(state)
+    task = build_task({"name": "mnist", "data_dir": str(root), "valid_size": 4, "permute": True,
+                       "permutation": "lowrank-gru"})
+    assert np.array_equal(task.permutation, theirs)
+    x = all_batches(task, "train", 8, shuffle=False)[0].x[..., 0]
+    pixels = torch.from_numpy(train_x[:8].reshape(8, -1)).float() / 255
+    assert torch.equal(x, pixels[:, torch.from_numpy(theirs)])  # step t reads pixel P[t]
+    with pytest.raises(ConfigError, match="task.permute = true"):
+        build_task({"name": "mnist", "data_dir": str(root), "permutation": "lowrank-gru"})
+    with pytest.raises(ConfigError, match="permutation"):
+        build_task({"name": "mnist", "data_dir": str(root), "permute": True, "permutation": "authors"})

@@ -120,12 +120,26 @@ def _read_mnist_pair(image_path: Path, label_path: Path, *stamps) -> tuple[np.nd
     return np.ascontiguousarray(images.reshape(len(images), -1)), labels.astype(np.int64)
 
 
+def authors_permutation() -> np.ndarray:
+    """The pixel order of the paper's psMNIST runs, (784,) int: the authors' ``RNN_mnist.py``
+    (github.com/Avmb/lowrank-gru) seeds numpy's global generator with 1234, shuffles the indices
+    of its 50,000 training and 10,000 validation images, then draws
+    ``np.random.permutation(784)``. NumPy's legacy ``RandomState`` keeps that stream fixed
+    across versions, so replaying the same draws gives their ``P``."""
+    state = np.random.RandomState(1234)
+    state.shuffle(np.arange(50_000))  # their data shuffles: only the draws they use matter here
+    state.shuffle(np.arange(10_000))
+    return state.permutation(MnistTask.PIXELS)
+
+
 class MnistTask(Classification, Task):
     """MNIST digit classification (paper 3.0.3 and appendix A.1).
 
     ``layout = "sequence"``: one pixel per step, 784 steps of (B, 784, 1) values in [0, 1];
-    ``permute = true`` reorders the pixels by one fixed permutation drawn from
-    ``permutation_seed`` (permuted sequential MNIST). ``layout = "flat"``: (B, 784) vectors for
+    ``permute = true`` reorders the pixels by one fixed permutation (permuted sequential
+    MNIST): step ``t`` reads pixel ``P[t]`` of the row-major image. ``permutation = "seed"``
+    draws ``P`` from ``permutation_seed``; ``"lowrank-gru"`` is the authors' own ``P``
+    (``authors_permutation``), for runs comparable pixel for pixel with the paper's Table 1. ``layout = "flat"``: (B, 784) vectors for
     feed-forward (highway) models. Splits: the last ``valid_size`` images of the training file
     are the validation set (5,000 -> 55k/5k; 10,000 gives the 50k/10k split of the paper's
     ``mnist.pkl.gz``), the t10k file is the test set. ``train_size > 0`` keeps only the first
@@ -139,12 +153,14 @@ class MnistTask(Classification, Task):
         "data_dir": "",  # "" -> $LRCOMPRESS_DATA
         "layout": "sequence",
         "permute": False,
+        "permutation": "seed",
         "permutation_seed": 0,
         "valid_size": 5000,
         "train_size": 0,  # 0: all of the training part
         "loss": "ce",
     }
-    CHOICES: ClassVar[dict] = {"layout": ("sequence", "flat"), "loss": ("ce", "hinge2")}
+    CHOICES: ClassVar[dict] = {"layout": ("sequence", "flat"), "loss": ("ce", "hinge2"),
+                               "permutation": ("seed", "lowrank-gru")}
     PIXELS, TRAIN_FILE_SIZE, TEST_SIZE = 784, 60_000, 10_000
 
     @classmethod
@@ -152,14 +168,20 @@ class MnistTask(Classification, Task):
         check_range("task", spec, "valid_size", 1, cls.TRAIN_FILE_SIZE - 1)
         check_range("task", spec, "train_size", 0, cls.TRAIN_FILE_SIZE - spec["valid_size"])
         check_range("task", spec, "permutation_seed", 0)
+        if spec["permutation"] != "seed" and not spec["permute"]:
+            raise ConfigError(f"task.permutation = {spec['permutation']!r} orders pixels only with task.permute = true")
 
     def __init__(self, spec: dict):
         super().__init__(spec)
         self.sequential = self.spec["layout"] == "sequence"
         self.input_size = 1 if self.sequential else self.PIXELS
         self.hinge = self.spec["loss"] == "hinge2"
-        self.permutation = (np.random.default_rng(self.spec["permutation_seed"]).permutation(self.PIXELS)
-                            if self.spec["permute"] else None)
+        if not self.spec["permute"]:
+            self.permutation = None
+        elif self.spec["permutation"] == "lowrank-gru":
+            self.permutation = authors_permutation()
+        else:
+            self.permutation = np.random.default_rng(self.spec["permutation_seed"]).permutation(self.PIXELS)
 
     def arrays(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         """(images, labels) of a split, read on first use."""
