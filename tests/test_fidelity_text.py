@@ -227,11 +227,11 @@ def test_accelerated_layers_say_which_path_the_masks_took():
     model(torch.randint(0, 11, (B, T))).sum().backward()
     assert describe_execution({"rnn": model.rnn}) == {"rnn": MASKED_NOTE}
     assert model.rnn.parametrizations.weight_hh_l0.original0.grad is not None
-    lstm = lm_model("per_gate", rank=2, cell="lstm")  # no masked backward: the step loop
-    accelerate(lstm.rnn, mode="factored", training=True)
-    lstm.train()
-    lstm(torch.randint(0, 11, (B, T))).sum().backward()
-    assert describe_execution({"rnn": lstm.rnn}) == {"rnn": FALLBACK_NOTE}
+    rnn = lm_model("per_gate", rank=2, cell="rnn")  # no masked backward for nn.RNN: the step loop
+    accelerate(rnn.rnn, mode="factored", training=True)
+    rnn.train()
+    rnn(torch.randint(0, 11, (B, T))).sum().backward()
+    assert describe_execution({"rnn": rnn.rnn}) == {"rnn": FALLBACK_NOTE}
 
 
 def test_dense_layers_with_per_sequence_masks_are_named_in_the_training_log(capsys):
@@ -240,7 +240,8 @@ def test_dense_layers_with_per_sequence_masks_are_named_in_the_training_log(caps
     from lrcompress.train import fit
 
     x = torch.randint(0, 11, (B, T))
-    for scheme, cell, note in (("dl4mt", "gru", MASKED_NOTE), ("per_gate", "lstm", FALLBACK_NOTE)):
+    for scheme, cell, note in (("dl4mt", "gru", MASKED_NOTE), ("per_gate", "lstm", MASKED_NOTE),
+                               ("per_gate", "rnn", FALLBACK_NOTE)):
         model = lm_model(scheme, cell=cell)  # rank 0: dense
         result = fit(model, [(x, x)], lambda out, y: out.float().mean(), recipe={"steps": 2, "lr": 1e-3},
                      progress=True)

@@ -107,7 +107,8 @@ def test_plain_python_kernels_agree_with_torchscript(monkeypatch):
 def test_which_layers_take_it():
     assert masked_backward(make("lrd"))
     assert not masked_backward(PaperGRU(IN, N, batch_first=True))  # eq. 6: the autograd loop
-    assert not masked_backward(nn.LSTM(IN, N, batch_first=True))
+    assert not masked_backward(nn.RNN(IN, N, batch_first=True))  # no masked kernel for nn.RNN: the loop
+    assert masked_backward(nn.LSTM(IN, N, batch_first=True))  # tests/test_masked_lstm.py
     kron = nn.Sequential(nn.GRU(4, 16, batch_first=True))
     lrc.compress(kron, structure="kronecker", kron_factors=(4, 4))  # in place
     assert not masked_backward(kron[0])  # a Kronecker W: the autograd loop
@@ -122,7 +123,10 @@ def test_the_training_note_names_the_path():
     assert rnn.__dict__["_lrc_variational_note"] == MASKED_NOTE
     lstm = lrc.accelerate(lrc.nn.LowRankLSTM(IN, N, rank=2, batch_first=True), training=True)
     run_sequence(lstm, torch.randn(B, T, IN), None, scheme="per_gate", recurrent=0.5)
-    assert lstm.__dict__["_lrc_variational_note"] == FALLBACK_NOTE
+    assert lstm.__dict__["_lrc_variational_note"] == MASKED_NOTE
+    plain = lrc.accelerate(lrc.nn.LowRankRNN(IN, N, rank=2, batch_first=True), training=True)
+    run_sequence(plain, torch.randn(B, T, IN), None, scheme="per_gate", recurrent=0.5)
+    assert plain.__dict__["_lrc_variational_note"] == FALLBACK_NOTE
 
 
 def test_no_state_matrix_is_saved():

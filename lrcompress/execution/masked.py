@@ -1,4 +1,4 @@
-"""The eq. 7 GRU backward through the factors with per-sequence recurrent dropout masks.
+"""The eq. 7 GRU and the LSTM backward through the factors with per-sequence recurrent dropout masks.
 
 ``execution.bptt`` takes Gal's dropout as one column mask per call (``dispatch.scale_columns``:
 ``W diag(keep)``). The paper's authors drew one mask per *sequence*, held over its steps, and
@@ -14,9 +14,14 @@ that, so this module runs the same recurrence as ``bptt.GRUFunction`` with the m
 - weight gradients after the loop, over all steps at once, with the masked states
   ``prev * m_k`` as the product's inputs (``bptt.weight_grads``).
 
+The LSTM (``masked_lstm``, gates i, f, g, o, no ``proj_size``) is the same construction on
+``bptt.LSTMFunction``'s recurrence: per step ``dh_prev = sum_k m_k * (W_k^T dG_k + D_k dG_k)``
+(no direct term: the state reaches the next step only through the products), the cell gradient
+as in ``bptt.lstm_backward``.
+
 Only whole padded batches (every sequence all ``steps`` long, rows step-major), as
 ``nn.variational`` runs them. Gradients equal autograd through ``nn.variational``'s step loop
-(``tests/test_masked.py``, float64).
+(``tests/test_masked.py``, ``tests/test_masked_lstm.py``, float64).
 
     >>> out, h = masked_gru(gi, h0, steps, masks, [(0, 3)], None, right, left, diag, bias)  # doctest: +SKIP
 """
@@ -155,6 +160,121 @@ def masked_weight_grads(big: Tensor, dhn: Tensor, prev: Tensor, us: List[Tensor]
     return out
 
 
+def masked_lstm_forward(gi: Tensor, h: Tensor, c: Tensor, steps: int, masks: Tensor, groups: List[Tuple[int, int]],
+                        dense: Optional[Tensor], right: Optional[Tensor], left: Optional[Tensor],
+                        diag: Optional[Tensor], bias: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor, Tensor,
+                                                                                 Tensor, Tensor, Tensor,
+                                                                                 List[Tensor]]:
+    """The nn.LSTM forward (gates i, f, g, o) with mask ``masks[k]`` ``(B, m)`` on the state
+    entering group ``k``'s product. Keeps the (unmasked) states before each step, h and c
+    ``(rows, m)``, the activations ``(4, rows, m)`` (the g slot holds tanh), tanh of the new cell
+    and, factored, each group's ``x_k R_k^T`` (as ``masked_gru_forward``)."""
+    rows, m, batch = gi.shape[1], h.shape[1], h.shape[0]
+    out, prev = gi.new_empty(rows, m), gi.new_empty(rows, m)
+    cprev, tcs = gi.new_empty(rows, m), gi.new_empty(rows, m)
+    act = gi.new_empty(4, rows, m)
+    factored = right is not None and left is not None
+    parts: List[Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor]]] = []
+    us: List[Tensor] = []
+    for group in groups:
+        part = _part(dense, right, left, diag, bias, group[0], group[1], m)
+        parts.append(part)
+        r_k = part[1]
+        us.append(gi.new_empty(rows, r_k.shape[1]) if factored and r_k is not None else gi.new_empty(0))
+    joined = gi.new_empty(4, batch, m)  # the groups' gates side by side, reused by every step
+    for t in range(steps):
+        s = t * batch
+        prev.narrow(0, s, batch).copy_(h)
+        cprev.narrow(0, s, batch).copy_(c)
+        gh = joined
+        for k in range(len(groups)):
+            x = h * masks[k]
+            d_k, r_k, l_k, dg_k, b_k = parts[k]
+            if factored and r_k is not None and l_k is not None:
+                u = torch.mm(x, r_k, out=us[k].narrow(0, s, batch))
+                piece = factored_gates(x, u, groups[k][1], l_k, dg_k, b_k)
+            else:
+                piece = gates(x, groups[k][1], d_k, None, None, None, b_k)
+            if len(groups) == 1:
+                gh = piece
+            else:
+                joined.narrow(0, groups[k][0], groups[k][1]).copy_(piece)
+        pre = gi.narrow(1, s, batch) + gh
+        a = torch.sigmoid(pre, out=act.narrow(1, s, batch))
+        torch.tanh(pre[2], out=a[2])
+        c = torch.addcmul(a[1] * c, a[0], a[2])
+        tc = torch.tanh(c, out=tcs.narrow(0, s, batch))
+        h = torch.mul(a[3], tc, out=out.narrow(0, s, batch))
+    return out, h.clone(), c.clone(), prev, cprev, act, tcs, us
+
+
+def masked_lstm_backward(gout: Tensor, dh: Tensor, dc: Tensor, act: Tensor, cprev: Tensor, tcs: Tensor, steps: int,
+                         masks: Tensor, groups: List[Tuple[int, int]], dense: Optional[Tensor],
+                         right: Optional[Tensor], left: Optional[Tensor], diag: Optional[Tensor],
+                         budget: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """The backward loop of ``masked_lstm_forward``: the gate gradients ``(rows, 4, m)`` and the
+    gradients of h0 and c0. Coefficients and cell recursion as ``bptt.lstm_backward``; the state
+    gradient is ``dh_prev = sum_k m_k * (W_k^T dG_k + D_k dG_k)`` (an LSTM's state reaches the
+    next step only through the products, each of which saw ``h * m_k``)."""
+    rows, m = cprev.shape
+    batch = dh.shape[0]
+    big = gout.new_empty(rows, 4, m)
+    parts: List[Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor]]] = []
+    for group in groups:
+        parts.append(_part(dense, right, left, diag, None, group[0], group[1], m))
+    spans = order_of([batch] * steps, False)
+    plan = chunks(spans, m, budget)
+    scratch = gout.new_empty(_most_rows(plan), 5, m)
+    for i, j, lo, hi in plan:
+        a = act[:, lo:hi]
+        ig, fg, gg, og = a[0], a[1], a[2], a[3]
+        tc = tcs[lo:hi]
+        k = scratch.narrow(0, 0, hi - lo)  # [g i(1-i), c f(1-f), i(1-g^2), tanh(c') o(1-o), o(1-tanh^2 c')]
+        torch.mul(gg, ig, out=k[:, 0]).mul_(1 - ig)
+        torch.mul(cprev[lo:hi], fg, out=k[:, 1]).mul_(1 - fg)
+        torch.mul(gg, gg, out=k[:, 2]).neg_().add_(1).mul_(ig)
+        torch.mul(tc, og, out=k[:, 3]).mul_(1 - og)
+        torch.mul(tc, tc, out=k[:, 4]).neg_().add_(1).mul_(og)
+        for q in range(i, j - 1, -1):
+            s, b = spans[q]
+            g = dh + gout.narrow(0, s, b)
+            kk = k.narrow(0, s - lo, b)
+            cell = torch.addcmul(dc, g, kk[:, 4])
+            p = big.narrow(0, s, b)
+            torch.mul(cell.unsqueeze(1), kk[:, :3], out=p[:, :3])
+            torch.mul(g, kk[:, 3], out=p[:, 3])
+            new = dh  # replaced by the first group's term below (groups is never empty)
+            for c in range(len(groups)):
+                first, count = groups[c]
+                d_k, r_k, l_k, dg_k, b_k = parts[c]
+                pg = p.narrow(1, first, count)
+                add = None if dg_k is None else (pg * dg_k.transpose(0, 1)).sum(1)
+                through = back(pg, d_k, r_k, l_k, add)
+                new = through.mul_(masks[c]) if c == 0 else torch.addcmul(new, through, masks[c])
+            dh = new
+            dc = cell * act[1].narrow(0, s, b)
+    return big, dh, dc
+
+
+def masked_lstm_weight_grads(big: Tensor, prev: Tensor, us: List[Tensor], steps: int, masks: Tensor,
+                             groups: List[Tuple[int, int]], dense: Optional[Tensor], right: Optional[Tensor],
+                             left: Optional[Tensor], diag: Optional[Tensor],
+                             bias: Optional[Tensor]) -> List[Optional[Tensor]]:
+    """Gradients of ``(dense, right, left, diag, bias)``: per group, ``bptt.weight_grads`` of its
+    gates with the masked states ``prev * m_k`` as inputs, joined in gate order (a tied R's
+    gradient summed over the groups)."""
+    m = prev.shape[1]
+    tied = left is not None and left.dim() == 2
+    out: List[Optional[Tensor]] = []
+    for c in range(len(groups)):
+        first, count = groups[c]
+        x = prev * masks[c].repeat(steps, 1)
+        op = _part(dense, right, left, diag, bias, first, count, m)
+        grads = weight_grads(big.narrow(1, first, count), x, op[0], op[1], op[2], op[3], op[4], us[c])
+        out = join_grads(out, grads, tied) if c > 0 else grads
+    return out
+
+
 class MaskedKernels:
     """The loops above, compiled by TorchScript or plain (as ``bptt.Kernels``)."""
 
@@ -163,6 +283,9 @@ class MaskedKernels:
         self.forward = compile_(masked_gru_forward)
         self.backward = compile_(masked_gru_backward)
         self.weight_grads = compile_(masked_weight_grads)
+        self.lstm_forward = compile_(masked_lstm_forward)
+        self.lstm_backward = compile_(masked_lstm_backward)
+        self.lstm_weight_grads = compile_(masked_lstm_weight_grads)
 
 
 @functools.lru_cache(maxsize=None)
@@ -206,3 +329,48 @@ def masked_gru(gi: Tensor, h0: Tensor, steps: int, masks: Tensor, groups: List[T
     step-major), mask ``masks[k]`` on the state entering gates ``groups[k]``; weights as
     ``execution.ops.Op`` (``(out (steps B, m), h_n (B, m))``)."""
     return MaskedGRUFunction.apply(gi, h0, steps, masks, groups, dense, right, left, diag, bias)
+
+
+class MaskedLSTMFunction(torch.autograd.Function):
+    """``(gi (4, rows, m), h0 (B, m), c0 (B, m), steps, masks (K, B, m), groups, dense, right, left,
+    diag, bias) -> (out rows, h_n, c_n)``; ``groups[k] = (first, count)``: the gates mask ``k``
+    feeds. The masks are constants (no gradient).
+
+    With ``c' = f c + i g``, ``h' = o tanh(c')`` and the gates' recurrent term
+    ``sum_k blocks_k((h m_k) W_k^T + b_k)``: ``dc' = dc + dh o (1 - tanh^2 c')``,
+    ``dpre_i = dc' g i (1 - i)``, ``dpre_f = dc' c f (1 - f)``, ``dpre_g = dc' i (1 - g^2)``,
+    ``dpre_o = dh tanh(c') o (1 - o)``, ``dc = dc' f``, ``dh_prev = sum_k m_k (dG_k W_k + dG_k D_k)``.
+    """
+
+    @staticmethod
+    def forward(ctx, gi, h0, c0, steps, masks, groups, dense, right, left, diag, bias):
+        k = masked_kernels(not gi.is_cuda)
+        out, hn, cn, prev, cprev, act, tcs, us = k.lstm_forward(gi, h0, c0, steps, masks, groups, dense, right, left,
+                                                                diag, bias)
+        ctx.steps, ctx.groups = steps, groups
+        ctx.save_for_backward(prev, cprev, act, tcs, masks, dense, right, left, diag, bias, *us)
+        return out, hn, cn
+
+    @staticmethod
+    @first_order("the factored backward with per-sequence masks (lrcompress.execution.masked) is first-order: "
+                 "for a second derivative (create_graph=True) use run_variational(..., backward='autograd')")
+    def backward(ctx, g_out, g_hn, g_cn):
+        prev, cprev, act, tcs, masks, dense, right, left, diag, bias, *us = ctx.saved_tensors
+        k = masked_kernels(not prev.is_cuda)
+        big, dh0, dc0 = k.lstm_backward(g_out.contiguous(), g_hn.contiguous(), g_cn.contiguous(), act, cprev, tcs,
+                                        ctx.steps, masks, ctx.groups, dense, right, left, diag, CHUNK)
+        grads = [None] * 5
+        if any(ctx.needs_input_grad[6:]):
+            grads = k.lstm_weight_grads(big, prev, list(us), ctx.steps, masks, ctx.groups, dense, right, left, diag,
+                                        bias)
+        return (big.transpose(0, 1), dh0, dc0, None, None, None, *_op_grads(ctx, 6, grads))
+
+
+def masked_lstm(gi: Tensor, h0: Tensor, c0: Tensor, steps: int, masks: Tensor, groups: List[Tuple[int, int]],
+                dense: Optional[Tensor], right: Optional[Tensor], left: Optional[Tensor], diag: Optional[Tensor],
+                bias: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+    """One nn.LSTM layer (no ``proj_size``) over ``steps`` whole steps of ``B = h0.shape[0]``
+    sequences (rows step-major), mask ``masks[k]`` on the state entering gates ``groups[k]``
+    (Gal's per-gate masks: ``[(0, 1), (1, 1), (2, 1), (3, 1)]``); weights as ``execution.ops.Op``
+    (``(out (steps B, m), h_n (B, m), c_n (B, m))``)."""
+    return MaskedLSTMFunction.apply(gi, h0, c0, steps, masks, groups, dense, right, left, diag, bias)

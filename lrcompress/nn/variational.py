@@ -4,7 +4,8 @@
 recurrent matrices, one mask for the whole mini-batch, so cuDNN and the factored backward still
 run. The paper's authors drew masks per sequence (Gal 2015, section 4; Sennrich et al. 2016
 for the GRU), which no fused kernel takes: this module runs the recurrence step by step with
-autograd, with the masks below.
+autograd, with the masks below (eq. 7 GRU and LSTM layers: ``execution.masked``'s written-out
+backward instead, see ``run_variational``).
 
 Schemes (``scheme``):
 
@@ -140,9 +141,10 @@ def run_variational(rnn: nn.RNNBase, x: Tensor, hx, masks: VariationalMasks, *, 
     Returns what ``rnn`` returns: (B, T, n) and (L, B, n) (LSTM: a pair). GRU layers follow
     ``rnn.gru_form`` (``"paper"``: eq. 6, reset before the product; else eq. 7, PyTorch's).
 
-    ``backward="auto"``: an eq. 7 GRU layer (low-rank or dense weights) runs
-    ``execution.masked``'s written-out backward through the factors; every other layer, or
-    ``backward="autograd"``, a step loop recorded by autograd (the reference the tests compare with).
+    ``backward="auto"``: an eq. 7 GRU or an LSTM layer (low-rank or dense weights, masks on
+    consecutive gates) runs ``execution.masked``'s written-out backward through the factors; every
+    other layer, or ``backward="autograd"``, a step loop recorded by autograd (the reference the
+    tests compare with).
     """
     if backward not in ("auto", "autograd"):
         raise ConfigError(f"backward must be 'auto' or 'autograd', got {backward!r}")
@@ -158,10 +160,14 @@ def run_variational(rnn: nn.RNNBase, x: Tensor, hx, masks: VariationalMasks, *, 
     with parametrize.cached():  # one rebuild of any non-low-rank parametrized weight per call
         for layer, lm in enumerate(masks.layers):
             gi = _input_projection(rnn, layer, x, lm)
-            if backward == "auto" and masked_backward(rnn):
-                x, h = _run_masked_gru(rnn, layer, gi, h0[layer], lm)
+            if backward == "auto" and masked_backward(rnn) and _consecutive(lm.groups, GATES[rnn.mode]):
+                if lstm:
+                    x, h, c = _run_masked_lstm(rnn, layer, gi, h0[layer], c0[layer], lm)
+                else:
+                    x, h = _run_masked_gru(rnn, layer, gi, h0[layer], lm)
+                    c = None
                 finals_h.append(h)
-                finals_c.append(None)
+                finals_c.append(c)
                 continue
             recur = _Recurrence(rnn, layer, lm)
             h = h0[layer]
@@ -184,8 +190,12 @@ def run_variational(rnn: nn.RNNBase, x: Tensor, hx, masks: VariationalMasks, *, 
 
 def masked_backward(rnn: nn.RNNBase) -> bool:
     """Whether ``run_variational`` takes ``execution.masked``'s backward for ``rnn``: eq. 7 GRU
-    layers whose recurrent weights are low-rank or plain (a Kronecker/TT weight is not)."""
-    if rnn.mode != "GRU" or getattr(rnn, "gru_form", "cudnn") == "paper":
+    and LSTM (no ``proj_size``) layers whose recurrent weights are low-rank or plain (a
+    Kronecker/TT weight is not)."""
+    if rnn.mode == "LSTM":
+        if getattr(rnn, "proj_size", 0) or rnn.bidirectional:
+            return False
+    elif rnn.mode != "GRU" or getattr(rnn, "gru_form", "cudnn") == "paper":
         return False
     for layer in range(rnn.num_layers):
         name = f"weight_hh_l{layer}"
@@ -207,6 +217,29 @@ def _run_masked_gru(rnn: nn.RNNBase, layer: int, gi: Tensor, h0: Tensor, lm: Lay
         groups = [(group[0], len(group)) for group in lm.groups]
         out, h = masked.masked_gru(rows, h0, steps, torch.stack(lm.recurrent), groups, *op[1:])
     return out.view(steps, batch, n).transpose(0, 1), h
+
+
+def _run_masked_lstm(rnn: nn.RNNBase, layer: int, gi: Tensor, h0: Tensor, c0: Tensor,
+                     lm: LayerMasks) -> tuple[Tensor, Tensor, Tensor]:
+    """One LSTM layer through ``execution.masked``: gi (B, T, 4n) -> (B, T, n), h_n, c_n (B, n)."""
+    from ..execution import bptt, masked, ops  # execution imports nn: import here, not at the top
+
+    batch, steps, n = gi.shape[0], gi.shape[1], rnn.hidden_size
+    rows = gi.transpose(0, 1).reshape(steps * batch, 4 * n).view(steps * batch, 4, n).transpose(0, 1)
+    op = ops.prepare(rnn, layer, 0).hh
+    if lm.recurrent is None:  # no recurrent dropout: the plain factored backward
+        out, h, c = bptt.LOOPS.lstm(rows, h0, c0, [batch] * steps, False, *op[1:], None, None, None, False)
+    else:
+        groups = [(group[0], len(group)) for group in lm.groups]
+        out, h, c = masked.masked_lstm(rows, h0, c0, steps, torch.stack(lm.recurrent), groups, *op[1:])
+    return out.view(steps, batch, n).transpose(0, 1), h, c
+
+
+def _consecutive(groups: tuple[tuple[int, ...], ...], gates: int) -> bool:
+    """Whether the mask groups are runs of consecutive gates covering all ``gates``, in gate order
+    (what ``execution.masked`` takes as ``(first, count)``); ``draw_masks`` makes only such groups."""
+    flat = [g for group in groups for g in group]
+    return flat == list(range(gates)) and all(len(group) > 0 for group in groups)
 
 
 def _input_projection(rnn: nn.RNNBase, layer: int, x: Tensor, lm: LayerMasks) -> Tensor:
@@ -312,7 +345,8 @@ class _Recurrence:
 
 # Which path a layer ran in training with per-sequence masks, dense or factored (read by the
 # training engine's execution log, engine.describe_execution): neither cuDNN nor the fused
-# factored kernels take one mask per sequence, so only eq. 7 GRUs have a fast backward for them.
+# factored kernels take one mask per sequence, so only eq. 7 GRUs and LSTMs have a fast backward
+# for them (execution.masked).
 FALLBACK_NOTE = ("autograd step loop (per-sequence dropout masks: no fused kernel takes one mask per "
                  "sequence for this layer kind)")
 MASKED_NOTE = "factored backward with per-sequence dropout masks (execution.masked)"
