@@ -63,8 +63,8 @@ def trained(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("bad, said", [
     ('train.clip_exempt=["nope"]', "has no parameter 'nope'"),
-    ("model.hidden_size=12", "rnn.weight_hh_l0 (24, 8) in the checkpoint vs (36, 12) in the model"),
-    ("model.learn_initial_state=true", "missing initial_state"),
+    ("model.hidden_size=12", "--set model.hidden_size=12 on a resume"),  # refused before the checkpoint is read
+    ("model.learn_initial_state=true", "a resume cannot change the task or the model"),
 ])
 def test_a_refused_resume_leaves_the_run_resumable(trained, tmp_path, bad, said):
     run = tmp_path / "run"

@@ -1,5 +1,7 @@
 """Faults found by trying the tool as a user would (round f): each test fails on the old code."""
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -105,3 +107,82 @@ def test_a_sweep_point_refused_at_its_first_update_does_not_block_the_corrected_
     # A point that did train keeps its settings: a changed recipe is still refused.
     with pytest.raises(ConfigError, match="was made with train.steps"):
         sweep(dense, out, ranks=[2], overrides=["train.steps=3"], progress=False, echo=lambda s: None)
+
+
+# -- a resume continues the run as it was made -------------------------------------------------
+
+def _small_recipe(**train):
+    return {"meta": {"name": "r"}, "task": {"name": "addition", "length": 6, "train_size": 64, "valid_size": 32,
+                                            "test_size": 32},
+            "model": {"cell": "gru", "hidden_size": 8},
+            "train": {"steps": 4, "batch_size": 16, "eval_every": 2, "optimizer": "adam", "lr": 0.01, **train}}
+
+
+def _lrs(run_dir):
+    import json
+
+    return [json.loads(line)["lr"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_resume_takes_the_learning_rate_and_weight_decay_it_is_given(tmp_path):
+    """The optimiser's saved param groups used to bring back the old lr: a changed rate was
+    recorded in recipe.toml yet never used. Now it applies from the next update, with a warning."""
+    from lrcompress.train.run import train_recipe
+
+    run = tmp_path / "run"
+    train_recipe(_small_recipe(), run, progress=False)
+    with pytest.warns(UserWarning, match="changed settings: lr, weight_decay"):
+        train_recipe(_small_recipe(), run, resume=True, progress=False,
+                     overrides=["train.steps=8", "train.lr=0.0001", "train.weight_decay=0.5"])
+    assert _lrs(run) == [0.01, 0.01, 0.0001, 0.0001]
+    from lrcompress.train.checkpoint import load_checkpoint
+
+    groups = load_checkpoint(run / "last.safetensors").optimizer["param_groups"]
+    assert all(g["lr"] == 0.0001 and g["weight_decay"] == 0.5 for g in groups)
+
+
+@pytest.mark.parametrize("change, refused", [
+    (["train.optimizer=rmsprop"], "train.optimizer = 'rmsprop'"),
+    (["train.lr_schedule=onecycle"], "train.lr_schedule = 'onecycle'"),
+    (["train.seed=7"], "train.seed = 7"),
+    (["task.length=5"], "--set task.length=5"),
+    (["model.hidden_size=16"], "--set model.hidden_size=16"),
+])
+def test_a_resume_refuses_what_the_checkpoint_cannot_follow_and_stays_resumable(tmp_path, change, refused):
+    """Another optimiser (KeyError 'square_avg' inside torch), a schedule (KeyError
+    'initial_lr'), another seed, task or model: one ConfigError, and nothing in the run changes."""
+    from lrcompress.train.run import train_recipe
+
+    run = tmp_path / "run"
+    train_recipe(_small_recipe(), run, progress=False)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    with pytest.raises(ConfigError, match=re.escape(refused)):
+        train_recipe(_small_recipe(), run, resume=True, progress=False, overrides=["train.steps=6", *change])
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    assert train_recipe(_small_recipe(), run, resume=True, progress=False, overrides=["train.steps=6"])["steps"] == 6
+
+
+def test_a_resume_with_a_schedule_refuses_a_new_rate(tmp_path):
+    from lrcompress.train.run import train_recipe
+
+    run = tmp_path / "run"
+    train_recipe(_small_recipe(lr_schedule="onecycle"), run, progress=False)
+    with pytest.raises(ConfigError, match=r"train\.lr = 0\.1 .* trained with 0\.01"):
+        train_recipe(_small_recipe(lr_schedule="onecycle"), run, resume=True, progress=False,
+                     overrides=["train.lr=0.1"])
+
+
+def test_a_resume_refuses_a_recipe_that_is_not_the_runs_own(tmp_path):
+    """``lrcompress train OTHER.toml --out RUN --resume`` used to ignore OTHER without a word."""
+    from lrcompress.train.run import train_recipe
+
+    run = tmp_path / "run"
+    train_recipe(_small_recipe(), run, progress=False)
+    other = _small_recipe()
+    other["task"]["length"] = 7
+    with pytest.raises(ConfigError, match=r"task\.length = 6, but the recipe asks 7.*recipe\.toml"):
+        train_recipe(other, run, resume=True, progress=False)
+    longer = _small_recipe(steps=6)  # only how long: allowed
+    assert train_recipe(longer, run, resume=True, progress=False)["steps"] == 6
+    assert train_recipe(run / "recipe.toml", run, resume=True, progress=False,
+                        overrides=["train.steps=8"])["steps"] == 8

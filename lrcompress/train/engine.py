@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError, FormatError
 from ..io import write_text_atomic
+from ..jsonout import dumps as json_dumps
 from ..progress import bar as progress_bar, is_quiet
 from ..report import format_metric
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, save_weights, seed_everything, set_rng_state
@@ -204,6 +205,11 @@ def attach_execution(model: nn.Module, execution: str) -> dict[str, nn.Module]:
             accelerate(module, mode=current.mode, training=True, cuda_graphs=current.cuda_graphs,
                        threads=current.threads, profile=current.profile)
     return found
+
+
+# Param-group entries a learning-rate schedule writes (OneCycleLR: its peak and floor): a resume
+# leaves them as the checkpoint saved them.
+SCHEDULE_OWNED = ("initial_lr", "max_lr", "min_lr", "base_momentum", "max_momentum")
 
 
 def describe_execution(layers: dict[str, nn.Module], model: nn.Module | None = None) -> dict[str, str]:
@@ -642,7 +648,7 @@ class Loop:
             self.board.evaluation(record)
         if self.run_dir is not None and self.dist.main:
             with open(self.run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json_dumps(record) + "\n")  # strict JSON: a NaN/Inf metric is null
         bar.set_postfix_str(_postfix(record, self.objective.metric))
         if self.show is not False and self.dist.main and not is_quiet():  # one line per evaluation, also in logs
             bar.write(_log_line(record))
@@ -684,6 +690,21 @@ class Loop:
                        "model's outputs are not usable (docs/training.md, 'Runs that diverge')")
         return out
 
+    def _refuse_fixed_changes(self, saved: dict, path: Path) -> None:
+        """A resume cannot change what the checkpoint's state was built for: the optimiser (its
+        state tensors), the schedule (its state; with one, also the lr it schedules), the seed
+        (the RNG state comes back), the selection metric (the best score), weight normalisation
+        (the parameters) or RMSProp's initial accumulator (already used). One ``ConfigError``
+        naming the key, before anything is restored or written."""
+        fixed = ["optimizer", "lr_schedule", "seed", "select", "weight_norm", "rmsprop_initial_accumulator"]
+        if saved.get("lr_schedule", "constant") != "constant":
+            fixed += ["lr", "lr_orthogonal", "plateau_factor", "plateau_patience"]
+        for key in fixed:
+            if key in saved and getattr(self.config, key, saved[key]) != saved[key]:
+                raise ConfigError(f"train.{key} = {getattr(self.config, key)!r} on a resume of {path.parent}, which "
+                                  f"was trained with {saved[key]!r}: its checkpoint holds state for that setting; "
+                                  f"resume without the change, or train into another folder")
+
     def _checkpoint(self, start: float) -> None:
         if self.run_dir is None or not self.dist.main:
             return
@@ -702,17 +723,28 @@ class Loop:
 
     def _load(self, path: Path) -> None:
         ckpt = load_checkpoint(path)
+        t = ckpt.trainer
+        saved = t.get("config", {})
+        self._refuse_fixed_changes(saved, path)
+        # The optimiser's saved param groups would bring back the old lr, weight decay, betas...:
+        # keep what the recipe asks now and put it back after the restore (below).
+        asked = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         try:
             ckpt.restore(unwrap(self.model), self.optimizer)
         except FormatError as exc:  # resumed with another model: say which file, and the usual cause
             raise FormatError(f"{path}: {exc} (a resumed run must build the model it saved: drop overrides "
                               "that change the model)") from None
-        t = ckpt.trainer
-        changed = {k for k, v in t.get("config", {}).items()
+        scheduled = self.config.lr_schedule != "constant"  # the schedule's state owns the lr then
+        for group, wanted in zip(self.optimizer.param_groups, asked):
+            for key, value in wanted.items():
+                if key not in SCHEDULE_OWNED and not (scheduled and key == "lr"):
+                    group[key] = value
+        changed = {k for k, v in saved.items()
                    if getattr(self.config, k, v) != v and k not in ("steps", "epochs", "eval_every", "device",
                                                                       "early_stopping_patience")}
         if changed:
-            warnings.warn(f"resuming with changed settings: {', '.join(sorted(changed))}", UserWarning, stacklevel=4)
+            warnings.warn(f"resuming with changed settings: {', '.join(sorted(changed))} (they apply from update "
+                          f"{t['step'] + 1} on)", UserWarning, stacklevel=4)
         self.step, self.epoch, self.batch_in_epoch = t["step"], t["epoch"], t["batch_in_epoch"]
         self.best_score, self.best_step, self.best_metrics = t["best_score"], t["best_step"], t["best_metrics"]
         self.bad_evals, self.amp_overflows, self.wall_before = t["bad_evals"], t["amp_overflows"], t["wall_time"]
@@ -839,8 +871,9 @@ def _log_line(record: dict) -> str:
 
 
 def write_json(path: Path, data: dict) -> None:
-    """Write ``data`` as JSON atomically (a temporary file a killed run leaves is swept later)."""
-    write_text_atomic(path, json.dumps(data, indent=2) + "\n", force=True)
+    """Write ``data`` as strict JSON (a NaN/Inf is null: ``jsonout.dumps``) atomically (a
+    temporary file a killed run leaves is swept later)."""
+    write_text_atomic(path, json_dumps(data, indent=2) + "\n", force=True)
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -856,4 +889,4 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:
-    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in records), force=True)
+    write_text_atomic(path, "".join(json_dumps(r) + "\n" for r in records), force=True)

@@ -57,7 +57,7 @@ def train_recipe(recipe: str | os.PathLike | dict, out: str | os.PathLike | None
     out = Path(out) if out is not None else Path("runs") / (recipe["meta"]["name"] or "run")
     _check_out(out, resume)
     if resume and _started(out) and (out / RECIPE_FILE).is_file():
-        recipe = load_recipe(out / RECIPE_FILE, overrides)
+        recipe = _own_recipe(out, recipe, overrides)
     task, model = build(recipe)
     text = dump_recipe(recipe)
 
@@ -94,8 +94,9 @@ def finetune(source: str | os.PathLike, out: str | os.PathLike, *, rank=None, en
     _check_apart(source, out)
     _check_out(out, resume)
     weights, base = _source(source, recipe)
-    own = resume and _started(out) and (out / RECIPE_FILE).is_file()  # the run's own recipe, as train_recipe
-    recipe = load_recipe(out / RECIPE_FILE, overrides) if own else _recipe(base, overrides)
+    recipe = _recipe(base, overrides)
+    if resume and _started(out) and (out / RECIPE_FILE).is_file():  # the run's own recipe, as train_recipe
+        recipe = _own_recipe(out, recipe, overrides)
     _check_dense(source, recipe["model"], "finetune")
     config = CompressionConfig(rank=None if energy is not None else rank, energy=energy,
                                diag=diag, tied=tied, structure=structure, **structure_options)
@@ -148,6 +149,13 @@ def sweep(source: str | os.PathLike, out: str | os.PathLike, *, ranks: list[int]
         require_tensorboard()
     if not ranks or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in ranks):
         raise ConfigError(f"ranks must be positive ints, got {ranks!r}")
+    repeated = sorted({r for r in ranks if list(ranks).count(r) > 1})
+    if repeated:  # one run directory per rank: a repeat would run once but be counted (and reported) twice
+        raise ConfigError(f"ranks {','.join(map(str, ranks))} list {', '.join(map(str, repeated))} more than once; "
+                          "give each rank once")
+    if diag and both_diag:
+        raise ConfigError("diag (--diag) and both_diag (--both-diag) are alternatives: both_diag already runs "
+                          "every rank with the diagonal and without it; give one")
     if structure != "lowrank":
         if structure not in SWEPT:
             raise ConfigError(f"structure {structure!r} has no size to sweep (a sweep varies low-rank ranks, "
@@ -362,7 +370,7 @@ def _finish(model: nn.Module, result: FitResult, out: Path, extra: dict) -> dict
     summary = {**result.to_dict(), **extra}
     if result.stopped != "interrupted" and _is_main():
         remove_weight_norm(model)  # plain factors: the saved model loads with lrcompress.load_model
-        save_model(model, out / MODEL_FILE)
+        save_model(model, out / MODEL_FILE, force=True)  # the run directory's own file (claimed): a resume replaces it
     return summary
 
 
@@ -382,6 +390,41 @@ def _split(task, split: str, size: int):
 def _eval_size(task, batch_size: int) -> int:
     # Stream tasks (language modelling) cut a split into batch_size streams: keep that layout.
     return batch_size if task.stateful else max(batch_size, 256)
+
+
+# Settings a resume takes from the recipe it names when they differ from the run's own: how long
+# to train and where to run it. Every other difference is refused (``_own_recipe``); ``--set`` changes [train]
+# settings on a resume, where the engine applies, or refuses, each one.
+RESUMABLE = ("train.steps", "train.epochs", "train.eval_every", "train.early_stopping_patience",
+             "train.device", "train.execution", "task.data_dir")
+
+
+def _own_recipe(out: Path, asked: dict, overrides) -> dict:
+    """The recipe a resume continues with: the run's own ``recipe.toml`` with ``overrides``.
+
+    ``asked`` (the recipe the command names, with the same overrides) must describe the same
+    run: a different task, model or training setting there would otherwise be ignored without a
+    word (another recipe file, an edited one, or a ``--set task.lag=5`` that would re-evaluate a
+    finished run on another task). Raises ``ConfigError`` naming the first differing key."""
+    made = _flat_recipe(load_recipe(out / RECIPE_FILE))
+    own = load_recipe(out / RECIPE_FILE, overrides)
+    have, want = _flat_recipe(own), _flat_recipe(asked)
+    for key in sorted(set(made) | set(have)):  # --set on a resume: [train] only (the engine checks those)
+        if key.startswith(("task.", "model.")) and not key.startswith(RESUMABLE) and made.get(key) != have.get(key):
+            raise ConfigError(f"--set {key}={_show(have.get(key))} on a resume of {out}, which was trained with "
+                              f"{key} = {_show(made.get(key))}: a resume cannot change the task or the model; "
+                              f"train into another folder")
+    for key in sorted(set(have) | set(want)):
+        if have.get(key) == want.get(key):
+            continue
+        if key.startswith(RESUMABLE):  # how long and where: as the named recipe says now
+            section, name = key.split(".", 1)
+            own[section][name] = asked[section][name]
+            continue
+        raise ConfigError(f"{out} was trained with {key} = {_show(have.get(key))}, but the recipe asks "
+                          f"{_show(want.get(key))}; --resume continues a run as it was made: name its own "
+                          f"{out / RECIPE_FILE} (or the same recipe) and change [train] settings with --set")
+    return own
 
 
 def _recipe(recipe, overrides) -> dict:
