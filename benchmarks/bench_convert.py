@@ -20,14 +20,19 @@ Targets: conversion under 3 s on a 2-core CPU, error within 2% of the exact opti
     python benchmarks/bench_convert.py --quick --exact-fit
     python benchmarks/bench_convert.py --quality --n 1024 --threads 1   # fit quality at every rank
     python benchmarks/bench_convert.py --fit-cost --threads 1           # fit time / svd_lowrank time
+    python benchmarks/bench_convert.py --fit-cost --threads 1 --json benchmarks/results/convert-fit-cost-threads1.json
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
+import os
+import sys
 import time
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -184,14 +189,14 @@ def classic_alternation(W: Tensor, rank: int, iters: int) -> float:
     return float(torch.linalg.norm(W - LR - torch.diag_embed(D)) / torch.linalg.norm(W))
 
 
-def quality_sweep(n: int, reference_iters: int, classic_iters: int) -> None:
+def quality_sweep(n: int, reference_iters: int, classic_iters: int) -> list[dict]:
     """Default fit (auto, default iterations) against a long exact fit at ranks n/8, n/4, n/4+1, n/2.
 
     Weights: trained-looking blocks (s_i = 4 exp(-i/48), width n/2) plus noise plus a strong
     diagonal 1 + U(0, 1). ``auto`` switches from randomized to exact SVD between n/4 and n/4+1
     when n >= factorize.RANDOMIZED_MIN_DIM. The reference is the exact fit in float64 with
     ``reference_iters`` iterations and no tolerance; ``classic_iters`` > 0 adds the textbook
-    alternation (the fit before the fixed-subspace step) for comparison.
+    alternation (the fit before the fixed-subspace step) for comparison. Returns the rows as dicts.
     """
     W = trained_looking(n, diagonal=False, width=n // 2).reshape(GATES, n, n)
     gen = torch.Generator().manual_seed(1)
@@ -200,15 +205,20 @@ def quality_sweep(n: int, reference_iters: int, classic_iters: int) -> None:
     print("| rank | method | iterations, end | error (default) | reference | default / reference | time |"
           + (" classic | classic / reference |" if classic_iters else ""))
     print("|---|---|---|---|---|---|---|" + ("---|---|" if classic_iters else ""))
+    rows = []
     for rank in (n // 8, n // 4, n // 4 + 1, n // 2):
         wall, _, f = timed(lambda: fit_low_rank_plus_diagonal(W, rank))
         ref = fit_low_rank_plus_diagonal(W.double(), rank, method="exact", max_iter=reference_iters, tol=0.0)
         row = (f"| {rank} | {f.method} | {f.diag_iterations}, {f.diag_stop} | {f.rel_error:.5f} | "
                f"{ref.rel_error:.5f} | {f.rel_error / ref.rel_error:.4f} | {wall:.2f} s |")
+        rows.append({"rank": rank, "method": f.method, "iterations": f.diag_iterations, "stop": f.diag_stop,
+                     "error": f.rel_error, "reference": ref.rel_error, "wall_s": wall})
         if classic_iters:
             c = classic_alternation(W.double(), rank, classic_iters)
             row += f" {c:.5f} | {c / ref.rel_error:.4f} |"
+            rows[-1]["classic"] = c
         print(row, flush=True)
+    return rows
 
 
 def main() -> None:
@@ -228,14 +238,25 @@ def main() -> None:
     parser.add_argument("--reference-iters", type=int, default=30, help="iterations of the --quality reference")
     parser.add_argument("--classic-iters", type=int, default=0,
                         help="--quality: also run the textbook alternation this many iterations")
+    parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     n = 2048 if args.quick else args.n
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"machine: {machine()}")
+    load_before = os.getloadavg()[0]
+    rows = run(args, n)
+    if args.json:
+        args.json.write_text(json.dumps({
+            "command": " ".join(["python", *sys.argv]), "machine": machine(), "n": n, "rank": args.rank,
+            "repeats": args.repeats, "load_average": [load_before, os.getloadavg()[0]], "results": rows}, indent=1) + "\n")
+
+
+def run(args: argparse.Namespace, n: int) -> list[dict]:
+    """The mode ``args`` asks for (quality sweep, fit cost or conversion); its rows as dicts."""
     if args.quality:
-        quality_sweep(n, args.reference_iters, args.classic_iters)
-        return
+        return quality_sweep(n, args.reference_iters, args.classic_iters)
+    rows = []
     if args.fit_cost:
         for kind in KINDS if args.weights == "all" else [args.weights]:
             weight = None if kind == "init" else trained_looking(n, diagonal=kind == "trained+diag")
@@ -244,11 +265,16 @@ def main() -> None:
             print(f"| {kind} | {t_fit:.2f} s | {cpu_fit:.2f} s | {t_svd:.2f} s | {cpu_svd:.2f} s | "
                   f"{t_fit / t_svd:.2f}x | {cpu_fit / cpu_svd:.2f}x | {fit.diag_iterations}, {fit.diag_stop} | "
                   f"{fit.rel_error:.5f} |", flush=True)
-        return
+            rows.append({"weights": kind, "fit_wall_s": t_fit, "fit_cpu_s": cpu_fit, "svd_lowrank_wall_s": t_svd,
+                         "svd_lowrank_cpu_s": cpu_svd, "iterations": fit.diag_iterations, "stop": fit.diag_stop,
+                         "error": fit.rel_error})
+        return rows
     for kind in KINDS if args.weights == "all" else [args.weights]:
         weight = None if kind == "init" else trained_looking(n, diagonal=kind == "trained+diag")
         result = bench(KINDS[kind], make_gru(n, weight), args.rank, args.repeats, args.exact_fit)
         show(result, args.rank)
+        rows.append({"weights": kind, **result})
+    return rows
 
 if __name__ == "__main__":
     main()

@@ -7,20 +7,26 @@ target, and whether the cost model's automatic pick is within 10% of the faster 
     python benchmarks/bench_inference.py                        # CPU cases
     python benchmarks/bench_inference.py --threads 1 --markdown # table for docs/benchmarks.md
     python benchmarks/bench_inference.py --cost                 # + rank sweep at batch 64 (cost model)
+    python benchmarks/bench_inference.py --threads 1 --cost --json benchmarks/results/inference-cost-threads1.json
     python benchmarks/bench_inference.py --device cuda          # GPU cases (H100/H200 targets)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
+import sys
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from lrcompress.execution.timing import synthetic_layer, time_layer
+
+from _common import cpu_name  # this folder: see _common.py
 
 
 @dataclass
@@ -57,16 +63,18 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--markdown", action="store_true", help="print a markdown table")
     parser.add_argument("--cost", action="store_true", help="also sweep the rank at batch 64 (CPU, slow)")
+    parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     device = torch.device(args.device)
     cases = CUDA_CASES if device.type == "cuda" else CPU_CASES + (COST_CASES if args.cost else [])
     threads = args.threads or torch.get_num_threads()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    load = "" if load_before is None else f", load average {load_before:.1f}"
     print(f"device {device} ({name}), {threads} threads, torch {torch.__version__}, median of {args.rounds}{load}")
     header = ["layer", "batch", "T", "dense ms", "rebuilt ms", "factored ms", "dense/factored", "target", "auto",
               "auto ok"]
-    rows = []
+    rows, results = [], []
     for case in cases:
         with warnings.catch_warnings():  # "rank no smaller than dense" is the point of some cases
             warnings.simplefilter("ignore")
@@ -79,6 +87,14 @@ def main() -> None:
         rows.append([case.layer, case.batch, case.steps, f"{t.dense_ms:.2f}", f"{t.rebuilt_ms:.2f}",
                      f"{t.factored_ms:.2f}", f"{t.speedup:.1f}x", target, t.auto,
                      "yes" if picked <= 1.1 * best else f"NO ({picked / best:.2f}x slower)"])
+        results.append({**t.to_dict(), "layer": case.layer, "target": case.target, "auto_ok": picked <= 1.1 * best,
+                        "auto_over_best": picked / best, "markdown": [str(c) for c in rows[-1]]})
+    if args.json:
+        where = name if device.type == "cuda" else cpu_name()  # platform.processor() is often just "x86_64"
+        args.json.write_text(json.dumps({
+            "command": " ".join(["python", *sys.argv]), "machine": f"{where}, {threads} threads, torch {torch.__version__}",
+            "rounds": args.rounds, "load_average": [load_before, os.getloadavg()[0] if load else None],
+            "results": results}, indent=1) + "\n")
     if args.markdown:
         print("| " + " | ".join(header) + " |")
         print("|" + "---|" * len(header))

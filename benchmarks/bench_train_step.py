@@ -10,6 +10,7 @@ ratio LRD / dense, the median of the per-pair ratios and, on CPU, the process CP
 Targets: LRD within 1.10x of dense cuDNN on GPU, within 1.15x of dense on CPU.
 
     python benchmarks/bench_train_step.py --device cpu --quick
+    python benchmarks/bench_train_step.py --device cpu --threads 1 --json benchmarks/results/train-step-cpu-threads1.json
     python benchmarks/bench_train_step.py --device cuda
 """
 
@@ -17,9 +18,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
+import os
 import statistics
-from dataclasses import dataclass
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -107,6 +112,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, help="timed steps per model (default 7 CPU, 50 GPU)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--case", type=int, choices=range(len(CASES)), help="run only this case (0 or 1)")
+    parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -127,6 +133,7 @@ def main() -> None:
               + ("" if gpu else f"{'dense cpu':>11}{'LRD cpu':>10}{'cpu':>7}") + f"   target <= {target:.2f}x")
     print(header)
     print("-" * len(header))
+    load_before, rows = os.getloadavg()[0], []
     for i, case in enumerate(CASES):
         if args.case is not None and i != args.case:
             continue
@@ -139,6 +146,13 @@ def main() -> None:
         if not gpu:
             row += f"{dense_cpu:>11.1f}{lrd_cpu:>10.1f}{lrd_cpu / dense_cpu:>6.3f}x"
         print(f"{row}   {'met' if ratio <= target else 'MISSED'}", flush=True)
+        rows.append({**asdict(case), "case": str(case), "dense_ms": dense, "lrd_ms": lrd, "ratio": ratio,
+                     "pair_ratio": r["pair_ratio"], "dense_cpu_ms": dense_cpu, "lrd_cpu_ms": lrd_cpu,
+                     "cpu_ratio": lrd_cpu / dense_cpu, "target": target, "met": ratio <= target})
+    if args.json:  # NaN (no CPU time on GPU) is written as NaN, which json.loads reads back
+        args.json.write_text(json.dumps({
+            "command": " ".join(["python", *sys.argv]), "machine": machine(device), "warmup": warmup,
+            "repeats": repeats, "load_average": [load_before, os.getloadavg()[0]], "results": rows}, indent=1) + "\n")
 
 if __name__ == "__main__":
     main()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import inspect as pyinspect
 import json
+import math
 import sys
 import warnings
 from pathlib import Path
@@ -20,6 +21,7 @@ from .cli_bench import EPILOG as BENCH_EPILOG, bench
 from .cli_train import (Joint, KronFactors, Negatives, Progress, Structure, Terms, TTRanks, TTShape, evaluate,
                         finetune, report, stdout_to_stderr, sweep, train)
 from .errors import ConfigError, FormatError, LRCompressError, OutputExistsError
+from .jsonout import dumps as _json  # --json: strict JSON, a NaN/Inf metric as null
 from .version import __version__
 
 if TYPE_CHECKING:
@@ -190,7 +192,7 @@ def convert(
         if row.name in folded:
             row.note = "; ".join(filter(None, [row.note, "weight norm folded"]))
     if as_json:
-        typer.echo(json.dumps({**report.to_dict(), "output": str(output)}))
+        typer.echo(_json({**report.to_dict(), "output": str(output)}))
     else:
         typer.echo(str(report))
         typer.echo(f"wrote {output}")
@@ -238,7 +240,7 @@ def inspect(
                 raise
             raise TargetError(f"no recurrent weights found in {path}; add --targets all-linear (or names) "
                               "to inspect Linear layers") from None
-    typer.echo(json.dumps(result.to_dict()) if as_json else str(result))
+    typer.echo(_json(result.to_dict()) if as_json else str(result))
 
 
 @app.command(epilog="Examples:  lrcompress merge model.lr.safetensors -o dense.safetensors  |  "
@@ -273,7 +275,7 @@ def merge(
         write_safetensors(merged, output, force=force,
                           metadata={"merged_from": "lrcompress", "lrcompress_version": __version__})
     if as_json:
-        typer.echo(json.dumps({"output": str(output), "rebuilt": [s.name for s in specs], "tensors": len(merged)}))
+        typer.echo(_json({"output": str(output), "rebuilt": [s.name for s in specs], "tensors": len(merged)}))
     else:
         typer.echo(f"wrote {output} ({len(specs)} weight{'s' if len(specs) != 1 else ''} rebuilt dense)")
 
@@ -365,7 +367,8 @@ def _errors_metadata(report) -> dict[str, str]:
     """Each target's conversion error, for ``inspect`` to show (``validate.recorded_errors``)."""
     from .validate import ERRORS_KEY
 
-    return {ERRORS_KEY: json.dumps({t.name: t.rel_error for t in report.targets})}
+    # Only finite errors: recorded_errors refuses anything else, and a target left out is "not recorded".
+    return {ERRORS_KEY: _json({t.name: t.rel_error for t in report.targets if math.isfinite(t.rel_error)})}
 
 
 def _split(values: Optional[list[str]]) -> tuple[str, ...]:
@@ -508,7 +511,7 @@ def demo(
                         overrides=sets or (), progress=progress, echo=typer.echo)
     if as_json:
         figure = out / PLOT
-        typer.echo(json.dumps({"out": str(out), "plot": str(figure) if figure.is_file() else None, "rows": rows}))
+        typer.echo(_json({"out": str(out), "plot": str(figure) if figure.is_file() else None, "rows": rows}))
 
 
 for _info in app.registered_commands:  # every command, once all are registered

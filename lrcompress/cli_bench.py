@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
 from .errors import ConfigError, FormatError, LRCompressError
+from .jsonout import dumps  # strict JSON
 from .progress import bar as progress_bar
 
 if TYPE_CHECKING:
@@ -66,8 +66,8 @@ def bench(
                           threads=threads, train=train)
                for n, m in progress_bar(layers.items(), desc="timing", unit="layer", total=len(layers))]
     if as_json:
-        typer.echo(json.dumps({"device": _device_name(target), "threads": threads or torch.get_num_threads(),
-                               "layers": [r.to_dict() for r in results]}))
+        typer.echo(dumps({"device": _device_name(target), "threads": threads or torch.get_num_threads(),
+                          "layers": [r.to_dict() for r in results]}))
         return
     what = "training steps (forward + backward)" if train else "inference calls"
     typer.echo(f"device {_device_name(target)}, {what}, batch {batch}, {seq} steps, median of {rounds} rounds, "

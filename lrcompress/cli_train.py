@@ -16,6 +16,7 @@ from typing import Annotated, Optional
 import typer
 
 from .errors import ConfigError
+from .jsonout import dumps as _json  # --json: strict JSON, a NaN/Inf metric as null
 
 Sets = Annotated[Optional[list[str]], typer.Option(
     "--set", "-s", help="Recipe override SECTION.KEY=VALUE, e.g. train.lr=1e-3 (repeatable).")]
@@ -154,7 +155,7 @@ def sweep(
         echo(f"interrupted; run the same command again to continue the sweep in {out}")
         sys.exit(130)  # typer.Exit codes are lost by cli.main (standalone_mode=False)
     if as_json:
-        _echo(json.dumps({"out": str(out), "points": points}))
+        _echo(_json({"out": str(out), "points": points}))
     else:
         _echo(f"{len(points)} points in {out}; table: lrcompress report {out}")
     unsound = [p.get("run_dir") for p in points if p.get("warnings")]
@@ -203,7 +204,7 @@ def report(
         run.write_csv(rows, csv, force=force)
     for target, figure in figures.items():
         plots.save_figure(figure, target, force=force)
-    typer.echo(json.dumps(rows) if as_json else run.format_report(rows))
+    typer.echo(_json(rows) if as_json else run.format_report(rows))
     if not as_json:
         for _, written in named:
             typer.echo(f"wrote {written}")
@@ -245,7 +246,7 @@ def evaluate(
     result = evaluate_run(run_dir, dynamic=dynamic, lr=lr, decay=decay, segment=segment, method=method,
                           split=split, symbols=symbols, grad_batches=grad_batches, device=device or "auto",
                           progress=progress)
-    _echo(json.dumps(result) if as_json else format_evaluation(result))
+    _echo(_json(result) if as_json else format_evaluation(result))
 
 
 @contextlib.contextmanager
@@ -286,7 +287,7 @@ def _report_run(summary: dict, as_json: bool, resume_command: str) -> None:
         (_echo_err if as_json else _echo)(f"interrupted at update {summary['steps']}; continue with: {resume_command}")
         sys.exit(130)  # typer.Exit codes are lost by cli.main (standalone_mode=False)
     if as_json:
-        _echo(json.dumps(summary))
+        _echo(_json(summary))
         _exit_if_unsound(summary)
         return
     metric = summary["metric"]

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from .errors import ConfigError, FormatError, RankError
 from .factorize import SVD_METHODS, factored_params, fraction_rank, rank_for_energy
+from .jsonout import dumps
 from .structures import LOWRANK, OPTION_FIELDS, get as get_structure
 from .whitening import CALIBRATION_DAMPING, check_damping
 
@@ -345,7 +346,7 @@ class CompressionConfig:
         return d
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict())
+        return dumps(self.to_dict())
 
     @classmethod
     def from_dict(cls, data: dict) -> "CompressionConfig":
@@ -374,7 +375,7 @@ class CompressionConfig:
         """
         from .io import write_text_atomic  # io imports this module: a local import keeps one direction
 
-        return write_text_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n", force=force)
+        return write_text_atomic(path, dumps(self.to_dict(), indent=2) + "\n", force=force)
 
     @classmethod
     def load(cls, path) -> "CompressionConfig":

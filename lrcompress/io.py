@@ -42,13 +42,15 @@ FORMAT_VERSION = 2
 _log = logging.getLogger(__name__)  # "lrcompress.io"
 
 
-def save_model(model: nn.Module, path: str | os.PathLike, *, force: bool = True,
+def save_model(model: nn.Module, path: str | os.PathLike, *, force: bool = False,
                metadata: dict[str, str] | None = None) -> Path:
     """Write ``model`` (factors + dense rest) and its factorization to a safetensors file.
 
-    No pickle: reload with ``load_model(skeleton, path)``. Written atomically. A wrapped model
-    (DataParallel/DDP, ``torch.compile``) is saved under the names of the module it wraps, so the
-    file loads into the plain class; the removed prefix is recorded as metadata ``wrapper_prefix``.
+    No pickle: reload with ``load_model(skeleton, path)``. Written atomically. An existing file
+    at ``path`` is replaced only with ``force=True``; otherwise ``OutputExistsError`` and
+    nothing is written. A wrapped model (DataParallel/DDP, ``torch.compile``) is saved under the
+    names of the module it wraps, so the file loads into the plain class; the removed prefix is
+    recorded as metadata ``wrapper_prefix``.
     """
     inner, prefix = unwrap(model)
     meta = dict(metadata or {})

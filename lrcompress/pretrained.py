@@ -34,6 +34,7 @@ from .convert import count_params, factored_specs, factored_state_dict, merge_st
 from .errors import ConfigError, FormatError, LRCompressError, OutputExistsError, TargetError
 from .io import (FORMAT, FORMAT_VERSION, format_version, load_model, read_safetensors, specs_from_metadata,
                  write_compressed, write_safetensors, write_text_atomic)
+from .jsonout import dumps  # strict JSON
 from .report import Report
 from .structures import LOWRANK
 from .validate import check_compressed, load_json
@@ -167,8 +168,8 @@ def write_directory(directory: str | os.PathLike, tensors: dict[str, Tensor], sp
             hf["architectures"] = [architecture]
         if specs:  # a model without factors loads fine in transformers
             hf["transformers_weights"] = HF_REFUSAL
-        write_text_atomic(directory / CONFIG_NAME, json.dumps(hf, indent=2, sort_keys=True) + "\n", force=True)
-    write_text_atomic(directory / LRC_CONFIG_NAME, json.dumps(record, indent=2) + "\n", force=True)
+        write_text_atomic(directory / CONFIG_NAME, dumps(hf, indent=2, sort_keys=True) + "\n", force=True)
+    write_text_atomic(directory / LRC_CONFIG_NAME, dumps(record, indent=2) + "\n", force=True)
     card = directory / CARD_NAME
     if not (keep_card and card.exists() and not _ours(card)):
         write_text_atomic(card, model_card(record, directory.name, hf), force=True)
@@ -261,7 +262,7 @@ def model_card(record: dict, name: str, hf_config: dict | None) -> str:
               (", or an Auto class for it" if hf_config is not None else ""), "```", "",
               "`lrcompress merge` turns it back into a dense directory that any loader reads.", ""]
     if record["config"]:
-        lines += ["## Compression config", "", "```json", json.dumps(record["config"], indent=2), "```", ""]
+        lines += ["## Compression config", "", "```json", dumps(record["config"], indent=2), "```", ""]
     return "\n".join(lines)
 
 
@@ -674,7 +675,7 @@ def merge_directory(source: Path, output: Path, tensors: dict[str, Tensor], spec
             hf = load_json(path.read_text(encoding="utf-8"), str(path), max_depth=64)
             if isinstance(hf, dict):
                 hf.pop("transformers_weights", None)
-                write_text_atomic(output / CONFIG_NAME, json.dumps(hf, indent=2, sort_keys=True) + "\n", force=True)
+                write_text_atomic(output / CONFIG_NAME, dumps(hf, indent=2, sort_keys=True) + "\n", force=True)
                 continue
         _copy(path, output / path.name)
     write_safetensors(merged, weights, force=True,

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 
 from .config import TargetSpec
+from .jsonout import dumps
 
 
 @dataclass
@@ -73,7 +73,7 @@ class Report:
                 "config": self.config}
 
     def to_json(self, **kwargs) -> str:
-        return json.dumps(self.to_dict(), **kwargs)
+        return dumps(self.to_dict(), **kwargs)  # strict JSON: a NaN/Inf is null
 
     def __str__(self) -> str:
         calibrated = any(t.output_error is not None for t in self.targets)

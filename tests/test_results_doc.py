@@ -288,6 +288,80 @@ def test_printed_output_blocks(it):
         assert line.rstrip() in stored, f"not in {it['file']}: {line!r}"
 
 
+# -- docs/benchmarks.md and docs/recipes.md ---------------------------------------------------
+# The benchmark tables rerun with a stored summary carry the same markers, the first file after the
+# kind and any further files (rows in file order) as its arguments; the scripts' own formats.
+
+BENCH_ITEMS, _ = parse((ROOT / "docs" / "benchmarks.md").read_text().splitlines())
+FIT_WEIGHTS = {"trained": "trained-looking", "trained+diag": "trained-looking + diagonal", "init": "default init"}
+
+
+def bench_items(kind: str) -> list[dict]:
+    return [it for it in BENCH_ITEMS if it["kind"] == kind]
+
+
+def test_benchmark_table_sources_are_stored():
+    assert {it["kind"] for it in BENCH_ITEMS} == {"train-step", "inference", "fit-quality", "fit-cost", "lines"}
+    for it in BENCH_ITEMS:
+        for name in [it["file"], *it["args"]]:
+            assert (RESULTS / name).is_file(), f"docs/benchmarks.md line {it['line']}: {name} is not stored"
+
+
+@pytest.mark.parametrize("it", bench_items("train-step"), ids=lambda it: it["file"])
+def test_train_step_tables(it):
+    # | case | summary | repeats | dense ms | LRD ms | ratio | pairs | cpu |, rows in file order
+    rows = [(name, s["repeats"], r) for name in [it["file"], *it["args"]] for s in [load(name)] for r in s["results"]]
+    for cells_, (name, repeats, r) in zip(it["rows"][2:], rows, strict=True):
+        assert plain(cells_[1]) == f"`{name}`" and cells_[2] == str(repeats)
+        assert [plain(c) for c in cells_[3:]] == [f"{r['dense_ms']:.1f}", f"{r['lrd_ms']:.1f}", f"{r['ratio']:.3f}x",
+                                                  f"{r['pair_ratio']:.3f}x", f"{r['cpu_ratio']:.3f}x"], r["case"]
+
+
+@pytest.mark.parametrize("it", bench_items("inference"), ids=lambda it: it["file"])
+def test_inference_tables(it):
+    # the rows bench_inference.py --markdown printed, kept in its --json summary
+    assert [[plain(c) for c in row] for row in it["rows"][2:]] == [r["markdown"] for r in load(it["file"])["results"]]
+
+
+@pytest.mark.parametrize("it", bench_items("fit-quality"), ids=lambda it: it["file"])
+def test_fit_quality_tables(it):
+    for row, r in zip(it["rows"][2:], load(it["file"])["results"], strict=True):
+        expected = [str(r["rank"]), r["method"], f"{r['iterations']}, {r['stop']}", f"{r['error']:.5f}",
+                    f"{r['reference']:.5f}", f"{r['error'] / r['reference']:.4f}", f"{r['wall_s']:.2f} s"]
+        if "classic" in r:
+            expected += [f"{r['classic']:.5f}", f"{r['classic'] / r['reference']:.4f}"]
+        assert [plain(c) for c in row] == expected
+
+
+@pytest.mark.parametrize("it", bench_items("fit-cost"), ids=lambda it: it["file"])
+def test_fit_cost_tables(it):
+    for row, r in zip(it["rows"][2:], load(it["file"])["results"], strict=True):
+        assert [plain(c) for c in row] == [
+            FIT_WEIGHTS[r["weights"]], f"{r['fit_wall_s']:.2f} s", f"{r['fit_cpu_s']:.2f} s",
+            f"{r['svd_lowrank_wall_s']:.2f} s", f"{r['svd_lowrank_cpu_s']:.2f} s",
+            f"{r['fit_wall_s'] / r['svd_lowrank_wall_s']:.2f}x", f"{r['fit_cpu_s'] / r['svd_lowrank_cpu_s']:.2f}x",
+            f"{r['iterations']}, {r['stop']}", f"{r['error']:.5f}"]
+
+
+@pytest.mark.parametrize("it", bench_items("lines"), ids=lambda it: it["file"])
+def test_benchmark_tables_printed_as_stored(it):
+    stored = {line.rstrip() for line in (RESULTS / it["file"]).read_text().splitlines()}
+    for line in it["text"]:
+        assert line.rstrip() in stored, f"not in {it['file']}: {line!r}"
+
+
+@pytest.mark.parametrize("name, metric", [("addition-gru-small", "mse"), ("copy-small", "accuracy")])
+def test_recipe_demo_figures(name, metric):
+    # docs/recipes.md's demo rows quote their stored run summary: wall time and validation metric
+    row = next(line for line in (ROOT / "docs" / "recipes.md").read_text().splitlines()
+               if line.startswith(f"| `{name}` |"))
+    stored = load(f"recipe-{name}.json")
+    value = stored["summary"]["val"][metric]
+    shown = f"{100 * value:.1f}%" if metric == "accuracy" else f"{value:.1e}".replace("e-0", "e-")
+    assert f"`benchmarks/results/recipe-{name}.json`" in row
+    assert f"{stored['wall_time']:.0f} s" in row and shown in row, (row, shown)
+
+
 # -- the summary script itself -----------------------------------------------------------------
 
 def test_lookup_selectors_and_expressions(tmp_path, monkeypatch):

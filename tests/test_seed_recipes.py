@@ -185,7 +185,7 @@ def test_structure_training_options_refuse_models_without_their_structure(tmp_pa
         parameter_groups(dense, TrainConfig(steps=1, lr_orthogonal=1e-4))
     recipe = {"task": {"name": "addition", "length": 6, "train_size": 8, "valid_size": 8, "test_size": 8},
               "model": {"cell": "rnn", "hidden_size": 8},
-              "train": {"steps": 1, "unitary_penalty": 0.1, "device": "cpu"}}
+              "train": {"steps": 1, "batch_size": 8, "unitary_penalty": 0.1, "device": "cpu"}}
     with pytest.raises(ConfigError, match="Kronecker"):
         train_recipe(recipe, tmp_path / "run", progress=False)
     with pytest.raises(ConfigError, match="unitary_penalty"):

@@ -186,3 +186,40 @@ def test_a_resume_refuses_a_recipe_that_is_not_the_runs_own(tmp_path):
     assert train_recipe(longer, run, resume=True, progress=False)["steps"] == 6
     assert train_recipe(run / "recipe.toml", run, resume=True, progress=False,
                         overrides=["train.steps=8"])["steps"] == 8
+
+
+# -- finetune's rank as the report shows it -----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def dense_small(tmp_path_factory):
+    from lrcompress.train.run import train_recipe
+
+    run = tmp_path_factory.mktemp("dense") / "run"
+    train_recipe(_small_recipe(), run, progress=False)
+    return run
+
+
+def test_finetune_refuses_a_rank_and_an_energy_together(dense_small, tmp_path):
+    from lrcompress.train.run import finetune
+
+    for rank, energy in ((4, 0.9), ("energy=0.9", 0.8)):
+        with pytest.raises(ConfigError, match="exactly one of rank and energy"):
+            finetune(dense_small, tmp_path / "both", rank=rank, energy=energy, progress=False)
+        assert not (tmp_path / "both").exists()
+
+
+def test_finetune_records_the_rank_it_used_and_report_reads_it(dense_small, tmp_path):
+    """``--rank 0.5`` (half of n = 8) and ``--rank energy=F`` made summaries the report refused
+    ("rank is 'energy=0.9', not a number") or mislabelled (rank 0.5)."""
+    from lrcompress.train.run import collect, finetune, format_report
+
+    half = finetune(dense_small, tmp_path / "half", rank=0.5, progress=False, overrides=["train.steps=2"])
+    assert (half["rank"], half["rank_asked"]) == (4, 0.5)
+    spelled = finetune(dense_small, tmp_path / "spelled", rank="energy=0.9", progress=False,
+                       overrides=["train.steps=2"])
+    plain = finetune(dense_small, tmp_path / "plain", energy=0.9, progress=False, overrides=["train.steps=2"])
+    assert spelled["energy"] == plain["energy"] == 0.9 and spelled["params"] == plain["params"]
+    assert spelled["rank"] == plain["rank"] and isinstance(spelled["rank"], int)
+    rows = {r["run"]: r for r in collect(tmp_path)}
+    assert rows["half"]["rank"] == 4 and rows["spelled"]["rank"] == spelled["rank"]
+    assert "half" in format_report(list(rows.values()))

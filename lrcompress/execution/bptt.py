@@ -443,7 +443,8 @@ def kernels(script: bool = True) -> Kernels:
 
 SECOND_ORDER = ("the factored training path (lrcompress.execution.bptt) has a first-order backward: for a "
                 "second derivative (create_graph=True) use accelerate(model, mode='dense') or "
-                "[train] execution = 'dense' (the paper-form PaperGRU has no dense kernel: first-order only)")
+                "[train] execution = 'dense', under per-sequence dropout masks a SequenceModel's "
+                "variational_backward = 'autograd' (the paper-form PaperGRU has no dense kernel: first-order only)")
 
 
 def first_order(message: str):

@@ -294,6 +294,13 @@ def masked_kernels(script: bool = True) -> MaskedKernels:
     return compile_or_plain(MaskedKernels) if script else MaskedKernels(False)
 
 
+# Both remedies a user can apply: a direct run_variational caller passes backward, a
+# SequenceModel (lrcompress.train.models, model.dropout_masks "dl4mt"/"per_gate") sets its attribute.
+SECOND_ORDER_MASKED = ("the factored backward with per-sequence masks (lrcompress.execution.masked) is first-order: "
+                       "for a second derivative (create_graph=True) set model.variational_backward = 'autograd' on "
+                       "a SequenceModel, or pass run_variational(..., backward='autograd')")
+
+
 class MaskedGRUFunction(torch.autograd.Function):
     """``(gi (3, rows, m), h0 (B, m), steps, masks (K, B, m), groups, dense, right, left, diag,
     bias) -> (out rows, h_n)``; ``groups[k] = (first, count)``: the gates mask ``k`` feeds. The
@@ -308,8 +315,7 @@ class MaskedGRUFunction(torch.autograd.Function):
         return out, hn
 
     @staticmethod
-    @first_order("the factored backward with per-sequence masks (lrcompress.execution.masked) is first-order: "
-                 "for a second derivative (create_graph=True) use run_variational(..., backward='autograd')")
+    @first_order(SECOND_ORDER_MASKED)
     def backward(ctx, g_out, g_hn):
         prev, rz, cand, hn_part, masks, dense, right, left, diag, bias, *us = ctx.saved_tensors
         k = masked_kernels(not prev.is_cuda)
@@ -352,8 +358,7 @@ class MaskedLSTMFunction(torch.autograd.Function):
         return out, hn, cn
 
     @staticmethod
-    @first_order("the factored backward with per-sequence masks (lrcompress.execution.masked) is first-order: "
-                 "for a second derivative (create_graph=True) use run_variational(..., backward='autograd')")
+    @first_order(SECOND_ORDER_MASKED)
     def backward(ctx, g_out, g_hn, g_cn):
         prev, cprev, act, tcs, masks, dense, right, left, diag, bias, *us = ctx.saved_tensors
         k = masked_kernels(not prev.is_cuda)

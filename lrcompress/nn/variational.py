@@ -350,15 +350,18 @@ class _Recurrence:
 FALLBACK_NOTE = ("autograd step loop (per-sequence dropout masks: no fused kernel takes one mask per "
                  "sequence for this layer kind)")
 MASKED_NOTE = "factored backward with per-sequence dropout masks (execution.masked)"
+AUTOGRAD_NOTE = "autograd step loop (per-sequence dropout masks; backward = 'autograd' asked)"
 
 
 def run_sequence(rnn: nn.RNNBase, x: Tensor, hx, *, scheme: str, recurrent: float = 0.0, inputs: float = 0.0,
-                 output: float = 0.0):
-    """A training call with per-sequence masks: ``draw_masks``, ``run_variational``, then the
-    output multiplied by one (B, 1, n) mask per sequence (rate ``output``), the same at every
-    step (dl4mt-lm's ``readout_dropout``, Gal's ``noise_o``). Returns (output, final state)."""
+                 output: float = 0.0, backward: str = "auto"):
+    """A training call with per-sequence masks: ``draw_masks``, ``run_variational`` (with
+    ``backward``), then the output multiplied by one (B, 1, n) mask per sequence (rate
+    ``output``), the same at every step (dl4mt-lm's ``readout_dropout``, Gal's ``noise_o``).
+    Returns (output, final state)."""
     masks = draw_masks(rnn, x.shape[0], x.shape[1], scheme=scheme, recurrent=recurrent, inputs=inputs)
-    rnn.__dict__["_lrc_variational_note"] = MASKED_NOTE if masked_backward(rnn) else FALLBACK_NOTE
-    out, state = run_variational(rnn, x, hx, masks)
+    note = AUTOGRAD_NOTE if backward == "autograd" else MASKED_NOTE if masked_backward(rnn) else FALLBACK_NOTE
+    rnn.__dict__["_lrc_variational_note"] = note
+    out, state = run_variational(rnn, x, hx, masks, backward=backward)
     keep = sequence_masks(1, x.shape[0], out.shape[-1], output, out)
     return (out if keep is None else out * keep[0].unsqueeze(1)), state

@@ -454,6 +454,9 @@ class SequenceModel(nn.Module):
     ``recurrent_dropout`` (set by a trainer) applies ``run_with_recurrent_dropout`` in training;
     ``dropout_masks = "per_gate"`` or ``"dl4mt"`` instead draws every mask (input, recurrent,
     output) per sequence and holds it over time (``lrcompress.nn.variational.run_sequence``).
+    ``variational_backward`` (an attribute too): ``"auto"`` runs those masks through the
+    first-order factored backward where there is one (``execution.masked``), ``"autograd"``
+    through autograd's step loop, which supports a second derivative (``create_graph=True``).
     ``forward_stateful`` also takes and returns the recurrent state, for windows of a stream.
     ``learn_initial_state``: the state a sequence starts from is the trainable ``initial_state``
     ((layers * directions, n), zeros at first; an LSTM adds ``initial_cell``), as the authors'
@@ -467,7 +470,7 @@ class SequenceModel(nn.Module):
     def __init__(self, rnn: nn.RNNBase, output_size: int, output: str, *, vocab_size: int | None = None,
                  embedding: nn.Embedding | None = None, input_dropout: float = 0.0, output_dropout: float = 0.0,
                  output_l2: float = 0.0, recurrent_dropout: float = 0.0, learn_initial_state: bool = False,
-                 dropout_masks: str = "batch"):
+                 dropout_masks: str = "batch", variational_backward: str = "auto"):
         super().__init__()
         if output not in ("last", "sequence"):
             raise ConfigError(f"output must be 'last' or 'sequence', got {output!r}")
@@ -478,6 +481,9 @@ class SequenceModel(nn.Module):
         if dropout_masks != "batch":
             check_scheme(rnn, dropout_masks)
         self.dropout_masks = dropout_masks
+        if variational_backward not in ("auto", "autograd"):
+            raise ConfigError(f"variational_backward must be 'auto' or 'autograd', got {variational_backward!r}")
+        self.variational_backward = variational_backward
         self.embedding = embedding
         self.rnn = rnn
         self.input_dropout = nn.Dropout(input_dropout)
@@ -506,7 +512,8 @@ class SequenceModel(nn.Module):
             state = self.start_state(inputs.shape[0])
         if variational:  # every mask per sequence, held over time; the output one already applied
             out, state = run_sequence(self.rnn, inputs, state, scheme=self.dropout_masks,
-                                      recurrent=self.recurrent_dropout, inputs=p_in, output=p_out)
+                                      recurrent=self.recurrent_dropout, inputs=p_in, output=p_out,
+                                      backward=self.variational_backward)
         elif self.training and self.recurrent_dropout > 0:
             out, state = run_with_recurrent_dropout(self.rnn, inputs, state, self.recurrent_dropout)
         else:

@@ -189,6 +189,9 @@ def check_train(train: dict) -> dict:
         raise ConfigError(f"train.{exc}") from None
     if out["clip_exempt"] and out["clip"] == "none":
         raise ConfigError("train.clip_exempt names parameters to leave unclipped, but train.clip = 'none'")
+    if out["clip"] == "none" and out["clip_value"] != RECIPE_DEFAULTS["clip_value"]:  # it would be ignored
+        raise ConfigError(f"train.clip_value = {_toml(out['clip_value'])} sets a clipping threshold, but train.clip "
+                          f"= 'none' clips nothing: remove it (or set train.clip = 'element' or 'norm')")
     for key in ("recurrent_dropout", "dropout", "rmsprop_alpha"):
         check_range("train", out, key, 0.0, 1.0, high_open=True)
     check_range("train", out, "plateau_patience", 1)

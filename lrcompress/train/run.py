@@ -59,6 +59,7 @@ def train_recipe(recipe: str | os.PathLike | dict, out: str | os.PathLike | None
     if resume and _started(out) and (out / RECIPE_FILE).is_file():
         recipe = _own_recipe(out, recipe, overrides)
     task, model = build(recipe)
+    task.check_batch_size(recipe["train"]["batch_size"])  # training only: before any work
     text = dump_recipe(recipe)
 
     def start() -> None:  # once the model, optimiser and (resuming) checkpoint are in place: a refusal writes nothing
@@ -98,11 +99,16 @@ def finetune(source: str | os.PathLike, out: str | os.PathLike, *, rank=None, en
     if resume and _started(out) and (out / RECIPE_FILE).is_file():  # the run's own recipe, as train_recipe
         recipe = _own_recipe(out, recipe, overrides)
     _check_dense(source, recipe["model"], "finetune")
-    config = CompressionConfig(rank=None if energy is not None else rank, energy=energy,
-                               diag=diag, tied=tied, structure=structure, **structure_options)
+    if isinstance(rank, str) and rank.replace(" ", "").startswith("energy="):  # --rank energy=F: an energy
+        if energy is not None:
+            raise ConfigError(f"give exactly one of rank and energy, got --rank {rank} and --energy {energy}")
+        rank, energy = None, _energy_value(rank)
+    config = CompressionConfig(rank=rank, energy=energy, diag=diag, tied=tied, structure=structure,
+                               **structure_options)  # refuses a rank and an energy both given
     if resume:  # the run continued must be this conversion, not another one made into the same folder
         _check_point(out, _definition(rank, energy, diag, tied, config), None, "fine-tune into another --out")
     task, model = build(recipe)
+    task.check_batch_size(recipe["train"]["batch_size"])  # training only: before any work
     load_model(model, weights)
     state = _read_json(out / FINETUNE_FILE) if resume and (out / "last.safetensors").is_file() else None
     eval_data = _eval_data(task, recipe)
@@ -122,7 +128,7 @@ def finetune(source: str | os.PathLike, out: str | os.PathLike, *, rank=None, en
 
     extra = {"kind": "finetune", "recipe": recipe["meta"]["name"], "source": str(source), "rank": rank,
              "energy": energy, "diag": diag, "tied": tied, **_structure_record(config),
-             "params_dense": conversion.params_before,
+             **_ranks_used(conversion, rank), "params_dense": conversion.params_before,
              "params": conversion.params_after, "ratio": conversion.ratio, "dense": state["dense"],
              "converted": state["converted"]}
     result = _fit(model, task, recipe, out, resume=resume, progress=progress, summary=extra, tensorboard=tensorboard,
@@ -220,6 +226,30 @@ def _structure_record(config) -> dict:
     fields = get(config.structure).field_names
     given = {f: getattr(config, f) for f in fields if getattr(config, f) not in (None, False)}
     return {"structure": config.structure, "options": json_options(given)}
+
+
+def _energy_value(text: str) -> float:
+    """``"energy=0.9"`` -> 0.9 (``ConfigError`` naming the text when it is not a number)."""
+    try:
+        return float(text.split("=", 1)[1])
+    except ValueError:
+        raise ConfigError(f"--rank {text}: energy=F needs a number F in (0, 1]") from None
+
+
+def _ranks_used(conversion, asked) -> dict:
+    """The rank a low-rank conversion used, for the summary and ``report``: the one rank every
+    target got (``--rank 0.5`` or an energy resolved per matrix), with the rank as asked beside it
+    when that differs; ``None`` and the per-target ranks when the targets differ."""
+    ranks = [t.rank for t in conversion.targets if t.structure == "lowrank"]
+    if not ranks:
+        return {}
+    used = ranks[0] if len(set(ranks)) == 1 else None
+    out = {"rank": used}
+    if used != asked:
+        out["rank_asked"] = asked
+    if used is None:
+        out["ranks"] = {t.name: t.rank for t in conversion.targets if t.structure == "lowrank"}
+    return out
 
 
 def _definition(rank, energy, diag, tied, config) -> dict:

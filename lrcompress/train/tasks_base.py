@@ -108,6 +108,20 @@ class Task:
         """Batches in one pass of ``batches("train", batch_size, ...)``."""
         return math.ceil(self.num_examples("train") / batch_size)
 
+    def train_examples(self) -> int | None:
+        """Examples in one pass of the training split as ``batch_size`` counts them (sequences,
+        images); None where the split has no fixed size (an endless stream) or a batch counts
+        something else (a language model's symbols)."""
+        return self.num_examples("train") or None
+
+    def check_batch_size(self, batch_size: int) -> None:
+        """``ConfigError`` naming both numbers when one batch would be larger than the training
+        split: every update would then take the whole split, a smaller batch than asked."""
+        examples = self.train_examples()
+        if examples is not None and batch_size > examples:
+            raise ConfigError(f"train.batch_size = {batch_size} is larger than the {self.name} training split "
+                              f"({examples} examples): use a batch_size of at most {examples}")
+
     def loss(self, logits: Tensor, batch: Batch) -> Tensor:
         raise NotImplementedError
 

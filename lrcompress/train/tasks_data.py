@@ -358,6 +358,11 @@ class PtbCharTask(Task):
         """Symbols in ``split`` (in stream mode a few at the stream ends are not predicted)."""
         return sum(len(line) for line in self.lines(split))
 
+    def train_examples(self) -> int | None:
+        """Training sentences in sentence mode (a batch holds sentences); None in stream mode,
+        where a batch holds streams and ``batches`` refuses a text too short for them."""
+        return None if self.stateful else len(self.lines("train"))
+
     def steps_per_epoch(self, batch_size: int) -> int:
         if self.stateful:
             steps = len(self.stream("train")) // batch_size - 1
