@@ -236,15 +236,17 @@ def train_char_lm(root: Path, steps: int) -> Path:
     return root / "run"
 
 
-def addition_recipe(hidden_size: int, steps: int, eval_every: int) -> str:
-    """A small dense GRU recipe on the addition task (T = 6), as ``lrcompress train`` reads it."""
+def addition_recipe(hidden_size: int, steps: int, eval_every: int, *, length: int = 6, train_size: int = 160,
+                    eval_size: int = 48) -> str:
+    """A small dense GRU recipe on the addition task, as ``lrcompress train`` reads it
+    (validation and test sets of ``eval_size`` sequences each)."""
     return f"""
 [task]
 name = "addition"
-length = 6
-train_size = 160
-valid_size = 48
-test_size = 48
+length = {length}
+train_size = {train_size}
+valid_size = {eval_size}
+test_size = {eval_size}
 
 [model]
 cell = "gru"

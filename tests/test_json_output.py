@@ -10,31 +10,12 @@ import torch
 from safetensors.torch import load_file
 
 from lrcompress.train import run as runs
+from conftest import addition_recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # A tiny addition task and GRU (as in test_runs.py): each run takes well under a second.
-RECIPE = """
-[task]
-name = "addition"
-length = 5
-train_size = 64
-valid_size = 32
-test_size = 32
-
-[model]
-cell = "gru"
-hidden_size = 6
-update_gate_bias = 4.0
-
-[train]
-optimizer = "adam"
-lr = 0.01
-batch_size = 16
-steps = 4
-eval_every = 2
-device = "cpu"
-"""
+RECIPE = addition_recipe(hidden_size=6, steps=4, eval_every=2, length=5, train_size=64, eval_size=32)
 HIDDEN = 6
 
 

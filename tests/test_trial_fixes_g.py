@@ -13,30 +13,12 @@ from torch import nn
 
 import lrcompress as lrc
 from lrcompress.errors import ConfigError, OutputExistsError, SecondOrderError
+from conftest import addition_recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # A tiny addition task and GRU (as in test_json_output.py): each run takes well under a second.
-RECIPE = """
-[task]
-name = "addition"
-length = 5
-train_size = 64
-valid_size = 32
-test_size = 32
-
-[model]
-cell = "gru"
-hidden_size = 6
-
-[train]
-optimizer = "adam"
-lr = 0.01
-batch_size = 16
-steps = 4
-eval_every = 2
-device = "cpu"
-"""
+RECIPE = addition_recipe(hidden_size=6, steps=4, eval_every=2, length=5, train_size=64, eval_size=32)
 # Adam at lr = 1e37 without clipping: the weights overflow at once, every metric is NaN/Inf.
 DIVERGE = ("--set", "train.lr=1e37", "--set", "train.clip=none")
 

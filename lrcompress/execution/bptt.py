@@ -348,6 +348,23 @@ def lstm_forward(gi: Tensor, h: Tensor, c: Tensor, sizes: List[int], reverse: bo
     return out, h.clone(), c, prev, cprev, act, tcs
 
 
+def lstm_coefficients(act: Tensor, cprev: Tensor, tcs: Tensor, lo: int, hi: int, scratch: Tensor) -> Tensor:
+    """The LSTM backward's per-step coefficients for rows ``lo .. hi``, written in place into
+    ``scratch[:hi - lo]`` (no per-chunk tensors to stack) and returned ``(hi - lo, 5, m)``:
+    ``[g i(1-i), c f(1-f), i(1-g^2), tanh(c') o(1-o), o(1-tanh^2 c')]`` from the gate
+    activations ``act`` ``(4, rows, m)`` (i, f, g, o), the previous cells and ``tanh`` of the new ones."""
+    a = act[:, lo:hi]
+    ig, fg, gg, og = a[0], a[1], a[2], a[3]
+    tc = tcs[lo:hi]
+    k = scratch.narrow(0, 0, hi - lo)
+    torch.mul(gg, ig, out=k[:, 0]).mul_(1 - ig)
+    torch.mul(cprev[lo:hi], fg, out=k[:, 1]).mul_(1 - fg)
+    torch.mul(gg, gg, out=k[:, 2]).neg_().add_(1).mul_(ig)
+    torch.mul(tc, og, out=k[:, 3]).mul_(1 - og)
+    torch.mul(tc, tc, out=k[:, 4]).neg_().add_(1).mul_(og)
+    return k
+
+
 def lstm_backward(gout: Tensor, dh: Tensor, dc: Tensor, act: Tensor, cprev: Tensor, tcs: Tensor, sizes: List[int],
                   reverse: bool, dense: Optional[Tensor], right: Optional[Tensor], left: Optional[Tensor],
                   diag: Optional[Tensor], p_dense: Optional[Tensor], p_right: Optional[Tensor],
@@ -365,15 +382,7 @@ def lstm_backward(gout: Tensor, dh: Tensor, dc: Tensor, act: Tensor, cprev: Tens
     plan = chunks(spans, m, budget)
     scratch = gout.new_empty(_most_rows(plan), 5, m)
     for i, j, lo, hi in plan:
-        a = act[:, lo:hi]
-        ig, fg, gg, og = a[0], a[1], a[2], a[3]
-        tc = tcs[lo:hi]
-        k = scratch.narrow(0, 0, hi - lo)  # written in place: no per-chunk tensors to stack
-        torch.mul(gg, ig, out=k[:, 0]).mul_(1 - ig)
-        torch.mul(cprev[lo:hi], fg, out=k[:, 1]).mul_(1 - fg)
-        torch.mul(gg, gg, out=k[:, 2]).neg_().add_(1).mul_(ig)
-        torch.mul(tc, og, out=k[:, 3]).mul_(1 - og)
-        torch.mul(tc, tc, out=k[:, 4]).neg_().add_(1).mul_(og)
+        k = lstm_coefficients(act, cprev, tcs, lo, hi, scratch)
         for q in range(i, j - 1, -1):
             s, b = spans[q]
             g = (dh if b == dh.shape[0] else dh[:b]) + gout.narrow(0, s, b)

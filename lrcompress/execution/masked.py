@@ -34,8 +34,33 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .bptt import CHUNK, _most_rows, first_order, _op_grads, back, back_rzn, chunks, join_grads, weight_grads
+from .bptt import CHUNK, lstm_coefficients, _most_rows, first_order, _op_grads, back, back_rzn, chunks, join_grads, weight_grads
 from .loops import _part, compile_or_plain, factored_gates, gates, order_of
+
+
+def masked_gates(h: Tensor, masks: Tensor, groups: List[Tuple[int, int]],
+                 parts: List[Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor],
+                                  Optional[Tensor]]],
+                 factored: bool, us: List[Tensor], s: int, joined: Tensor) -> Tensor:
+    """One step's recurrent gate terms ``(G, B, m)``: group ``k`` (gates ``first .. first +
+    count``, weights ``parts[k]``) takes the masked state ``h * masks[k]``; factored, its
+    ``x_k R_k^T`` is kept in ``us[k]`` at rows ``s ..`` for the weight gradients. Several groups
+    are written side by side into ``joined`` (reused by every step), one is returned as it is."""
+    batch = h.shape[0]
+    gh = joined
+    for k in range(len(groups)):
+        x = h * masks[k]
+        d_k, r_k, l_k, dg_k, b_k = parts[k]
+        if factored and r_k is not None and l_k is not None:
+            u = torch.mm(x, r_k, out=us[k].narrow(0, s, batch))
+            piece = factored_gates(x, u, groups[k][1], l_k, dg_k, b_k)
+        else:
+            piece = gates(x, groups[k][1], d_k, None, None, None, b_k)
+        if len(groups) == 1:
+            gh = piece
+        else:
+            joined.narrow(0, groups[k][0], groups[k][1]).copy_(piece)
+    return gh
 
 
 def masked_gru_forward(gi: Tensor, h: Tensor, steps: int, masks: Tensor, groups: List[Tuple[int, int]],
@@ -61,19 +86,7 @@ def masked_gru_forward(gi: Tensor, h: Tensor, steps: int, masks: Tensor, groups:
         s = t * batch
         g = gi.narrow(1, s, batch)
         prev.narrow(0, s, batch).copy_(h)
-        gh = joined
-        for k in range(len(groups)):
-            x = h * masks[k]
-            d_k, r_k, l_k, dg_k, b_k = parts[k]
-            if factored and r_k is not None and l_k is not None:
-                u = torch.mm(x, r_k, out=us[k].narrow(0, s, batch))
-                piece = factored_gates(x, u, groups[k][1], l_k, dg_k, b_k)
-            else:
-                piece = gates(x, groups[k][1], d_k, None, None, None, b_k)
-            if len(groups) == 1:
-                gh = piece
-            else:
-                joined.narrow(0, groups[k][0], groups[k][1]).copy_(piece)
+        gh = masked_gates(h, masks, groups, parts, factored, us, s, joined)
         step_rz = torch.add(g[:2], gh[:2], out=rz.narrow(1, s, batch)).sigmoid_()
         hn.narrow(0, s, batch).copy_(gh[2])
         n = torch.addcmul(g[2], step_rz[0], gh[2], out=cand.narrow(0, s, batch)).tanh_()
@@ -186,19 +199,7 @@ def masked_lstm_forward(gi: Tensor, h: Tensor, c: Tensor, steps: int, masks: Ten
         s = t * batch
         prev.narrow(0, s, batch).copy_(h)
         cprev.narrow(0, s, batch).copy_(c)
-        gh = joined
-        for k in range(len(groups)):
-            x = h * masks[k]
-            d_k, r_k, l_k, dg_k, b_k = parts[k]
-            if factored and r_k is not None and l_k is not None:
-                u = torch.mm(x, r_k, out=us[k].narrow(0, s, batch))
-                piece = factored_gates(x, u, groups[k][1], l_k, dg_k, b_k)
-            else:
-                piece = gates(x, groups[k][1], d_k, None, None, None, b_k)
-            if len(groups) == 1:
-                gh = piece
-            else:
-                joined.narrow(0, groups[k][0], groups[k][1]).copy_(piece)
+        gh = masked_gates(h, masks, groups, parts, factored, us, s, joined)
         pre = gi.narrow(1, s, batch) + gh
         a = torch.sigmoid(pre, out=act.narrow(1, s, batch))
         torch.tanh(pre[2], out=a[2])
@@ -226,15 +227,7 @@ def masked_lstm_backward(gout: Tensor, dh: Tensor, dc: Tensor, act: Tensor, cpre
     plan = chunks(spans, m, budget)
     scratch = gout.new_empty(_most_rows(plan), 5, m)
     for i, j, lo, hi in plan:
-        a = act[:, lo:hi]
-        ig, fg, gg, og = a[0], a[1], a[2], a[3]
-        tc = tcs[lo:hi]
-        k = scratch.narrow(0, 0, hi - lo)  # [g i(1-i), c f(1-f), i(1-g^2), tanh(c') o(1-o), o(1-tanh^2 c')]
-        torch.mul(gg, ig, out=k[:, 0]).mul_(1 - ig)
-        torch.mul(cprev[lo:hi], fg, out=k[:, 1]).mul_(1 - fg)
-        torch.mul(gg, gg, out=k[:, 2]).neg_().add_(1).mul_(ig)
-        torch.mul(tc, og, out=k[:, 3]).mul_(1 - og)
-        torch.mul(tc, tc, out=k[:, 4]).neg_().add_(1).mul_(og)
+        k = lstm_coefficients(act, cprev, tcs, lo, hi, scratch)
         for q in range(i, j - 1, -1):
             s, b = spans[q]
             g = dh + gout.narrow(0, s, b)
