@@ -38,6 +38,24 @@ from .bptt import CHUNK, lstm_coefficients, _most_rows, first_order, _op_grads, 
 from .loops import _part, compile_or_plain, factored_gates, gates, order_of
 
 
+def group_parts(gi: Tensor, groups: List[Tuple[int, int]], dense: Optional[Tensor], right: Optional[Tensor],
+                left: Optional[Tensor], diag: Optional[Tensor], bias: Optional[Tensor],
+                m: int) -> Tuple[List[Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor],
+                                            Optional[Tensor]]], List[Tensor]]:
+    """Each group's slice of the weights (``loops._part``) and, factored, a buffer ``(rows, d)``
+    for its ``x_k R_k^T`` at every step (empty when dense)."""
+    rows = gi.shape[1]
+    factored = right is not None and left is not None
+    parts: List[Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor]]] = []
+    us: List[Tensor] = []
+    for group in groups:
+        part = _part(dense, right, left, diag, bias, group[0], group[1], m)
+        parts.append(part)
+        r_k = part[1]
+        us.append(gi.new_empty(rows, r_k.shape[1]) if factored and r_k is not None else gi.new_empty(0))
+    return parts, us
+
+
 def masked_gates(h: Tensor, masks: Tensor, groups: List[Tuple[int, int]],
                  parts: List[Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor],
                                   Optional[Tensor]]],
@@ -74,13 +92,7 @@ def masked_gru_forward(gi: Tensor, h: Tensor, steps: int, masks: Tensor, groups:
     out, prev, cand, hn = gi.new_empty(rows, m), gi.new_empty(rows, m), gi.new_empty(rows, m), gi.new_empty(rows, m)
     rz = gi.new_empty(2, rows, m)
     factored = right is not None and left is not None
-    parts: List[Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor]]] = []
-    us: List[Tensor] = []
-    for group in groups:
-        part = _part(dense, right, left, diag, bias, group[0], group[1], m)
-        parts.append(part)
-        r_k = part[1]
-        us.append(gi.new_empty(rows, r_k.shape[1]) if factored and r_k is not None else gi.new_empty(0))
+    parts, us = group_parts(gi, groups, dense, right, left, diag, bias, m)
     joined = gi.new_empty(3, batch, m)  # the groups' gates side by side, reused by every step
     for t in range(steps):
         s = t * batch
@@ -187,13 +199,7 @@ def masked_lstm_forward(gi: Tensor, h: Tensor, c: Tensor, steps: int, masks: Ten
     cprev, tcs = gi.new_empty(rows, m), gi.new_empty(rows, m)
     act = gi.new_empty(4, rows, m)
     factored = right is not None and left is not None
-    parts: List[Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor]]] = []
-    us: List[Tensor] = []
-    for group in groups:
-        part = _part(dense, right, left, diag, bias, group[0], group[1], m)
-        parts.append(part)
-        r_k = part[1]
-        us.append(gi.new_empty(rows, r_k.shape[1]) if factored and r_k is not None else gi.new_empty(0))
+    parts, us = group_parts(gi, groups, dense, right, left, diag, bias, m)
     joined = gi.new_empty(4, batch, m)  # the groups' gates side by side, reused by every step
     for t in range(steps):
         s = t * batch
