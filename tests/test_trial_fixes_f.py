@@ -223,3 +223,45 @@ def test_finetune_records_the_rank_it_used_and_report_reads_it(dense_small, tmp_
     rows = {r["run"]: r for r in collect(tmp_path)}
     assert rows["half"]["rank"] == 4 and rows["spelled"]["rank"] == spelled["rank"]
     assert "half" in format_report(list(rows.values()))
+
+
+@pytest.mark.parametrize("schedule", ["step", "plateau", "onecycle"])
+def test_a_resume_with_the_callers_own_optimizer_and_scheduler_equals_the_uninterrupted_run(tmp_path, schedule):
+    """The caller's scheduler had lowered the lr (StepLR, ReduceLROnPlateau) or cycled Adam's
+    betas (OneCycleLR): the resume used to put the fresh optimizer's values back over them."""
+    def run(run_dir, stop=None, resume=False):
+        torch.manual_seed(0)
+        model = _Net()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        sched = {"step": lambda: torch.optim.lr_scheduler.StepLR(opt, 3, 0.5),
+                 "plateau": lambda: torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=0),
+                 "onecycle": lambda: torch.optim.lr_scheduler.OneCycleLR(opt, 1e-2, total_steps=12)}[schedule]()
+
+        def on_step(loop):
+            if loop.step == stop:
+                loop._signalled = True
+
+        return fit(model, _tiny_data(), nn.functional.mse_loss, recipe={"steps": 12, "eval_every": 2},
+                   optimizer=opt, scheduler=sched, val_loader=_tiny_data()[:1], run_dir=run_dir, resume=resume,
+                   on_step=on_step, progress=False), opt
+
+    (full, opt_full) = run(tmp_path / "full")
+    run(tmp_path / "cut", stop=5)
+    resumed, opt_resumed = run(tmp_path / "cut", resume=True)
+    strip = [{k: v for k, v in r.items() if k != "wall_time"} for r in full.history]
+    assert [{k: v for k, v in r.items() if k != "wall_time"} for r in resumed.history] == strip
+    assert opt_full.param_groups[0]["lr"] == opt_resumed.param_groups[0]["lr"]
+
+
+def test_a_resume_with_another_optimizer_class_is_refused(tmp_path):
+    torch.manual_seed(0)
+    model = _Net()
+    fit(model, _tiny_data(), nn.functional.mse_loss, recipe={"steps": 2}, run_dir=tmp_path / "r",
+        optimizer=torch.optim.RMSprop(model.parameters(), lr=1e-3), progress=False)
+    for other in (torch.optim.SGD, torch.optim.Adam):
+        with pytest.raises(ConfigError, match=f"a {other.__name__} optimizer on a resume .* trained with RMSprop"):
+            fit(model, _tiny_data(), nn.functional.mse_loss, recipe={"steps": 4}, run_dir=tmp_path / "r", resume=True,
+                optimizer=other(model.parameters(), lr=1e-3), progress=False)
+    with pytest.raises(ConfigError, match="train.steps = 1 on a resume .* 2 updates already"):
+        fit(model, _tiny_data(), nn.functional.mse_loss, recipe={"steps": 1}, run_dir=tmp_path / "r", resume=True,
+            optimizer=torch.optim.RMSprop(model.parameters(), lr=1e-3), progress=False)

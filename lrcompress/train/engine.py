@@ -690,12 +690,15 @@ class Loop:
                        "model's outputs are not usable (docs/training.md, 'Runs that diverge')")
         return out
 
-    def _refuse_fixed_changes(self, saved: dict, path: Path) -> None:
+    def _refuse_fixed_changes(self, saved: dict, path: Path, step: int) -> None:
         """A resume cannot change what the checkpoint's state was built for: the optimiser (its
         state tensors), the schedule (its state; with one, also the lr it schedules), the seed
         (the RNG state comes back), the selection metric (the best score), weight normalisation
         (the parameters) or RMSProp's initial accumulator (already used). One ``ConfigError``
         naming the key, before anything is restored or written."""
+        if self.config.steps and self.config.steps < step:
+            raise ConfigError(f"train.steps = {self.config.steps} on a resume of {path.parent}, which has made "
+                              f"{step} updates already: ask for more")
         fixed = ["optimizer", "lr_schedule", "seed", "select", "weight_norm", "rmsprop_initial_accumulator"]
         if saved.get("lr_schedule", "constant") != "constant":
             fixed += ["lr", "lr_orthogonal", "plateau_factor", "plateau_patience"]
@@ -704,6 +707,11 @@ class Loop:
                 raise ConfigError(f"train.{key} = {getattr(self.config, key)!r} on a resume of {path.parent}, which "
                                   f"was trained with {saved[key]!r}: its checkpoint holds state for that setting; "
                                   f"resume without the change, or train into another folder")
+        kind = saved.get("optimizer_class")  # the class itself: a caller's own optimizer too
+        if kind is not None and kind != type(self.optimizer).__name__:
+            raise ConfigError(f"a {type(self.optimizer).__name__} optimizer on a resume of {path.parent}, which was "
+                              f"trained with {kind}: its checkpoint holds {kind}'s state; resume with the same "
+                              f"optimizer, or train into another folder")
 
     def _checkpoint(self, start: float) -> None:
         if self.run_dir is None or not self.dist.main:
@@ -716,7 +724,7 @@ class Loop:
             "schedule": self.scheduler.state_dict() if self.scheduler is not None else {},
             "loss_sum": float(self.loss_sum), "loss_count": float(self.loss_count), "metric": self.objective.metric,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "config": self.config.to_dict()}
+            "config": {**self.config.to_dict(), "optimizer_class": type(self.optimizer).__name__}}
         carry = list(_flatten(self.carry)) if self.carry is not None else []
         save_checkpoint(self.run_dir / "last.safetensors", unwrap(self.model), self.optimizer, trainer=trainer,
                         rng=rng_state(), rng_epoch=self.rng_epoch if self.batch_in_epoch else None, carry=carry)
@@ -725,7 +733,7 @@ class Loop:
         ckpt = load_checkpoint(path)
         t = ckpt.trainer
         saved = t.get("config", {})
-        self._refuse_fixed_changes(saved, path)
+        self._refuse_fixed_changes(saved, path, t["step"])
         # The optimiser's saved param groups would bring back the old lr, weight decay, betas...:
         # keep what the recipe asks now and put it back after the restore (below).
         asked = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
@@ -734,10 +742,12 @@ class Loop:
         except FormatError as exc:  # resumed with another model: say which file, and the usual cause
             raise FormatError(f"{path}: {exc} (a resumed run must build the model it saved: drop overrides "
                               "that change the model)") from None
-        scheduled = self.config.lr_schedule != "constant"  # the schedule's state owns the lr then
+        # A schedule (the recipe's, or a scheduler object of the caller's) owns the lr and the
+        # momentum terms it may cycle: those stay as the checkpoint saved them.
+        owned = SCHEDULE_OWNED + (("lr", "betas", "momentum") if self.scheduler is not None else ())
         for group, wanted in zip(self.optimizer.param_groups, asked):
             for key, value in wanted.items():
-                if key not in SCHEDULE_OWNED and not (scheduled and key == "lr"):
+                if key not in owned:
                     group[key] = value
         changed = {k for k, v in saved.items()
                    if getattr(self.config, k, v) != v and k not in ("steps", "epochs", "eval_every", "device",
@@ -751,6 +761,11 @@ class Loop:
         self.stabiliser.nan_events = t["nan_events"]
         if self.scheduler is not None and "last_epoch" in t["schedule"]:  # not an empty (constant) state
             self.scheduler.load_state_dict(t["schedule"])
+            end = getattr(self.scheduler, "total_steps", None)
+            if end is not None and self.config.steps > end:
+                warnings.warn(f"the one-cycle schedule of {path.parent} ends at update {end}: updates {end + 1} to "
+                              f"{self.config.steps} run at its final lr ({self.optimizer.param_groups[0]['lr']:.3g})",
+                              UserWarning, stacklevel=4)
         self.loss_sum.fill_(t["loss_sum"])
         self.loss_count.fill_(t["loss_count"])
         self.objective.metric = self.objective.metric or t.get("metric")
