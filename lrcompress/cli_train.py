@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shlex
 import sys
 import os
 from pathlib import Path
@@ -70,7 +71,7 @@ def train(
     with stdout_to_stderr(as_json):
         summary = train_recipe(recipe, out, overrides=overrides, resume=resume, progress=progress,
                                tensorboard=tensorboard)
-    _report_run(summary, as_json, f"lrcompress train {recipe} --out {summary['run_dir']} --resume")
+    _report_run(summary, as_json, _resume_command())
 
 
 def finetune(
@@ -110,7 +111,7 @@ def finetune(
         summary = run_finetune(source, out, rank=_rank(rank), energy=energy, diag=diag, tied=tied, recipe=recipe,
                                overrides=overrides, resume=resume, progress=progress, tensorboard=tensorboard,
                                **options)
-    _report_run(summary, as_json, f"lrcompress finetune {source} --out {out} ... --resume")
+    _report_run(summary, as_json, _resume_command())
 
 
 def sweep(
@@ -279,6 +280,13 @@ def _rank(text: Optional[str]):
         except (TypeError, ValueError):
             pass
     return text
+
+
+def _resume_command() -> str:
+    """This very command with ``--resume``: the same recipe, options and ``--set`` overrides are
+    what a resume must name again (``run._own_recipe`` refuses anything else)."""
+    argv = ["lrcompress", *sys.argv[1:]]
+    return shlex.join(argv if "--resume" in argv else [*argv, "--resume"])
 
 
 def _report_run(summary: dict, as_json: bool, resume_command: str) -> None:

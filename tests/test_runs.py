@@ -4,6 +4,7 @@ report; errors are one line with exit code 2."""
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 
 import pytest
@@ -164,12 +165,16 @@ def test_interrupted_train_exits_130_and_resumes(dense_run, tmp_path, monkeypatc
 
     monkeypatch.setattr(run, "fit", stopping_fit)
     out = tmp_path / "cut"
-    assert run_main(monkeypatch, ["train", str(dense_run / "recipe.toml"), "--out", str(out)]) == 130
-    assert "interrupted at update 5; continue with: lrcompress train" in capsys.readouterr().out
+    args = ["train", str(dense_run / "recipe.toml"), "--out", str(out), "--steps", "20", "--set", "train.lr=0.02"]
+    assert run_main(monkeypatch, args) == 130
+    said = capsys.readouterr().out
+    assert "interrupted at update 5; continue with: lrcompress train" in said
     assert not (out / "model.safetensors").exists() and (out / "last.safetensors").is_file()
     monkeypatch.setattr(run, "fit", real_fit)
-    cli("train", str(dense_run / "recipe.toml"), "--out", str(out), "--resume")
-    assert json.loads((out / "summary.json").read_text())["steps"] == 30
+    hint = shlex.split(said.split("continue with: ", 1)[1].strip())  # the command it printed, run as printed
+    assert hint[0] == "lrcompress"
+    cli(*hint[1:])
+    assert json.loads((out / "summary.json").read_text())["steps"] == 20
 
 
 def test_finetune_refuses_a_low_rank_run(tmp_path, monkeypatch, capsys):
