@@ -265,3 +265,18 @@ def test_a_resume_with_another_optimizer_class_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="train.steps = 1 on a resume .* 2 updates already"):
         fit(model, _tiny_data(), nn.functional.mse_loss, recipe={"steps": 1}, run_dir=tmp_path / "r", resume=True,
             optimizer=torch.optim.RMSprop(model.parameters(), lr=1e-3), progress=False)
+
+
+def test_a_finetune_or_sweep_rerun_refuses_points_converted_from_another_model(dense_small, tmp_path):
+    """The point's stored dense and converted metrics belong to the model it was converted from:
+    resuming or reusing it for another source used to mix the two without a word."""
+    from lrcompress.train.run import finetune, sweep, train_recipe
+
+    other = tmp_path / "other"
+    train_recipe(_small_recipe(seed=1), other, progress=False)
+    finetune(dense_small, tmp_path / "ft", rank=2, progress=False, overrides=["train.steps=2"])
+    with pytest.raises(ConfigError, match=r"was converted from .*model\.safetensors, not .*other"):
+        finetune(other, tmp_path / "ft", rank=2, resume=True, progress=False, overrides=["train.steps=4"])
+    sweep(dense_small, tmp_path / "sw", ranks=[2], progress=False, echo=lambda s: None, overrides=["train.steps=2"])
+    with pytest.raises(ConfigError, match=r"rank2 was converted from"):
+        sweep(other, tmp_path / "sw", ranks=[2], progress=False, echo=lambda s: None, overrides=["train.steps=2"])

@@ -95,6 +95,8 @@ def finetune(source: str | os.PathLike, out: str | os.PathLike, *, rank=None, en
     _check_apart(source, out)
     _check_out(out, resume)
     weights, base = _source(source, recipe)
+    if resume:  # first: a point converted from another model would fail every later check less clearly
+        _check_same_source(out, weights, "fine-tune into another --out")
     recipe = _recipe(base, overrides)
     if resume and _started(out) and (out / RECIPE_FILE).is_file():  # the run's own recipe, as train_recipe
         recipe = _own_recipe(out, recipe, overrides)
@@ -316,6 +318,17 @@ def _check_point(where: Path, wanted: dict, recipe: dict | None, hint: str, vary
                               f"as asked now; {hint}")
 
 
+def _check_same_source(where: Path, weights: Path, hint: str) -> None:
+    """Refuse to resume or reuse the converted point in ``where`` when it was converted from
+    another weights file: its stored dense and converted metrics are that model's."""
+    if not _started(where):
+        return
+    state = _read_json(where / FINETUNE_FILE)
+    made = state.get("weights") if isinstance(state, dict) else None
+    if isinstance(made, str) and Path(made).resolve() != Path(weights).resolve():
+        raise ConfigError(f"{where} was converted from {made}, not {weights} as asked now; {hint}")
+
+
 def _key_order(key: str) -> tuple:
     """Structure first (its options differ with it), then its options, rank, diag, tied, energy, recipe keys."""
     first = ("structure", "option", "rank", "diag", "tied", "energy")
@@ -334,7 +347,7 @@ def _check_points(out: Path, source: Path, recipe, overrides, ranks, diag, both_
     reuse must match in everything, its size included."""
     if not out.is_dir():
         return
-    _, base = _source(source, recipe)
+    weights, base = _source(source, recipe)
     resolved = _recipe(base, overrides)
     hint = "sweep into another --out"
     planned = {}
@@ -346,6 +359,7 @@ def _check_points(out: Path, source: Path, recipe, overrides, ranks, diag, both_
     any_point = next(iter(planned.values()))
     vary = ("rank", "diag") if structure == "lowrank" else ("option " + SWEPT[structure],)
     for where in sorted(p for p in out.iterdir() if p.is_dir()):
+        _check_same_source(where, weights, hint)
         if where.name in planned:
             _check_point(where, planned[where.name], resolved, hint)
         else:
