@@ -280,3 +280,17 @@ def test_a_finetune_or_sweep_rerun_refuses_points_converted_from_another_model(d
     sweep(dense_small, tmp_path / "sw", ranks=[2], progress=False, echo=lambda s: None, overrides=["train.steps=2"])
     with pytest.raises(ConfigError, match=r"rank2 was converted from"):
         sweep(other, tmp_path / "sw", ranks=[2], progress=False, echo=lambda s: None, overrides=["train.steps=2"])
+
+
+def test_runs_and_sweeps_keep_to_their_own_folders(dense_small, tmp_path):
+    """``train --out SWEEP`` and ``sweep --out RUN`` used to succeed, and ``report`` then showed
+    only one of the two."""
+    from lrcompress.train.run import sweep, train_recipe
+
+    sweep(dense_small, tmp_path / "sw", ranks=[2], progress=False, echo=lambda s: None, overrides=["train.steps=2"])
+    with pytest.raises(ConfigError, match="is a sweep directory"):
+        train_recipe(_small_recipe(), tmp_path / "sw", progress=False)
+    run = tmp_path / "run"
+    train_recipe(_small_recipe(), run, progress=False)
+    with pytest.raises(ConfigError, match="is a run directory"):
+        sweep(dense_small, run, ranks=[2], progress=False, echo=lambda s: None)

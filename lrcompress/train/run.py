@@ -174,7 +174,7 @@ def sweep(source: str | os.PathLike, out: str | os.PathLike, *, ranks: list[int]
             raise ConfigError(f"{SWEPT[structure]} is what the sweep varies (ranks=...); leave it out")
     out = Path(out)
     _check_apart(Path(source), Path(out))
-    _check_out(out, resume=True)
+    _check_out(out, resume=True, sweep=True)
     _check_source(Path(source), recipe, overrides)  # a bad source: one error, and no sweep.json left behind
     if structure == "lowrank":
         _check_ranks(Path(source), recipe, overrides, ranks, tied)  # before the first point trains, not after it
@@ -549,8 +549,13 @@ def _check_apart(source: Path, out: Path) -> None:
                           "write the converted runs elsewhere")
 
 
-def _check_out(out: Path, resume: bool) -> None:
-    """Refuse, before any work, an output that would replace or delete files lrcompress did not write."""
+def _check_out(out: Path, resume: bool, *, sweep: bool = False) -> None:
+    """Refuse, before any work, an output that would replace or delete files lrcompress did not
+    write, or mix a run and a sweep in one folder (``report`` would then show only one of them)."""
+    if not sweep and (out / "sweep.json").is_file():
+        raise ConfigError(f"{out} is a sweep directory (it holds sweep.json): train or fine-tune into another --out")
+    if sweep and ((out / SUMMARY_FILE).is_file() or (out / RECIPE_FILE).is_file()):
+        raise ConfigError(f"{out} is a run directory (it holds {RECIPE_FILE}): sweep into another --out")
     check_run_dir(out, resume)
     if resume and (out / "last.safetensors").is_file():
         load_checkpoint(out / "last.safetensors", resume=True)  # damaged: one FormatError before any work
