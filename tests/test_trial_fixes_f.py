@@ -294,3 +294,21 @@ def test_runs_and_sweeps_keep_to_their_own_folders(dense_small, tmp_path):
     train_recipe(_small_recipe(), run, progress=False)
     with pytest.raises(ConfigError, match="is a run directory"):
         sweep(dense_small, run, ranks=[2], progress=False, echo=lambda s: None)
+
+
+@pytest.mark.parametrize("kind", ["file", "folder"])
+def test_a_sweep_refuses_a_users_file_in_a_point_folder_before_any_point_trains(dense_small, tmp_path, kind):
+    from lrcompress.errors import LRCompressError
+    from lrcompress.train.run import sweep
+
+    out = tmp_path / "sw"
+    out.mkdir()
+    if kind == "file":
+        (out / "rank4").write_text("mine")
+    else:
+        (out / "rank4").mkdir()
+        (out / "rank4" / "notes.txt").write_text("mine")
+    with pytest.raises(LRCompressError, match="rank4"):
+        sweep(dense_small, out, ranks=[2, 4], progress=False, echo=lambda s: None, overrides=["train.steps=2"])
+    assert not (out / "rank2").exists()  # the first point did not train
+    assert (out / "rank4").exists() and sorted(p.name for p in out.iterdir()) == ["rank4"]

@@ -181,6 +181,9 @@ def sweep(source: str | os.PathLike, out: str | os.PathLike, *, ranks: list[int]
     else:
         _check_structure_points(Path(source), recipe, overrides, ranks, structure, structure_options)
     _check_points(out, Path(source), recipe, overrides, ranks, diag, both_diag, tied, structure, structure_options)
+    for rank in ranks:  # every point's folder, before the first point trains (a user's file or folder there)
+        for d in ((False, True) if both_diag else (diag,)):
+            _check_out(out / point_name(rank, d, tied, structure), resume=True)
     _claim(out)
     record = {} if structure == "lowrank" else {"structure": structure, "options": dict(structure_options)}
     _save_json(out / "sweep.json", {"source": str(source), "ranks": list(ranks), "diag": diag,
