@@ -312,3 +312,20 @@ def test_a_sweep_refuses_a_users_file_in_a_point_folder_before_any_point_trains(
         sweep(dense_small, out, ranks=[2, 4], progress=False, echo=lambda s: None, overrides=["train.steps=2"])
     assert not (out / "rank2").exists()  # the first point did not train
     assert (out / "rank4").exists() and sorted(p.name for p in out.iterdir()) == ["rank4"]
+
+
+def test_forced_dense_execution_is_named_in_the_summary():
+    """``train.execution = "dense"`` used to leave ``execution: {}`` (no masks) or name the masked
+    path as if the setting had been ignored (per-sequence masks)."""
+    import sys
+
+    sys.path.insert(0, "tests")
+    from test_fidelity_text import B, T, lm_model
+
+    x = torch.randint(0, 11, (B, T))
+    plain = lm_model("batch", rank=2)
+    got = fit(plain, [(x, x)], lambda out, y: out.float().mean(), recipe={"steps": 1, "execution": "dense"}).execution
+    assert got == {"rnn": "dense rebuild (train.execution = dense)"}
+    masked = lm_model("dl4mt", rank=2)
+    got = fit(masked, [(x, x)], lambda out, y: out.float().mean(), recipe={"steps": 1, "execution": "dense"}).execution
+    assert got["rnn"].startswith("factored backward with per-sequence dropout masks") and "no PyTorch kernel" in got["rnn"]

@@ -241,6 +241,22 @@ def describe_execution(layers: dict[str, nn.Module], model: nn.Module | None = N
     return out
 
 
+def forced_dense(model: nn.Module, described: dict[str, str]) -> dict[str, str]:
+    """``train.execution = "dense"`` in words for the log: every factored layer rebuilds its
+    weights for PyTorch's kernel, except where per-sequence dropout masks took a path of their own
+    (no PyTorch kernel takes them)."""
+    from ..nn.rnn import FactoredRNN
+
+    out = dict(described)
+    for name, module in unwrap(model).named_modules():
+        name = name or "model"
+        if name in out:
+            out[name] += " (train.execution = dense: no PyTorch kernel takes per-sequence masks)"
+        elif isinstance(module, FactoredRNN):
+            out[name] = "dense rebuild (train.execution = dense)"
+    return out
+
+
 def fit(model: nn.Module, train_loader: Data, loss_fn: Callable | None = None, *,
         recipe: TrainConfig | dict | None = None, val_loader: Data | None = None, test_loader: Data | None = None,
         metric_fn: Callable | None = None, metric: str | None = None, higher_is_better: bool | None = None,
@@ -490,6 +506,8 @@ class Loop:
         bar.update(1)
         if not self.execution and (self.accelerated or self.step == 1):  # once a layer has run
             self.execution = describe_execution(self.accelerated, self.model)
+            if self.config.execution == "dense":
+                self.execution = forced_dense(self.model, self.execution)
             if self.execution and self.show is not False and self.dist.main and not is_quiet():
                 bar.write("execution: " + "; ".join(f"{k}: {v}" for k, v in self.execution.items()))
         if self.board is not None:  # one host sync per update, only when asked for
