@@ -375,6 +375,10 @@ CHECKPOINT_DAMAGE = {
     "optimiser tensor gone": (_damage_state(lambda s, t: [t.pop(k) for k in list(t) if k.startswith("optim.")]),
                               "damaged checkpoint"),
     "no trainer": (_damage_state(lambda s, t: s.pop("trainer")), "no trainer state"),
+    "best score NaN": (_damage_state(lambda s, t: s["trainer"].update(best_score=float("nan"))),
+                       "trainer.best_score is NaN"),  # would never be beaten: no later best weights
+    "best step ahead": (_damage_state(lambda s, t: s["trainer"].update(best_step=99)),
+                        "trainer.best_step 99 is after trainer.step 2"),
 }
 
 

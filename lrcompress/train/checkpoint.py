@@ -14,6 +14,7 @@ optimiser's parameter groups: hyper-parameters, OneCycleLR's lr bounds, RMSProp'
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 from dataclasses import dataclass, field
@@ -157,6 +158,10 @@ def _check_resume_fields(trainer: dict) -> None:
         value = trainer[name]
         if isinstance(value, bool) or not isinstance(value, types) or (types is _INT and value < 0):
             raise ValueError(f"trainer.{name} is {str(value)[:40]!r}")
+        if isinstance(value, float) and math.isnan(value):  # a NaN best score would never be beaten
+            raise ValueError(f"trainer.{name} is NaN")
+    if trainer["best_step"] is not None and trainer["best_step"] > trainer["step"]:
+        raise ValueError(f"trainer.best_step {trainer['best_step']} is after trainer.step {trainer['step']}")
 
 
 def save_weights(path: str | os.PathLike, model: nn.Module, metadata: dict | None = None) -> Path:
