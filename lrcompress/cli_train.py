@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import shlex
 import sys
 import os
@@ -248,6 +249,9 @@ def evaluate(
                           split=split, symbols=symbols, grad_batches=grad_batches, device=device or "auto",
                           progress=progress)
     _echo(_json(result) if as_json else format_evaluation(result))
+    if not all(math.isfinite(v) for v in result["static"].values() if isinstance(v, float)):
+        _echo_err("warning: the static evaluation is not finite (NaN/Inf): the model's outputs are not usable")
+        sys.exit(UNSOUND_EXIT)  # as train/finetune do for a diverged run; a dynamic divergence alone is noted only
 
 
 @contextlib.contextmanager

@@ -329,3 +329,18 @@ def test_forced_dense_execution_is_named_in_the_summary():
     masked = lm_model("dl4mt", rank=2)
     got = fit(masked, [(x, x)], lambda out, y: out.float().mean(), recipe={"steps": 1, "execution": "dense"}).execution
     assert got["rnn"].startswith("factored backward with per-sequence dropout masks") and "no PyTorch kernel" in got["rnn"]
+
+
+def test_evaluating_a_model_whose_outputs_are_not_finite_exits_3(tmp_path, run):
+    """``lrcompress evaluate`` printed bpc inf and exited 0 where train/finetune exit 3."""
+    from safetensors.torch import load_file, save_file
+
+    from conftest import train_char_lm
+
+    run_dir = train_char_lm(tmp_path, steps=2)
+    weights = load_file(run_dir / "model.safetensors")
+    name = next(k for k in weights if k.endswith("weight_hh_l0"))
+    weights[name] = torch.full_like(weights[name], float("nan"))
+    save_file(weights, run_dir / "model.safetensors")
+    result = run("evaluate", run_dir, "--symbols", "40")
+    assert result.code == 3 and "not finite" in result.err and "Traceback" not in result.err
