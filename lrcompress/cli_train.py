@@ -207,6 +207,9 @@ def report(
     for target, figure in figures.items():
         plots.save_figure(figure, target, force=force)
     typer.echo(_json(rows) if as_json else run.format_report(rows))
+    pending = run.unfinished(path)
+    if pending:  # on stderr: --json stays one document
+        _echo_err(f"not shown, not finished yet (no summary.json): {', '.join(pending)}")
     if not as_json:
         for _, written in named:
             typer.echo(f"wrote {written}")

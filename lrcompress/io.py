@@ -332,7 +332,7 @@ def _publish(tmp: Path, path: Path, force: bool) -> None:
         os.link(tmp, path)  # atomic, and fails if the name exists: an exclusive create of the whole file
         return
     except FileExistsError:
-        raise OutputExistsError(f"{path} exists (written meanwhile by another run?); pass --force to overwrite it") \
+        raise OutputExistsError(f"{path} exists; pass --force (force=True from Python) to overwrite it") \
             from None
     except OSError as exc:
         if exc.errno not in _NO_HARD_LINKS:
@@ -342,7 +342,7 @@ def _publish(tmp: Path, path: Path, force: bool) -> None:
     try:
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     except FileExistsError:
-        raise OutputExistsError(f"{path} exists (written meanwhile by another run?); pass --force to overwrite it") \
+        raise OutputExistsError(f"{path} exists; pass --force (force=True from Python) to overwrite it") \
             from None
     os.replace(tmp, path)
 

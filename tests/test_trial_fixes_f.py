@@ -1,5 +1,6 @@
 """Faults found by trying the tool as a user would (round f): each test fails on the old code."""
 
+import json
 import re
 
 import pytest
@@ -344,3 +345,17 @@ def test_evaluating_a_model_whose_outputs_are_not_finite_exits_3(tmp_path, run):
     save_file(weights, run_dir / "model.safetensors")
     result = run("evaluate", run_dir, "--symbols", "40")
     assert result.code == 3 and "not finite" in result.err and "Traceback" not in result.err
+
+
+def test_report_names_the_sweep_points_that_have_not_finished(dense_small, tmp_path, run):
+    from lrcompress.train.run import sweep
+
+    out = tmp_path / "sw"
+    sweep(dense_small, out, ranks=[2], progress=False, echo=lambda s: None, overrides=["train.steps=2"])
+    (out / "rank4").mkdir()  # a point that started: its recipe, no summary yet
+    (out / "rank4" / "recipe.toml").write_text((out / "rank2" / "recipe.toml").read_text())
+    result = run("report", out)
+    assert result.code == 0 and "rank2" in result.out and "rank4" not in result.out
+    assert "not finished yet (no summary.json): rank4" in result.err
+    doc = run("report", out, "--json")
+    assert [r["run"] for r in json.loads(doc.out)] == ["rank2"]

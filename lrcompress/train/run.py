@@ -696,6 +696,16 @@ def run_dirs(path: str | os.PathLike) -> list[Path]:
     return runs
 
 
+def unfinished(path: str | os.PathLike) -> list[str]:
+    """The run folders under a sweep directory that have started but hold no ``summary.json`` yet
+    (``report`` lists only finished runs and names these apart)."""
+    path = Path(path)
+    if not path.is_dir() or (path / SUMMARY_FILE).is_file():
+        return []
+    return sorted(p.name for p in path.iterdir()
+                  if p.is_dir() and (p / RECIPE_FILE).is_file() and not (p / SUMMARY_FILE).is_file())
+
+
 def _read_summary(path: Path) -> dict:
     try:
         text = path.read_text(encoding="utf-8")
