@@ -63,10 +63,14 @@ def spectra(tensors: dict[str, Tensor], ranks: list[int], *, include_input: bool
         names = GATE_NAMES.get((c.layer, c.gates), "-" * c.gates) if c.role != "projection" else "-"
         for g in range(c.gates):
             s2 = s[g] ** 2
-            kept = (s2.cumsum(0) / s2.sum().clamp_min(1e-300)).tolist()
+            if not s2.sum() > 0:  # an all-zero block: rank 0 represents it exactly, every rank keeps all of it
+                needed, kept = {f"{e:g}": 0 for e in ENERGY_LEVELS}, [1.0] * len(s2)
+            else:
+                needed = {f"{e:g}": rank_for_energy(s[g:g + 1], e) for e in ENERGY_LEVELS}
+                kept = (s2.cumsum(0) / s2.sum()).tolist()
             rows.append({
                 "name": c.name, "gate": names[g], "shape": [c.rows, c.cols],
-                "rank_for_energy": {f"{e:g}": rank_for_energy(s[g:g + 1], e) for e in ENERGY_LEVELS},
+                "rank_for_energy": needed,
                 "energy_at_rank": {str(k): kept[min(k, len(kept)) - 1] for k in ranks},
             })
     return Spectra(rows, ranks)

@@ -359,3 +359,18 @@ def test_report_names_the_sweep_points_that_have_not_finished(dense_small, tmp_p
     assert "not finished yet (no summary.json): rank4" in result.err
     doc = run("report", out, "--json")
     assert [r["run"] for r in json.loads(doc.out)] == ["rank2"]
+
+
+def test_inspect_of_an_all_zero_gate_block_says_rank_0_keeps_all_of_it():
+    """An all-zero block read E@8 = 0.0% at full rank and r@0.5 = 8: a zero matrix is exactly
+    rank 0 (the Eckart-Young error of any rank is 0)."""
+    from lrcompress.summary import spectra
+
+    gru = nn.GRU(4, 8)
+    with torch.no_grad():
+        gru.weight_hh_l0[8:16].zero_()  # the update gate's block
+    rows = spectra(dict(gru.state_dict()), [1, 8]).rows
+    zero = next(r for r in rows if r["gate"] == "z")
+    assert set(zero["rank_for_energy"].values()) == {0} and zero["energy_at_rank"] == {"1": 1.0, "8": 1.0}
+    other = next(r for r in rows if r["gate"] == "r")
+    assert other["energy_at_rank"]["8"] == pytest.approx(1.0) and other["energy_at_rank"]["1"] < 1.0
