@@ -374,3 +374,17 @@ def test_inspect_of_an_all_zero_gate_block_says_rank_0_keeps_all_of_it():
     assert set(zero["rank_for_energy"].values()) == {0} and zero["energy_at_rank"] == {"1": 1.0, "8": 1.0}
     other = next(r for r in rows if r["gate"] == "r")
     assert other["energy_at_rank"]["8"] == pytest.approx(1.0) and other["energy_at_rank"]["1"] < 1.0
+
+
+def test_report_shows_a_tied_column_when_a_point_is_tied(dense_small, tmp_path):
+    from lrcompress.train.run import collect, finetune, format_report
+
+    finetune(dense_small, tmp_path / "a", rank=2, progress=False, overrides=["train.steps=2"])
+    untied_only = format_report(collect(tmp_path))
+    assert "tied" not in untied_only.splitlines()[0]  # unchanged when no point is tied
+    finetune(dense_small, tmp_path / "b", rank=2, tied=True, progress=False, overrides=["train.steps=2"])
+    lines = format_report(collect(tmp_path)).splitlines()
+    header = lines[0].split()
+    assert header[:4] == ["run", "rank", "diag", "tied"]
+    cells = {line.split()[0]: line.split() for line in lines[2:4]}
+    assert cells["a"][3] == "no" and cells["b"][3] == "yes" and cells["a"][1] == cells["b"][1] == "2"

@@ -766,6 +766,9 @@ def format_report(rows: list[dict]) -> str:
     else:
         header = ("run", "rank", "diag", "params", "ratio", "metric", "dense", "before", "after", "time")
         first = [("-" if r["rank"] is None else str(r["rank"]), "yes" if r["diag"] else "no") for r in rows]
+        if any(r.get("tied") for r in rows):  # tied and untied points of one rank differ only here
+            header = header[:3] + ("tied",) + header[3:]
+            first = [(*lead, "yes" if r.get("tied") else "no") for r, lead in zip(rows, first)]
     # The accuracy beside another selection metric (psMNIST's CE): the columns some row has.
     extra = [k for k in ACCURACY_KEYS if any(r.get(k) is not None for r in rows)]
     header = header[:-1] + tuple(ACCURACY_HEADERS[k] for k in extra) + header[-1:]
@@ -776,7 +779,8 @@ def format_report(rows: list[dict]) -> str:
     note = "before: converted, not yet fine-tuned; after: fine-tuned (best validation weights)"
     if all(r.get("kind") == "train" for r in rows):
         note = "after: the trained model (best validation weights)"
-    right = set(range(3, len(header))) - {5} | (set() if structured else {1})
+    metric_column = header.index("metric")
+    right = set(range(header.index("params"), len(header))) - {metric_column} | (set() if structured else {1})
     return "\n".join(format_table(header, body, right=right) + [note])
 
 
