@@ -439,3 +439,19 @@ def test_summarize_a_sweep(tmp_path):
     assert out["points"]["rank8"]["before"]["ce"] == 0.125 and out["points"]["rank8"]["after"]["ce"] == 0.0125
     assert out["points"]["rank4"]["params"] == 400 and out["points_wall_time"] == 5.0
     assert out["dense"]["test"]["ce"] == 0.08 and out["dense"]["steps"] == 60
+
+
+def test_training_choice_table():
+    # docs/benchmarks.md "Which path execution = auto picks for training": every row from the stored run
+    text = (ROOT / "docs" / "benchmarks.md").read_text()
+    section = text.split('### Which path `execution = "auto"` picks for training', 1)[1].split("\n#", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    stored = load("training-choice-cpu.json")
+    assert len(rows) == len(stored["rows"])
+    for line, r in zip(rows, stored["rows"]):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[:6] == [f"`{r['layer']}`", str(r["batch"]), f"{r['rebuilt_ms']:.1f}", f"{r['factored_ms']:.1f}",
+                             f"{r['measured_ratio']:.2f}", f"{r['model_ratio']:.2f} ({r['model_choice']})"]
+        assert cells[6].startswith(f"{r['previous_model_ratio']:.2f} ({r['previous_model_choice']}")
+    assert f"{stored['right']} of {len(stored['rows'])} cases, the previous model in {stored['previous_right']}" in \
+        " ".join(section.split())

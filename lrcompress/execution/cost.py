@@ -49,6 +49,11 @@ class Profile:
     # (execution.structured; fitted to GRU steps at n=16 with 2 and 3 factors or cores, scaled to
     # this profile's factored_step: docs/acceleration.md)
     structured_call: float = 30e-6
+    # fixed seconds per step, direction and pass (forward, backward) of the dense kernel in a
+    # training step; None: dense_step. PyTorch's CPU RNN trains through many small per-step ops,
+    # about 3x its inference step (fitted to the training steps of benchmarks/bench_training_choice.py,
+    # n = 128-1024, batch 1-64; docs/benchmarks.md).
+    dense_train_step: float | None = None
 
 
 # CPU: measure_profile() with 1 thread on the 2-core benchmark machine of docs/benchmarks.md,
@@ -58,7 +63,8 @@ class Profile:
 # each: an estimate, not a measurement.
 PROFILES = {
     "cpu": Profile(flops=30e9, dense_flops=22e9, bandwidth=12e9, cache_bandwidth=50e9, cache_bytes=24e6,
-                   thin_bandwidth=50e9, dense_step=12e-6, factored_step=18e-6, element=7e-9),
+                   thin_bandwidth=50e9, dense_step=12e-6, factored_step=18e-6, element=7e-9,
+                   dense_train_step=40e-6),
     "cuda": Profile(flops=25e12, dense_flops=20e12, bandwidth=3.0e12, cache_bandwidth=3.0e12, cache_bytes=0,
                     thin_bandwidth=0.4e12, dense_step=12e-6, factored_step=17e-6, element=4e-11),
 }
@@ -123,7 +129,8 @@ def estimate(weights: WeightShape | list[WeightShape], *, batch: int, steps: int
     gradients are large products after the loop); the dense kernel's recurrent products 4.5 times
     (its backward measured 1.5 times slower than two forwards on the CPU, n = 128 to 4096), the
     rebuild three times (``W = L R`` and the gradients of ``L`` and ``R``), the per-step
-    overheads twice (a forward and a backward loop) and the factored loop's element-wise work
+    overheads twice (a forward and a backward loop; the dense kernel's is ``dense_train_step``
+    there) and the factored loop's element-wise work
     twice (the backward's coefficients, computed a cache-sized chunk of steps at a time, cost
     about what the forward's gate ops do). Checked against measured training steps in
     docs/benchmarks.md.
@@ -145,7 +152,8 @@ def estimate(weights: WeightShape | list[WeightShape], *, batch: int, steps: int
         d, f = _product_seconds(w, batch, itemsize, p)
         step_dense += dense_products * d
         step_factored += products * (f + w.calls * p.structured_call) + passes * batch * w.gates * w.rows * p.element
-    dense += steps * (directions * passes * p.dense_step + step_dense)
+    overhead = p.dense_train_step if training and p.dense_train_step is not None else p.dense_step
+    dense += steps * (directions * passes * overhead + step_dense)
     factored += steps * (directions * passes * p.factored_step + step_factored)
     return Estimate(dense, factored)
 
@@ -220,13 +228,15 @@ def measure_profile(device: str | torch.device = "cpu", *, seconds: float = 0.2)
     x = randn(200, 1, 8)
     dense_step = per_call(lambda: dense(x)) / 200
     factored_step = per_call(lambda: factored(x)) / 200
+    trained = torch.nn.GRU(8, 8).to(device)
+    dense_train_step = per_call(lambda: trained(x)[0].sum().backward()) / (200 * 2)  # forward + backward
     dense, factored = layers(1024, 1)
     x = randn(10, 64, 8)
     dense_flops = 64 * 3 * 1024 * 1024 / max(per_call(lambda: dense(x)) / 10 - dense_step, 1e-9)
     element = max(per_call(lambda: factored(x)) / 10 - factored_step, 0.0) / (64 * 3 * 1024)
     return replace(base, flops=flops, dense_flops=dense_flops, bandwidth=bandwidth, cache_bandwidth=cache_bandwidth,
                    thin_bandwidth=thin_bandwidth, dense_step=dense_step, factored_step=factored_step,
-                   element=element)
+                   element=element, dense_train_step=dense_train_step)
 
 
 def _median_time(f, seconds: float, device: torch.device) -> float:
