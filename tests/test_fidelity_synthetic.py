@@ -310,7 +310,11 @@ def test_initial_state_gets_gradients_trains_and_is_saved_and_loaded(cell, rank,
     fresh = build_model(spec, task)
     lrc.load_model(fresh, tmp_path / "m.safetensors")
     assert torch.equal(fresh.initial_state, model.initial_state)
-    assert torch.equal(fresh(batch.x), model(batch.x))
+    # fit left the model its training-time path (factored or rebuilt, as the cost model chose); the
+    # fresh copy runs the plain module: the same weights, float32 rounding apart
+    torch.testing.assert_close(fresh(batch.x), model(batch.x), rtol=1e-5, atol=1e-6)
+    for (name, a), (_, b) in zip(fresh.state_dict().items(), model.state_dict().items()):
+        assert torch.equal(a, b), name
 
 
 # -- 4. The addition task's markers ------------------------------------------------------------
