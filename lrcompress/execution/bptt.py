@@ -37,7 +37,7 @@ from torch import Tensor
 
 from ..errors import SecondOrderError
 
-from .loops import Loops, _part, carry, compile_or_plain, factored_gates, gates, order_of
+from .loops import Loops, _part, carry, compile_or_plain, compiler, factored_gates, gates, order_of
 
 
 # ----------------------------------------------------------------------------- shared pieces
@@ -429,7 +429,7 @@ class Kernels:
     """The step loops, compiled by TorchScript or plain."""
 
     def __init__(self, script: bool):
-        compile_ = (lambda f: torch.jit.script(f)) if script else (lambda f: f)
+        compile_ = compiler(script)
         self.gru_forward = compile_(gru_forward)
         self.gru_backward = compile_(gru_backward)
         self.paper_gru_forward = compile_(paper_gru_forward)

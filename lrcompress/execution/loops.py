@@ -178,6 +178,11 @@ PLAIN = Loops(gru_layer, lstm_layer, rnn_layer, paper_gru_layer)
 
 
 @functools.lru_cache(maxsize=None)
+def compiler(script: bool) -> Callable:
+    """``torch.jit.script`` when ``script``, else the function as it is (``compile_or_plain``'s makers)."""
+    return torch.jit.script if script else (lambda f: f)
+
+
 def compile_or_plain(make: Callable[[bool], T]) -> T:
     """``make(True)`` (its functions compiled by TorchScript), or ``make(False)`` (plain Python)
     when that fails (TorchScript missing, or unable to compile on this PyTorch) or is switched off

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from .bptt import CHUNK, lstm_coefficients, _most_rows, first_order, _op_grads, back, back_rzn, chunks, join_grads, weight_grads
-from .loops import _part, compile_or_plain, factored_gates, gates, order_of
+from .loops import _part, compile_or_plain, compiler, factored_gates, gates, order_of
 
 
 def group_parts(gi: Tensor, groups: List[Tuple[int, int]], dense: Optional[Tensor], right: Optional[Tensor],
@@ -278,7 +278,7 @@ class MaskedKernels:
     """The loops above, compiled by TorchScript or plain (as ``bptt.Kernels``)."""
 
     def __init__(self, script: bool):
-        compile_ = (lambda f: torch.jit.script(f)) if script else (lambda f: f)
+        compile_ = compiler(script)
         self.forward = compile_(masked_gru_forward)
         self.backward = compile_(masked_gru_backward)
         self.weight_grads = compile_(masked_weight_grads)

@@ -12,6 +12,7 @@ format: ``load_model(skeleton, path)`` reads it) and ``summary.json``. A fine-tu
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import warnings
@@ -56,7 +57,7 @@ def train_recipe(recipe: str | os.PathLike | dict, out: str | os.PathLike | None
     recipe = _recipe(recipe, overrides)
     out = Path(out) if out is not None else Path("runs") / (recipe["meta"]["name"] or "run")
     _check_out(out, resume)
-    if resume and _started(out) and (out / RECIPE_FILE).is_file():
+    if resume:
         recipe = _own_recipe(out, recipe, overrides)
     task, model = build(recipe)
     task.check_batch_size(recipe["train"]["batch_size"])  # training only: before any work
@@ -98,7 +99,7 @@ def finetune(source: str | os.PathLike, out: str | os.PathLike, *, rank=None, en
     if resume:  # first: a point converted from another model would fail every later check less clearly
         _check_same_source(out, weights, "fine-tune into another --out")
     recipe = _recipe(base, overrides)
-    if resume and _started(out) and (out / RECIPE_FILE).is_file():  # the run's own recipe, as train_recipe
+    if resume:  # the run's own recipe, as train_recipe
         recipe = _own_recipe(out, recipe, overrides)
     _check_dense(source, recipe["model"], "finetune")
     if isinstance(rank, str) and rank.replace(" ", "").startswith("energy="):  # --rank energy=F: an energy
@@ -452,10 +453,13 @@ def _own_recipe(out: Path, asked: dict, overrides) -> dict:
     ``asked`` (the recipe the command names, with the same overrides) must describe the same
     run: a different task, model or training setting there would otherwise be ignored without a
     word (another recipe file, an edited one, or a ``--set task.lag=5`` that would re-evaluate a
-    finished run on another task). Raises ``ConfigError`` naming the first differing key."""
-    made = _flat_recipe(load_recipe(out / RECIPE_FILE))
-    own = load_recipe(out / RECIPE_FILE, overrides)
-    have, want = _flat_recipe(own), _flat_recipe(asked)
+    finished run on another task). Raises ``ConfigError`` naming the first differing key. A run
+    that never got to a checkpoint (``_started``), or has no recipe file, continues as ``asked``."""
+    if not _started(out) or not (out / RECIPE_FILE).is_file():
+        return asked
+    base = load_recipe(out / RECIPE_FILE)
+    own = _recipe(copy.deepcopy(base), overrides)
+    made, have, want = _flat_recipe(base), _flat_recipe(own), _flat_recipe(asked)
     for key in sorted(set(made) | set(have)):  # --set on a resume: [train] only (the engine checks those)
         if key.startswith(("task.", "model.")) and not key.startswith(RESUMABLE) and made.get(key) != have.get(key):
             raise ConfigError(f"--set {key}={_show(have.get(key))} on a resume of {out}, which was trained with "
