@@ -282,8 +282,10 @@ def _read_torch(path: Path, trust_pickle: bool) -> object:
     try:
         return _quiet_load(path, weights_only=True)
     except pickle.UnpicklingError as exc:
-        if _unsupported_global(exc) is None:
-            raise FormatError(f"{path} is not a readable PyTorch file (corrupt or another format)") from None
+        if _unsupported_global(exc) is None:  # corrupt, or a pickle that would call code: say both
+            raise FormatError(f"{path} is not a readable PyTorch file: the safe loader refused it "
+                              f"({_first_line(exc)}); it is corrupt, another format, or a pickle that runs code "
+                              "(--trust-pickle loads it fully, only if you trust the file)") from None
         return _load_with_placeholders(path, exc)
 
 
@@ -399,6 +401,17 @@ def select_state_dict(obj: object, key: str | None = None, path: str | os.PathLi
     raise FormatError(f"{path}: state dict nested too deeply; name it with --key")
 
 
+def _any_tensor(value: object, depth: int = 8) -> bool:
+    """Whether a tensor sits anywhere in ``value`` (dicts, lists and tuples, ``depth`` levels)."""
+    if isinstance(value, Tensor):
+        return True
+    if depth and isinstance(value, dict):
+        return any(_any_tensor(v, depth - 1) for v in value.values())
+    if depth and isinstance(value, (list, tuple)):
+        return any(_any_tensor(v, depth - 1) for v in value)
+    return False
+
+
 def _holds_tensors(value: object) -> bool:
     return isinstance(value, dict) and any(isinstance(v, Tensor) for v in value.values())
 
@@ -406,6 +419,8 @@ def _holds_tensors(value: object) -> bool:
 def _tensors_only(obj: dict, path, trail: str) -> dict[str, Tensor]:
     state = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, Tensor)}
     if not state:
+        if not _any_tensor(obj):
+            raise FormatError(f"{path}{_at(trail)} holds no tensors (an empty state dict?): nothing to convert")
         raise FormatError(f"{path}{_at(trail)} is not a state dict of tensors; name the entry that is with --key")
     for k, v in obj.items():
         if _placeholder_name(v):
@@ -563,4 +578,5 @@ def _norm_dim(g: Tensor, v: Tensor) -> int | None:
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__
+    line = text[0].split(" (Could this error message be improved?")[0] if text else ""  # torch's plea, not ours
+    return line[:200] or type(exc).__name__

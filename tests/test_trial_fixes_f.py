@@ -407,3 +407,35 @@ def test_the_training_cost_model_counts_the_dense_kernels_own_training_overhead(
     assert now.dense - before.dense == pytest.approx(steps * passes * (40e-6 - 12e-6))
     assert estimate(shapes, batch=1, steps=100) == estimate(shapes, batch=1, steps=100,
                                                            profile=replace(PROFILES["cpu"], dense_train_step=None))
+
+
+class _CallsCode:
+    def __reduce__(self):
+        import os
+
+        return (os.getcwd, ())  # harmless, but a call: the safe loader refuses it
+
+
+def test_unreadable_checkpoints_say_what_may_be_wrong(tmp_path, run):
+    """A pickle that calls code read as just 'corrupt'; an empty state dict as 'not a state dict
+    of tensors; name the entry with --key'; a zip of garbage leaked PyTorch's plea for reports;
+    ``report`` on a file said the path did not exist."""
+    import io
+    import zipfile
+
+    torch.save({"a": _CallsCode()}, tmp_path / "code.pt")
+    result = run("convert", tmp_path / "code.pt", "--rank", "2")
+    assert result.code == 2 and "runs code" in result.err and "--trust-pickle" in result.err
+    assert not (tmp_path / "code.lr.safetensors").exists()
+    torch.save({"state_dict": {}}, tmp_path / "empty.pt")
+    result = run("convert", tmp_path / "empty.pt", "--rank", "2")
+    assert result.code == 2 and "holds no tensors (an empty state dict?)" in result.err
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as z:
+        z.writestr("archive/data.pkl", bytes(range(256)) * 4)
+    (tmp_path / "garbage.pt").write_bytes(buffer.getvalue())
+    result = run("convert", tmp_path / "garbage.pt", "--rank", "2")
+    assert result.code == 2 and "Could this error message be improved" not in result.err
+    assert len(result.err.strip().splitlines()) == 1
+    result = run("report", tmp_path / "empty.pt")
+    assert result.code == 2 and "is a file, not a run or sweep directory" in result.err

@@ -692,6 +692,8 @@ def run_dirs(path: str | os.PathLike) -> list[Path]:
     """The finished runs (folders with a ``summary.json``) of a run or sweep directory, by name."""
     path = Path(path)
     if not path.is_dir():
+        if path.exists():
+            raise LRCompressError(f"{path} is a file, not a run or sweep directory")
         raise FileNotFoundError(f"no such run or sweep directory: {path}")
     runs = [path] if (path / SUMMARY_FILE).is_file() else \
         sorted(p for p in path.iterdir() if (p / SUMMARY_FILE).is_file())
